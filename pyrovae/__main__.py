@@ -1,0 +1,3 @@
+from pyrovae.cli import main
+
+raise SystemExit(main())

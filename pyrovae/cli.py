@@ -1,0 +1,198 @@
+"""The ``pyrovae`` command: list, fit, evaluate, sample (also ``python -m pyrovae``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from pyrovae.errors import PyrovaeError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"pyrovae: error: {message} (see {self.prog} --help)\n")
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 200,200, got {text!r}") from None
+    if any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return sizes
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except ValueError:
+        return key.replace("-", "_"), value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pyrovae", description="Deep latent-variable models as Pyro programs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("list", help="models, guides, objectives, inference methods and data sets")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("fit", help="train a model and write a run directory")
+    p.add_argument("--model", default="vae")
+    p.add_argument("--guide", default="diagonal")
+    p.add_argument("--method", default="amortized")
+    p.add_argument("--objective", default="elbo", help="elbo, elbo-analytic or iwae")
+    p.add_argument("--particles", type=int, default=1, help="samples per example in the objective (K of iwae)")
+    p.add_argument("--dataset", default="digits", help="a registered data set, or a .npy/.npz/.pt file of your own")
+    p.add_argument("--data-option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="data set option, e.g. binarize=false (digits), binarize=dynamic (mnist)")
+    p.add_argument("--data-dir", help="where data sets are read from and downloaded to (default: $PYROVAE_DATA or ~/.cache/pyrovae)")
+    p.add_argument("--likelihood", help="bernoulli, continuous-bernoulli or gaussian (default: from the data)")
+    p.add_argument("--latent", type=int, default=50)
+    p.add_argument("--hidden", type=_sizes, default=(200, 200), help="hidden sizes, e.g. 200,200")
+    p.add_argument("--activation", default="tanh")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=float, default=0.0, help="epochs of linear KL warm-up")
+    p.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement")
+    p.add_argument("--eval-samples", type=int, default=1000, help="importance samples for the final log p(x) (0 skips it)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="run directory (default: runs/MODEL-GUIDE-DATASET-TIME)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped (to --epochs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("evaluate", help="ELBO and importance-sampled log p(x) of a run")
+    p.add_argument("run")
+    p.add_argument("--split", default="valid", choices=["train", "valid", "test"])
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--data-dir")
+    p.add_argument("--device")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    p = sub.add_parser("sample", help="a grid of samples from a trained run")
+    p.add_argument("run")
+    p.add_argument("--num", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="PNG path (default: RUN/samples.png)")
+    p.add_argument("--data-dir")
+    return parser
+
+
+def _table(rows: Sequence[tuple[str, Any]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "\n".join(f"  {k.ljust(width)}  {fmt(v)}" for k, v in rows)
+
+
+def _list(args: argparse.Namespace) -> None:
+    import pyrovae
+    from pyrovae.registry import DATASETS, GUIDES, METHODS, MODELS, OBJECTIVES
+
+    registries = {"models": MODELS, "guides": GUIDES, "objectives": OBJECTIVES, "methods": METHODS, "datasets": DATASETS}
+    listing = {
+        kind: [
+            {"name": e.name, "description": e.description, **({"latent_shapes": e.target.latent_shapes} if kind == "guides" else {})}
+            for e in registry.entries()
+        ]
+        for kind, registry in registries.items()
+    }
+    if args.json:
+        print(json.dumps({"pyrovae": pyrovae.__version__, **listing}, indent=2))
+        return
+    for kind, entries in listing.items():
+        print(f"{kind}:")
+        width = max(len(e["name"]) for e in entries)
+        for e in entries:
+            shapes = f" [latents: {e['latent_shapes']}]" if "latent_shapes" in e else ""
+            print(f"  {e['name'].ljust(width)}  {e['description']}{shapes}")
+
+
+def _fit(args: argparse.Namespace) -> None:
+    from pyrovae.experiment import Config, fit
+
+    if args.eval_samples < 0:
+        raise PyrovaeError(f"--eval-samples must be >= 0, got {args.eval_samples}")
+    config = Config(
+        model=args.model, guide=args.guide, method=args.method, objective=args.objective, dataset=args.dataset,
+        dataset_options=dict(args.data_option), data_dir=args.data_dir, likelihood=args.likelihood, latent=args.latent,
+        hidden=args.hidden, activation=args.activation, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        particles=args.particles, warmup=args.warmup, patience=args.patience, seed=args.seed,
+        eval_samples=args.eval_samples, device=args.device,
+    )
+    if args.resume and not args.out:
+        raise PyrovaeError("--resume needs --out RUN, the run directory to continue")
+    out = args.out or f"runs/{args.model}-{args.guide}-{Path(args.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _, metrics = fit(config, out, resume=args.resume, progress=not args.quiet)
+    rows = [
+        ("run", out), ("model / guide", f"{metrics['model']} / {metrics['guide']}"), ("method / objective", f"{metrics['method']} / {metrics['objective']}"),
+        ("epochs", metrics["epochs"]), ("train seconds", metrics["train_seconds"]), ("examples / second", metrics["examples_per_second"]),
+    ]
+    if metrics["elbo"] is not None:
+        rows.append((f"{metrics['split']} ELBO (nats/example)", metrics["elbo"]))
+    if metrics["log_likelihood"] is not None:
+        rows.append((f"{metrics['split']} log p(x), IS-{metrics['num_samples']}", metrics["log_likelihood"]))
+    print(_table(rows))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from pyrovae.experiment import evaluate_run
+    from pyrovae.run import RunDir
+
+    metrics = evaluate_run(args.run, args.split, args.samples, args.data_dir, args.device)
+    RunDir(args.run).write_json(f"eval-{args.split}-{args.samples}.json", metrics)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return
+    print(_table([
+        ("run", args.run), ("split / examples", f"{args.split} / {metrics['examples']}"),
+        ("ELBO (nats/example)", metrics["elbo"]), (f"log p(x), IS-{args.samples}", metrics["log_likelihood"]),
+        ("gap log p(x) - ELBO", metrics["gap"]), ("seconds", metrics["eval_seconds"]),
+    ]))
+
+
+def _sample(args: argparse.Namespace) -> None:
+    import pyro
+
+    from pyrovae.experiment import load
+    from pyrovae.plots import image_grid
+    from pyrovae.sampling import sample
+
+    if args.num < 1:
+        raise PyrovaeError(f"--num must be positive, got {args.num}")
+    experiment = load(args.run, args.data_dir)
+    if experiment.data.image_shape is None:
+        raise PyrovaeError(f"{experiment.config.dataset} is not an image data set: nothing to draw")
+    pyro.set_rng_seed(args.seed)
+    experiment.model.eval()
+    images = sample(experiment.model, experiment.split("train")[:1], args.num)
+    out = Path(args.out) if args.out else Path(args.run) / "samples.png"
+    image_grid(images, experiment.data.image_shape, out, f"{args.num} samples")
+    print(out)
+
+
+COMMANDS = {"list": _list, "fit": _fit, "evaluate": _evaluate, "sample": _sample}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except PyrovaeError as error:
+        print(f"pyrovae: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pyrovae: interrupted; the last checkpoint is kept", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,216 @@
+"""The Python API behind the command line: build a run from a config, fit, evaluate, sample."""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+import pyrovae
+from pyrovae.data import Dataset, load_dataset
+from pyrovae.errors import PyrovaeError
+from pyrovae.evaluate import Evaluation, evaluate
+from pyrovae.guides import build_guide
+from pyrovae.infer import History, TrainSettings, train
+from pyrovae.nets import LIKELIHOODS
+from pyrovae.registry import METHODS, MODELS
+from pyrovae.run import RunDir
+from pyrovae.sites import call_kwargs, inspect_model
+
+__all__ = ["Config", "Experiment", "build", "fit", "load", "evaluate_run"]
+
+DEFAULT_LIKELIHOOD = {"binary": "bernoulli", "grayscale": "continuous-bernoulli", "sequence": "bernoulli"}
+
+
+@dataclass
+class Config:
+    """Everything needed to rebuild a run; saved as the run's config.json."""
+
+    model: str = "vae"
+    guide: str = "diagonal"
+    method: str = "amortized"
+    objective: str = "elbo"
+    dataset: str = "digits"
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    data_dir: str | None = None
+    likelihood: str | None = None
+    latent: int = 50
+    hidden: tuple[int, ...] = (200, 200)
+    activation: str = "tanh"
+    epochs: int = 50
+    batch_size: int = 100
+    lr: float = 1e-3
+    particles: int = 1
+    warmup: float = 0.0
+    patience: int | None = None
+    seed: int = 0
+    eval_samples: int = 1000
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "hidden": list(self.hidden), "pyrovae": pyrovae.__version__}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        config = cls(**{k: v for k, v in data.items() if k in names})
+        config.hidden = tuple(config.hidden)
+        return config
+
+
+@dataclass
+class Experiment:
+    """A data set, a model, a guide and the method that learns them."""
+
+    config: Config
+    data: Dataset
+    model: nn.Module
+    guide: nn.Module
+    method: Any
+    device: torch.device
+
+    def split(self, name: str) -> torch.Tensor:
+        """A whole split as model input (float) on the run's device."""
+        split = self.data.split(name)
+        return self.data.batch(name, torch.arange(len(split)), torch.Generator().manual_seed(self.config.seed)).to(self.device)
+
+    def evaluate(self, split: str = "valid", num_samples: int = 1000, batch: int = 500, **kwargs: Any) -> Evaluation:
+        x = self.split(split)
+        self.model.eval(), self.guide.eval()
+        return evaluate(self.model, self.guide, x.split(batch), num_samples=num_samples, **kwargs)
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise PyrovaeError(f"unknown --device {name!r}: use cpu or cuda") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PyrovaeError("--device cuda was asked for, but this machine has no usable CUDA GPU")
+    return device
+
+
+def _check_data(x: torch.Tensor, name: str) -> None:
+    if x.dtype.is_floating_point and not torch.isfinite(x).all():
+        raise PyrovaeError(f"the {name} data holds NaN or infinite values: clean it first")
+
+
+def build(config: Config) -> Experiment:
+    """Load the data, build model, guide and method, and check that they fit together."""
+    if config.epochs < 0:
+        raise PyrovaeError(f"--epochs must be >= 0, got {config.epochs}")
+    if config.lr <= 0:
+        raise PyrovaeError(f"--lr must be positive, got {config.lr}")
+    model_cls, method_cls = MODELS.get(config.model), METHODS.get(config.method)
+    device = _device(config.device)
+    torch.manual_seed(config.seed)
+    data = load_dataset(config.dataset, config.data_dir, **config.dataset_options)
+    train_x = data.batch("train", torch.arange(min(len(data.split("train")), 2048)), torch.Generator().manual_seed(0))
+    _check_data(train_x, "training")
+    likelihood = config.likelihood or DEFAULT_LIKELIHOOD[data.kind]
+    if likelihood not in LIKELIHOODS:
+        raise PyrovaeError(f"unknown likelihood {likelihood!r}: choose from {', '.join(LIKELIHOODS)}")
+    options = dict(data_shape=data.event_shape, latent=config.latent, hidden=config.hidden, activation=config.activation, likelihood=likelihood)
+    model = model_cls(**call_kwargs(model_cls.__init__, **options)).to(device)
+    if hasattr(model, "check_data"):
+        model.check_data(train_x)
+    example = train_x[:8].to(device)
+    guide = build_guide(config.guide, model, example, hidden=config.hidden, activation=config.activation).to(device)
+    sites = inspect_model(model, example)
+    settings = TrainSettings(config.objective, config.particles, config.lr, config.batch_size, sites.max_plate_nesting)
+    method = method_cls(model, guide, settings, len(data.split("train")))
+    return Experiment(config, data, model, guide, method, device)
+
+
+def _peak_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def fit(config: Config, out: str | Path | None = None, resume: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> tuple[Experiment, dict[str, Any]]:
+    """Train as `config` says; with `out`, write the run directory (config, checkpoint, metrics, plots).
+
+    Everything is validated before anything is written, so bad input leaves no files behind.
+    """
+    run = RunDir(out) if out is not None else None
+    if resume:
+        if run is None:
+            raise PyrovaeError("--resume needs the run directory (--out)")
+        saved = run.config()
+        config = Config.from_dict({**saved, "epochs": config.epochs or saved["epochs"], "device": config.device, "data_dir": config.data_dir or saved.get("data_dir")})
+    experiment = build(config)
+    if run is not None and not resume:
+        run.create(config.to_dict())
+    has_valid = "valid" in experiment.data.splits
+    valid_x = experiment.split("valid") if has_valid else None
+
+    def validate() -> float:
+        experiment.model.eval(), experiment.guide.eval()
+        score = evaluate(experiment.model, experiment.guide, valid_x.split(1000), num_samples=1).elbo.mean().item()
+        experiment.model.train(), experiment.guide.train()
+        return score
+
+    history = train(
+        experiment.method, experiment.data, config.epochs, seed=config.seed, warmup_epochs=config.warmup,
+        patience=config.patience, run=run, resume=resume, validate=validate if has_valid else None,
+        device=experiment.device, progress=progress,
+    )
+    metrics = _metrics(experiment, history)
+    if run is not None:
+        run.write_json("metrics.json", metrics)
+        from pyrovae import plots
+
+        plots.write_run_plots(experiment, history, run.path)
+    return experiment, metrics
+
+
+def _metrics(experiment: Experiment, history: History) -> dict[str, Any]:
+    config = experiment.config
+    split = "valid" if "valid" in experiment.data.splits else "train"
+    metrics: dict[str, Any] = {
+        "model": config.model, "guide": config.guide, "method": config.method, "objective": config.objective,
+        "dataset": config.dataset, "split": split, "examples": len(experiment.data.split(split)),
+        "elbo": None, "log_likelihood": None, "num_samples": config.eval_samples,
+        "epochs": history.epochs, "stopped_early": history.stopped_early,
+        "train_seconds": history.train_seconds,
+        "examples_per_second": history.epochs * len(experiment.data.split("train")) / max(history.train_seconds, 1e-9),
+        "peak_memory_mb": _peak_memory_mb(),
+        "history": history.rows,
+    }
+    if config.eval_samples > 0:
+        start = time.perf_counter()
+        summary = experiment.evaluate(split, config.eval_samples).summary()
+        metrics.update(elbo=summary["elbo"], log_likelihood=summary["log_likelihood"], gap=summary["gap"], eval_seconds=time.perf_counter() - start)
+    elif history.rows and "valid_elbo" in history.rows[-1]:
+        metrics["elbo"] = history.rows[-1]["valid_elbo"]
+    return metrics
+
+
+def load(path: str | Path, data_dir: str | None = None, device: str | None = None) -> Experiment:
+    """Rebuild a trained run from its directory."""
+    run = RunDir(path)
+    saved = run.config()
+    config = Config.from_dict({**saved, **({"data_dir": data_dir} if data_dir else {}), **({"device": device} if device else {})})
+    experiment = build(config)
+    experiment.method.load_state_dict(run.load_checkpoint()["method"])
+    return experiment
+
+
+def evaluate_run(path: str | Path, split: str = "valid", num_samples: int = 1000, data_dir: str | None = None, device: str | None = None) -> dict[str, Any]:
+    """Importance-sampled log-likelihood and ELBO of a run on a split (nats per example)."""
+    experiment = load(path, data_dir, device)
+    experiment.data.split(split)
+    start = time.perf_counter()
+    summary = experiment.evaluate(split, num_samples).summary()
+    config = experiment.config
+    return {
+        "model": config.model, "guide": config.guide, "method": config.method, "objective": config.objective,
+        "dataset": config.dataset, "split": split, **summary, "eval_seconds": time.perf_counter() - start,
+    }
+
+

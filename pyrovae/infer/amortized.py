@@ -1,0 +1,59 @@
+"""Amortized variational inference: SVI on model and guide together (sec. 2.1-2.4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pyrovae.handlers import scale_latents
+from pyrovae.infer.base import InferenceMethod, TrainSettings, unique_parameters
+from pyrovae.objectives import make_objective
+from pyrovae.registry import METHODS
+
+__all__ = ["AmortizedVI"]
+
+
+@METHODS.register("amortized", "SVI of model and amortized guide on one objective (Kingma & Welling sec. 2.4)")
+class AmortizedVI(InferenceMethod):
+    """Stochastic gradient ascent on a bound, jointly in the decoder and encoder parameters.
+
+    The loss is the objective's `differentiable_loss` (Pyro's Trace_ELBO and friends), which
+    is scaled to the whole data set by the subsampled ``"data"`` plate; we divide by the data
+    set size so that the optimizer sees nats per example. Adam comes from torch directly, so
+    the optimizer state is one `state_dict` for checkpoints.
+
+    References:
+        Kingma & Welling (2019), Algorithm 1 (SGD on the ELBO with the reparameterization trick).
+    """
+
+    name = "amortized"
+
+    def __init__(self, model: nn.Module, guide: nn.Module, settings: TrainSettings, num_examples: int) -> None:
+        super().__init__(model, guide, settings, num_examples)
+        self.objective = make_objective(settings.objective, settings.particles, settings.max_plate_nesting)
+        self.optimizer = torch.optim.Adam(unique_parameters(model, guide), lr=settings.lr)
+
+    def loss(self, x: torch.Tensor, index: torch.Tensor | None = None, beta: float = 1.0) -> torch.Tensor:
+        """Minus the bound on the whole data set, divided by its size: nats per example."""
+        kwargs, factor = self.minibatch_kwargs(x, index)
+        model, guide = scale_latents(self.model, beta), scale_latents(self.guide, beta)
+        total = factor * self.objective.differentiable_loss(model, guide, x, **kwargs)
+        return total / (self.num_examples if index is not None else len(x))
+
+    def step(self, x: torch.Tensor, index: torch.Tensor, beta: float = 1.0) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(x, index, beta)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.optimizer.load_state_dict(state["optimizer"])
+
+

@@ -1,0 +1,120 @@
+"""Networks shared by models and guides: MLP trunks and likelihood heads.
+
+A likelihood head maps a network output to a Pyro distribution over one data point
+(Kingma & Welling 2019, sec. 2.4: the decoder parameterizes p(x|z)).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+from torch.nn.functional import softplus
+
+from pyrovae.errors import PyrovaeError
+
+__all__ = ["ACTIVATIONS", "LIKELIHOODS", "MLP", "Likelihood", "activation"]
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "softplus": nn.Softplus,
+    "gelu": nn.GELU,
+    "sigmoid": nn.Sigmoid,
+}
+
+
+def activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise PyrovaeError(f"unknown activation {name!r}: choose from {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+class MLP(nn.Sequential):
+    """Fully connected layers with an activation between them (none after the last)."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], out_features: int, act: str = "tanh") -> None:
+        sizes = [in_features, *hidden, out_features]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(activation(act))
+        super().__init__(*layers)
+
+
+class Likelihood(nn.Module):
+    """Maps a decoder output of `outputs(dim)` features to a distribution over `dim` values."""
+
+    data: str = "binary"  # what x must be: "binary" (0/1) or "unit" (in [0, 1]) or "real"
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def outputs(self) -> int:
+        return self.dim
+
+    def check(self, x: torch.Tensor) -> None:
+        """Refuse data this likelihood cannot score."""
+        if self.data == "binary" and not ((x == 0) | (x == 1)).all():
+            raise PyrovaeError(
+                f"{type(self).__name__} likelihood needs binary (0/1) data: binarize it, "
+                "or choose --likelihood gaussian or continuous-bernoulli"
+            )
+        if self.data == "unit" and ((x < 0) | (x > 1)).any():
+            raise PyrovaeError(f"{type(self).__name__} likelihood needs data in [0, 1]: rescale it")
+
+
+class Bernoulli(Likelihood):
+    """p(x|z) = prod_d Bernoulli(x_d; sigmoid(logits_d)) for binary data."""
+
+    def forward(self, h: torch.Tensor) -> dist.Distribution:
+        return dist.Bernoulli(logits=h, validate_args=False).to_event(1)
+
+    @staticmethod
+    def mean(d: dist.Distribution) -> torch.Tensor:
+        return d.base_dist.probs
+
+
+class ContinuousBernoulli(Likelihood):
+    """The continuous Bernoulli of Loaiza-Ganem & Cunningham (2019) for data in [0, 1]."""
+
+    data = "unit"
+
+    def forward(self, h: torch.Tensor) -> dist.Distribution:
+        return dist.ContinuousBernoulli(logits=h, validate_args=False).to_event(1)
+
+    @staticmethod
+    def mean(d: dist.Distribution) -> torch.Tensor:
+        return d.base_dist.mean
+
+
+class Gaussian(Likelihood):
+    """A diagonal Gaussian with a learned per-dimension scale, bounded below by `min_scale`."""
+
+    data = "real"
+
+    def __init__(self, dim: int, min_scale: float = 1e-2) -> None:
+        super().__init__(dim)
+        self.min_scale = min_scale
+        self.raw_scale = nn.Parameter(torch.full((dim,), math.log(math.expm1(0.1))))
+
+    def forward(self, h: torch.Tensor) -> dist.Distribution:
+        scale = softplus(self.raw_scale) + self.min_scale
+        return dist.Normal(h, scale.expand_as(h), validate_args=False).to_event(1)
+
+    @staticmethod
+    def mean(d: dist.Distribution) -> torch.Tensor:
+        return d.base_dist.loc
+
+
+LIKELIHOODS: dict[str, type[Likelihood]] = {
+    "bernoulli": Bernoulli,
+    "continuous-bernoulli": ContinuousBernoulli,
+    "gaussian": Gaussian,
+}
