@@ -71,6 +71,11 @@ def evaluate(
     """
     if num_samples < 1:
         raise PyrovaeError(f"--samples must be at least 1, got {num_samples}")
+    if not getattr(guide, "gives_elbo", True):
+        raise PyrovaeError(
+            f"{type(guide).__name__} is a point estimate: it gives no ELBO and no importance-sampled log p(x); "
+            "score its decoder with a proposal fitted per example instead"
+        )
     if iwae_k is not None and (iwae_k < 1 or num_samples % iwae_k):
         raise PyrovaeError(f"the IWAE k ({iwae_k}) must divide the number of samples ({num_samples})")
     batches = [x] if torch.is_tensor(x) else list(x)

@@ -146,7 +146,7 @@ def fit(config: Config, out: str | Path | None = None, resume: bool = False, pro
     experiment = build(config)
     if run is not None and not resume:
         run.create(config.to_dict())
-    has_valid = "valid" in experiment.data.splits
+    has_valid = "valid" in experiment.data.splits and getattr(experiment.guide, "gives_elbo", True)
     valid_x = experiment.split("valid") if has_valid else None
 
     def validate() -> float:
@@ -182,7 +182,7 @@ def _metrics(experiment: Experiment, history: History) -> dict[str, Any]:
         "peak_memory_mb": _peak_memory_mb(),
         "history": history.rows,
     }
-    if config.eval_samples > 0:
+    if config.eval_samples > 0 and getattr(experiment.guide, "gives_elbo", True):
         start = time.perf_counter()
         summary = experiment.evaluate(split, config.eval_samples).summary()
         metrics.update(elbo=summary["elbo"], log_likelihood=summary["log_likelihood"], gap=summary["gap"], eval_seconds=time.perf_counter() - start)

@@ -45,8 +45,9 @@ def data_plate(x: torch.Tensor, index: torch.Tensor | None = None, size: int | N
 
 def call_kwargs(fn: Callable, **kwargs: Any) -> dict[str, Any]:
     """The keyword arguments among `kwargs` that `fn` accepts."""
+    target = fn.forward if isinstance(fn, torch.nn.Module) else fn
     try:
-        params = inspect.signature(fn).parameters
+        params = inspect.signature(target).parameters
     except (TypeError, ValueError):
         return {}
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):

@@ -1,0 +1,136 @@
+"""The command line end to end on digits, and every bad input refused cleanly."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pyrovae.cli import main
+
+FAST = ["--hidden", "32", "--latent", "4", "--quiet"]
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "pyrovae", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_fit_evaluate_sample_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    done = run_cli("fit", "--dataset", "digits", "--epochs", "3", "--eval-samples", "50", "--out", str(out), *FAST)
+    assert done.returncode == 0, done.stderr
+    assert "log p(x), IS-50" in done.stdout
+    for name in ("config.json", "checkpoint.pt", "metrics.json", "samples.png", "reconstructions.png", "training.png"):
+        assert (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("model", "guide", "method", "objective", "dataset", "split", "examples", "elbo", "log_likelihood",
+                "num_samples", "epochs", "train_seconds", "examples_per_second"):
+        assert key in metrics, key
+    assert metrics["split"] == "valid" and metrics["examples"] == 300 and metrics["epochs"] == 3
+    assert metrics["log_likelihood"] >= metrics["elbo"] - 0.05
+
+    done = run_cli("evaluate", str(out), "--split", "valid", "--samples", "100", "--json")
+    assert done.returncode == 0, done.stderr
+    scored = json.loads(done.stdout)
+    assert scored["num_samples"] == 100 and scored["examples"] == 300 and scored["log_likelihood"] >= scored["elbo"]
+    assert abs(scored["log_likelihood"] - metrics["log_likelihood"]) < 1.0
+
+    assert main(["sample", str(out), "--num", "16", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+    done = run_cli("fit", "--epochs", "5", "--out", str(out), "--resume", *FAST)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 5
+
+
+def test_list_json_names_everything():
+    done = run_cli("list", "--json")
+    listing = json.loads(done.stdout)
+    names = {kind: {e["name"] for e in listing[kind]} for kind in ("models", "guides", "objectives", "methods", "datasets")}
+    assert {"vae", "linear-gaussian"} <= names["models"] and {"diagonal", "exact"} <= names["guides"]
+    assert names["objectives"] == {"elbo", "elbo-analytic", "iwae"}
+    assert {"digits", "binarized-mnist", "mnist", "jsb-chorales"} <= names["datasets"]
+
+
+def _save(path: Path, array) -> str:
+    np.save(path, array)
+    return str(path)
+
+
+BAD = {
+    "unknown model": (lambda d: ["fit", "--model", "vea"], "did you mean vae"),
+    "unknown guide": (lambda d: ["fit", "--guide", "diagonl"], "did you mean diagonal"),
+    "unknown objective": (lambda d: ["fit", "--objective", "elbow"], "unknown objective"),
+    "unknown method": (lambda d: ["fit", "--method", "amortised"], "did you mean amortized"),
+    "unknown dataset": (lambda d: ["fit", "--dataset", "digit"], "digits"),
+    "guide does not fit the model": (lambda d: ["fit", "--guide", "exact"], "cannot serve"),
+    "data of the wrong shape": (lambda d: ["fit", "--dataset", _save(d / "x.npy", np.zeros((4, 2, 2, 2, 2)))], "shape"),
+    "non-binary data, bernoulli": (lambda d: ["fit", "--likelihood", "bernoulli", "--dataset", _save(d / "x.npy", np.random.rand(50, 6))], "binary"),
+    "NaN in data": (lambda d: ["fit", "--dataset", _save(d / "x.npy", np.full((50, 6), np.nan))], "NaN"),
+    "missing data file": (lambda d: ["fit", "--dataset", str(d / "absent.npy")], "absent.npy"),
+    "corrupt data file": (lambda d: ["fit", "--dataset", "binarized-mnist", "--data-dir", _corrupt_amat(d)], "corrupt"),
+    "no GPU": (lambda d: ["fit", "--device", "cuda"], "CUDA"),
+    "bad hidden sizes": (lambda d: ["fit", "--hidden", "a,b"], "sizes"),
+    "negative epochs": (lambda d: ["fit", "--epochs", "-1"], "epochs"),
+    "not a run": (lambda d: ["evaluate", str(d)], "not a pyrovae run"),
+    "run from another version": (lambda d: ["evaluate", _old_run(d)], "another pyrovae version"),
+    "resume of no run": (lambda d: ["fit", "--resume"], "not a pyrovae run"),
+}
+
+
+def _corrupt_amat(d: Path) -> str:
+    folder = d / "data" / "binarized_mnist"
+    folder.mkdir(parents=True)
+    for split in ("train", "valid"):
+        with gzip.open(folder / f"binarized_mnist_{split}.amat.gz", "wt") as f:
+            f.write("0 1 2\n" * 3)
+    return str(d / "data")
+
+
+def _old_run(d: Path) -> str:
+    run = d / "old"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"format": 0, "model": "vae"}))
+    return str(run)
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_gets_one_line_and_writes_nothing(case, tmp_path, capsys):
+    make_args, expected = BAD[case]
+    args = make_args(tmp_path)
+    out = tmp_path / "out"
+    if args[0] == "fit":
+        args += ["--out", str(out), "--epochs" if "--epochs" not in args else "--seed", "1", *FAST]
+    before = sorted(p for p in tmp_path.rglob("*"))
+    try:
+        code = main(args)
+    except SystemExit as exit:  # argparse usage errors
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert expected.lower() in lines[0].lower(), lines[0]
+    assert not out.exists()
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["fit", "--epochs", "1", "--eval-samples", "0", "--out", str(out), *FAST]) == 0
+    config = (out / "config.json").read_text()
+    assert main(["fit", "--epochs", "1", "--out", str(out), *FAST]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == config
+
+
+def test_console_script_and_module_agree():
+    done = run_cli("--help")
+    assert done.returncode == 0 and "fit" in done.stdout
+    done = run_cli("fit", "--model", "nope")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
