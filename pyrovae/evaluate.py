@@ -56,7 +56,7 @@ def evaluate(
     x: torch.Tensor | Iterable[torch.Tensor],
     num_samples: int = 1000,
     iwae_k: int | None = None,
-    max_elements: int = 2**23,
+    max_elements: int = 2**24,
     progress: Callable[[int], None] | None = None,
 ) -> Evaluation:
     """Score each example of `x` with `num_samples` draws from the guide.

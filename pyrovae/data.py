@@ -1,0 +1,553 @@
+"""Data sets held in memory as tensors and batched by index.
+
+Images are stored flat and compact (``uint8``); :meth:`Dataset.batch` turns rows into ``float32``
+model input. Splits are fixed: a loader returns the same rows for a split every time.
+
+References:
+    Larochelle & Murray, *The Neural Autoregressive Distribution Estimator*, AISTATS 2011,
+    Section 4 (static binarized MNIST, 50k/10k/10k).
+    Boulanger-Lewandowski, Bengio & Vincent, *Modeling Temporal Dependencies in High-Dimensional
+    Sequences*, ICML 2012, Section 6 (JSB chorales as 88-key piano rolls).
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import http.client
+import inspect
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pyrovae.errors import PyrovaeError
+from pyrovae.registry import DATASETS
+
+__all__ = ["Split", "Dataset", "load_dataset", "data_dir", "minibatches"]
+
+SPLITS = ("train", "valid", "test")
+_TIMEOUT = 60.0
+_CUSTOM_SUFFIXES = (".npy", ".npz", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: ``x`` of shape ``(N, *event_shape)``, optional labels ``y`` and ``lengths``."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A named data set: its splits, event shape and kind (``binary``, ``grayscale``, ``sequence``)."""
+
+    name: str
+    splits: dict[str, Split]
+    event_shape: tuple[int, ...]
+    kind: str
+    image_shape: tuple[int, int] | None = None
+    dynamic_binarization: bool = False
+
+    def split(self, name: str) -> Split:
+        """Returns the split ``name``, or raises naming the splits this data set has."""
+        have = ", ".join(self.splits) or "none"
+        _require(name in self.splits, f"data set {self.name!r} has no {name!r} split; choose from: {have}")
+        return self.splits[name]
+
+    def batch(self, split: str, index: torch.Tensor, generator: torch.Generator | None = None,
+              device: torch.device | str | None = None) -> torch.Tensor:
+        """Returns the ``float32`` model input for rows ``index`` of ``split``.
+
+        Binary rows become {0, 1}, grayscale ``uint8`` rows ``x / 255``, and with dynamic
+        binarization each pixel is drawn from ``Bernoulli(x / 255)`` using ``generator``.
+        """
+        x = self.split(split).x[torch.as_tensor(index, dtype=torch.long).cpu()]
+        scale = x.dtype == torch.uint8 and (self.kind == "grayscale" or self.dynamic_binarization)
+        x = x.float() / 255.0 if scale else x.float()
+        if self.dynamic_binarization:
+            x = torch.bernoulli(x, generator=generator)
+        return x.to(device) if device is not None else x
+
+    def mask(self, split: str, index: torch.Tensor,
+             device: torch.device | str | None = None) -> torch.Tensor | None:
+        """Returns the ``(B, T_max)`` bool mask of real time steps for sequences, else ``None``."""
+        lengths = self.split(split).lengths
+        if self.kind != "sequence" or lengths is None:
+            return None
+        lengths = lengths[torch.as_tensor(index, dtype=torch.long).cpu()]
+        mask = torch.arange(self.event_shape[0]) < lengths[:, None]
+        return mask.to(device) if device is not None else mask
+
+
+def data_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """Returns the data directory: ``explicit``, else ``$PYROVAE_DATA``, else ``~/.cache/pyrovae``."""
+    if explicit is not None:
+        return Path(explicit).expanduser()
+    env = os.environ.get("PYROVAE_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pyrovae"
+
+
+_resolve_dir = data_dir  # load_dataset's argument shadows the function name
+
+
+def minibatches(num_examples: int, batch_size: int, generator: torch.Generator, shuffle: bool = True,
+                drop_last: bool = False) -> Iterator[torch.Tensor]:
+    """Yields ``int64`` index tensors covering ``range(num_examples)`` once (one epoch)."""
+    _require(batch_size >= 1, f"batch size must be a positive integer, got {batch_size}")
+    order = torch.randperm(num_examples, generator=generator) if shuffle else torch.arange(num_examples)
+    stop = num_examples - num_examples % batch_size if drop_last else num_examples
+    for start in range(0, stop, batch_size):
+        yield order[start : start + batch_size]
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, **options: Any) -> Dataset:
+    """Loads a registered data set, or a user's ``.npy``/``.npz``/``.pt`` file given by path.
+
+    Args:
+        name: a name in ``DATASETS`` or a path to an ``(N, D)`` or ``(N, H, W)`` array file.
+        data_dir: where data files are read and downloaded (see :func:`data_dir`).
+        options: loader options, e.g. ``binarize=False`` or ``seed=1``.
+    """
+    key = os.fspath(name)
+    if key in DATASETS:
+        loader: Callable[..., Dataset] = DATASETS.get(key)
+        fixed: dict[str, Any] = {"data_dir": _resolve_dir(data_dir)}
+    elif Path(key).suffix.lower() in _CUSTOM_SUFFIXES or os.path.isfile(key):
+        loader, fixed = _load_custom, {"path": Path(key).expanduser()}
+    else:
+        DATASETS.get(key)  # raises, suggesting close matches
+        raise AssertionError("unreachable")
+    accepted = [p for p in inspect.signature(loader).parameters if p not in fixed]
+    for option in options:
+        takes = ", ".join(accepted) or "no options"
+        _require(option in accepted, f"unknown option {option!r} for data set {key!r}; it takes: {takes}")
+    return loader(**fixed, **options)
+
+
+# File helpers
+
+def _first_line(err: object) -> str:
+    return (str(err).strip() or type(err).__name__).splitlines()[0]
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise PyrovaeError(message)
+
+
+def _corrupt(what: str, where: str, problem: str) -> PyrovaeError:
+    return PyrovaeError(f"{what} file {where} is corrupt: {problem}; delete it (a download fetches it "
+                        "again) or replace it with the canonical file")
+
+
+def _read_bytes(path: Path, where: str) -> bytes:
+    """Reads a file, gunzipping it when it starts with the gzip magic bytes."""
+    try:
+        raw = path.read_bytes()
+        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    except (OSError, EOFError, zlib.error) as err:
+        raise PyrovaeError(f"cannot read {where} ({_first_line(err)}); delete or replace it") from None
+
+
+def _save_cache(path: Path, array: np.ndarray) -> None:
+    """Writes ``array`` to ``path`` atomically; a read-only directory only costs speed."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as err:
+        warnings.warn(f"could not write cache {path}: {_first_line(err)}", stacklevel=3)
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextmanager
+def _target_dir(path: Path) -> Iterator[Path]:
+    """Creates ``path`` for downloads; removes what it created if the block fails and left it empty."""
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PyrovaeError(f"cannot create data directory {path} ({_first_line(err)}); "
+                           "pass a writable --data-dir or set PYROVAE_DATA") from None
+    try:
+        yield path
+    except BaseException:
+        for p in created:
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+
+
+class _FetchError(Exception):
+    def __init__(self, reasons: list[str], not_found: bool) -> None:
+        super().__init__("; ".join(reasons))
+        self.not_found = not_found
+
+
+def _download(candidates: list[tuple[str, Path]], parse: Callable[[Path, str], Any]) -> tuple[Any, Path]:
+    """Fetches the first candidate ``(url, dest)`` that downloads and parses; returns (parsed, dest).
+
+    Each download goes to a temporary file beside ``dest``, is parsed there, and only then is
+    moved into place with :func:`os.replace`, so a failure or Ctrl-C leaves no partial file.
+    """
+    reasons, not_found = [], True
+    for url, dest in candidates:
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT) as response:
+                shutil.copyfileobj(response, out, 1 << 20)
+            value = parse(Path(tmp), url)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dest)
+            return value, dest
+        except urllib.error.HTTPError as err:
+            reasons.append(f"{url}: HTTP {err.code}")
+            not_found &= err.code in (404, 410)
+        except (urllib.error.URLError, OSError, http.client.HTTPException, PyrovaeError) as err:
+            reason = getattr(err, "reason", err)
+            reasons.append(f"{url}: {_first_line(reason)}")
+            not_found &= isinstance(reason, FileNotFoundError)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise _FetchError(reasons, not_found)
+
+
+def _base_url(option: str | None, env: str, default: str) -> tuple[str, bool]:
+    """Returns (base URL ending in '/', whether the user chose it); a plain path becomes file://."""
+    url = (chosen := option or os.environ.get(env)) or default
+    if "://" not in url:
+        url = Path(url).expanduser().resolve().as_uri()
+    return url.rstrip("/") + "/", bool(chosen)
+
+
+def _fixed_split(n: int, sizes: tuple[int, int, int], seed: int) -> dict[str, np.ndarray]:
+    """A seeded permutation cut into train/valid/test (legacy RandomState: stable across NumPy)."""
+    _require(isinstance(seed, int) and not isinstance(seed, bool), f"seed must be an integer, got {seed!r}")
+    parts = np.split(np.random.RandomState(seed).permutation(n), np.cumsum(sizes)[:-1])
+    return {k: v for k, v in zip(SPLITS, parts, strict=True) if len(v)}
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array).copy())
+
+
+# Digits
+
+@DATASETS.register("digits", "scikit-learn's bundled 8x8 handwritten digits, 1797 images with labels")
+def _load_digits(data_dir: Path, binarize: bool = True, seed: int = 0) -> Dataset:
+    """Fixed seeded split 1197/300/300; binary pixels are ``value >= 8`` of 0..16."""
+    from sklearn.datasets import load_digits
+
+    _require(isinstance(binarize, bool), f"digits option binarize must be true or false, got {binarize!r}")
+    bunch = load_digits()
+    values, labels = bunch.data, bunch.target.astype(np.int64)
+    x = (values >= 8).astype(np.uint8) if binarize else np.rint(values * 255 / 16).astype(np.uint8)
+    parts = _fixed_split(len(x), (1197, 300, 300), seed)
+    splits = {k: Split(_tensor(x[i]), _tensor(labels[i])) for k, i in parts.items()}
+    return Dataset("digits", splits, (64,), "binary" if binarize else "grayscale", (8, 8))
+
+
+# binarized MNIST
+
+_BMNIST_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
+_BMNIST_ROWS = {"train": 50000, "valid": 10000, "test": 10000}
+
+
+def _parse_amat(rows: int, path: Path, where: str | None = None) -> np.ndarray:
+    """Parses an ``.amat`` file of 0/1 rows (784 values a line) into ``uint8`` ``(rows, 784)``."""
+    where = where or str(path)
+    corrupt = functools.partial(_corrupt, "binarized-MNIST", where)
+    data = _read_bytes(path, where)
+    if data and not data.endswith(b"\n"):
+        data += b"\n"
+    buf, width = np.frombuffer(data, np.uint8), 2 * 784
+    grid = buf.reshape(-1, width) if buf.size % width == 0 else None
+    if grid is not None and (grid[:, 1:-1:2] == ord(" ")).all() and (grid[:, -1] == ord("\n")).all():
+        x = grid[:, ::2] - np.uint8(ord("0"))  # canonical layout: fixed width, vectorized
+        bad = np.argwhere(x > 1)
+        if len(bad):
+            r, c = bad[0]
+            raise corrupt(f"line {r + 1} holds {chr(grid[r, 2 * c])!r}, expected only 0/1 values")
+    else:
+        lines = []
+        for i, line in enumerate(data.splitlines(), 1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            if len(tokens) != 784:
+                raise corrupt(f"line {i} has {len(tokens)} values, expected 784")
+            joined = b"".join(tokens)
+            if len(joined) != 784 or joined.strip(b"01"):
+                raise corrupt(f"line {i} holds a value other than 0/1")
+            lines.append(joined)
+        x = np.frombuffer(b"".join(lines), np.uint8).reshape(-1, 784) - np.uint8(ord("0"))
+    if x.shape[0] != rows:
+        raise corrupt(f"it has {x.shape[0]} rows, expected {rows}")
+    return x
+
+
+def _bmnist_local(directory: Path, split: str) -> np.ndarray | None:
+    """Loads a split from ``directory``: the ``.npy`` cache if fresh, else the ``.amat`` (re-cached)."""
+    stem, rows = f"binarized_mnist_{split}", _BMNIST_ROWS[split]
+    cache = directory / f"{stem}.npy"
+    sources = [p for p in (directory / f"{stem}.amat", directory / f"{stem}.amat.gz") if p.is_file()]
+    if cache.is_file() and (not sources or cache.stat().st_mtime >= max(s.stat().st_mtime for s in sources)):
+        try:
+            packed = np.load(cache, allow_pickle=False)
+            if packed.dtype == np.uint8 and packed.shape == (rows, 98):
+                return np.unpackbits(packed, axis=1)
+        except (OSError, ValueError, EOFError):
+            pass  # stale or corrupt cache: parse the source again
+    if not sources:
+        return None
+    x = _parse_amat(rows, sources[0])
+    _save_cache(cache, np.packbits(x, axis=1))
+    return x
+
+
+@DATASETS.register("binarized-mnist", "static binarized MNIST (Larochelle & Murray), 50k/10k/10k, downloaded")
+def _load_binarized_mnist(data_dir: Path, base_url: str | None = None) -> Dataset:
+    """Reads ``binarized_mnist_{split}.amat[.gz]`` from the data directory, downloading if needed."""
+    sub, arrays = data_dir / "binarized_mnist", {}
+    for split in SPLITS:
+        for directory in (sub, data_dir):
+            if (x := _bmnist_local(directory, split)) is not None:
+                arrays[split] = x
+                break
+    if "train" not in arrays or "valid" not in arrays:
+        url, _ = _base_url(base_url, "PYROVAE_BINARIZED_MNIST_URL", _BMNIST_URL)
+        with _target_dir(sub):
+            for split in (s for s in SPLITS if s not in arrays):
+                stem, rows = f"binarized_mnist_{split}", _BMNIST_ROWS[split]
+                candidates = [(url + stem + ext, sub / (stem + ext)) for ext in (".amat", ".amat.gz")]
+                try:
+                    arrays[split], _ = _download(candidates, functools.partial(_parse_amat, rows))
+                except _FetchError as err:
+                    if split == "test":  # the test split is often withheld
+                        continue
+                    raise PyrovaeError(
+                        f"could not download binarized-MNIST {split} split from {url} ({err}); place "
+                        f"binarized_mnist_{{train,valid}}.amat (or .amat.gz) in {sub}, or set base_url "
+                        "/ PYROVAE_BINARIZED_MNIST_URL") from None
+                _save_cache(sub / f"{stem}.npy", np.packbits(arrays[split], axis=1))
+    splits = {k: Split(torch.from_numpy(arrays[k])) for k in SPLITS if k in arrays}
+    return Dataset("binarized-mnist", splits, (784,), "binary", (28, 28))
+
+
+# MNIST (IDX)
+
+_MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
+                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000)}
+
+
+def _parse_idx(count: int, images: bool, path: Path, where: str | None = None) -> np.ndarray:
+    """Parses an IDX file of ``count`` 28x28 ``uint8`` images, or of ``count`` labels 0..9."""
+    where = where or str(path)
+    data = _read_bytes(path, where)
+    ndim, expected = (3, [count, 28, 28]) if images else (1, [count])
+    header, corrupt = 4 + 4 * ndim, functools.partial(_corrupt, "MNIST", where)
+    if len(data) < header or int.from_bytes(data[:4], "big") != 0x800 + ndim:
+        raise corrupt(f"bad magic number, expected an IDX file of {ndim}-D unsigned bytes")
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    if dims != expected:
+        raise corrupt(f"its header gives shape {dims}, expected {expected}")
+    body = np.frombuffer(data, np.uint8, offset=header)
+    if body.size != int(np.prod(dims)):
+        raise corrupt(f"it holds {body.size} data bytes, expected {int(np.prod(dims))}")
+    if not images and body.max(initial=0) > 9:
+        raise corrupt("it holds a label outside 0..9")
+    return body.reshape(count, 784).copy() if images else body.astype(np.int64)
+
+
+def _torchvision_mnist_mirrors() -> list[str]:
+    """torchvision's MNIST mirrors when torchvision imports (optional; it may not match this torch)."""
+    try:
+        from torchvision.datasets import MNIST  # type: ignore[import-not-found]
+
+        return [str(m).rstrip("/") + "/" for m in getattr(MNIST, "mirrors", [])]
+    except Exception:
+        return []
+
+
+@DATASETS.register("mnist", "grayscale MNIST with labels (IDX files), train 50k / valid 10k / test 10k")
+def _load_mnist(data_dir: Path, binarize: str | None = None, base_url: str | None = None) -> Dataset:
+    """Reads the raw IDX files; train = first 50,000 of the training file, valid = the last 10,000."""
+    _require(binarize in (None, "dynamic"), f"mnist option binarize is 'dynamic' or None, not {binarize!r}")
+    dirs, raw = (data_dir / "MNIST" / "raw", data_dir / "mnist", data_dir), data_dir / "MNIST" / "raw"
+
+    def find(stem: str) -> Path | None:
+        return next((d / n for d in dirs for n in (stem, stem + ".gz") if (d / n).is_file()), None)
+
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for split, (images, labels, count) in _MNIST_FILES.items():
+        found = find(images), find(labels)
+        if all(found):
+            arrays[split] = _parse_idx(count, True, found[0]), _parse_idx(count, False, found[1])
+        elif any(found):
+            raise PyrovaeError(f"found {found[0] or found[1]} but not its partner "
+                               f"{labels if found[0] else images}[.gz]; place both files in {dirs[0]}")
+    if not arrays:
+        url, chosen = _base_url(base_url, "PYROVAE_MNIST_URL", _MNIST_URL)
+        bases = [url] if chosen else list(dict.fromkeys([url, *_torchvision_mnist_mirrors()]))
+        reasons = []
+        with _target_dir(raw):
+            for split, (images, labels, count) in _MNIST_FILES.items():
+                try:
+                    pair = []
+                    for stem, is_images in ((images, True), (labels, False)):
+                        urls = [(b + stem + ext, raw / (stem + ext)) for b in bases for ext in (".gz", "")]
+                        pair.append(_download(urls, functools.partial(_parse_idx, count, is_images)))
+                    arrays[split] = pair[0][0], pair[1][0]
+                except _FetchError as err:
+                    for _, dest in pair:  # an images file without its labels is of no use
+                        dest.unlink(missing_ok=True)
+                    reasons.append(f"{split}: {err}")
+            if not arrays:
+                raise PyrovaeError(f"no MNIST IDX files in {data_dir} and the download from {url} failed "
+                                   f"({'; '.join(reasons)}); place train-*/t10k-*-ubyte[.gz] in {raw}")
+        if reasons:
+            warnings.warn(f"MNIST: some splits could not be downloaded ({'; '.join(reasons)})", stacklevel=3)
+    splits = {}
+    if "train" in arrays:
+        x, y = arrays["train"]
+        splits["train"] = Split(torch.from_numpy(x[:50000]), torch.from_numpy(y[:50000]))
+        splits["valid"] = Split(torch.from_numpy(x[50000:]), torch.from_numpy(y[50000:]))
+    if "test" in arrays:
+        splits["test"] = Split(*map(torch.from_numpy, arrays["test"]))
+    dynamic = binarize == "dynamic"
+    return Dataset("mnist", splits, (784,), "binary" if dynamic else "grayscale", (28, 28), dynamic)
+
+
+# JSB chorales
+
+_JSB_URL = "https://raw.githubusercontent.com/czhuang/JSB-Chorales-dataset/master/"
+_JSB_FILES = ("jsb-chorales-quarter.json", "JSB Chorales.pickle", "jsb_chorales.pickle")
+
+
+def _parse_jsb(path: Path, where: str | None = None) -> dict[str, Split]:
+    """Parses the JSON (or a local ``.pickle``) chorales into zero-padded 88-key piano rolls per split."""
+    where = where or str(path)
+    corrupt = functools.partial(_corrupt, "JSB chorales", where)
+    data = _read_bytes(path, where)
+    try:
+        # pickle only for a local file named so: never unpickle what a server sent
+        raw = pickle.loads(data, encoding="latin1") if path.suffix == ".pickle" else json.loads(data)
+    except Exception as err:  # any decode failure of a damaged file
+        raise corrupt(f"cannot decode it ({_first_line(err)})") from None
+    if not isinstance(raw, dict) or not any(s in raw for s in SPLITS):
+        raise corrupt("expected a mapping with train/valid/test lists of sequences")
+    try:
+        seqs = {s: list(raw[s]) for s in SPLITS if s in raw}
+        t_max = max((len(seq) for v in seqs.values() for seq in v), default=0)
+        _require(t_max > 0, f"JSB chorales file {where} holds no time steps")
+        splits = {}
+        for s, v in seqs.items():
+            roll = np.zeros((len(v), t_max, 88), np.float32)
+            notes = [(i, t, p) for i, seq in enumerate(v) for t, step in enumerate(seq) for p in step]
+            if notes:
+                i, t, p = np.array(notes, dtype=np.float64).T
+                bad = ~((p == np.round(p)) & (p >= 21) & (p <= 108))
+                if bad.any():
+                    raise PyrovaeError(f"JSB chorales file {where} holds pitch {p[bad][0]:g} in {s!r}, "
+                                       "outside the 88 piano keys 21..108; fix or replace the file")
+                roll[i.astype(np.int64), t.astype(np.int64), p.astype(np.int64) - 21] = 1.0
+            lengths = torch.tensor([len(seq) for seq in v], dtype=torch.int64)
+            splits[s] = Split(torch.from_numpy(roll), lengths=lengths)
+    except (TypeError, ValueError) as err:
+        raise corrupt(f"unexpected structure ({_first_line(err)})") from None
+    return splits
+
+
+@DATASETS.register("jsb-chorales", "Bach chorales (JSB) as 88-key piano rolls, 229/76/77 sequences")
+def _load_jsb_chorales(data_dir: Path, base_url: str | None = None) -> Dataset:
+    """Reads ``jsb-chorales-quarter.json`` (or the pickle) from the data directory, downloading if needed."""
+    sub = data_dir / "jsb_chorales"
+    found = next((d / n for d in (sub, data_dir) for n in _JSB_FILES if (d / n).is_file()), None)
+    if found is not None:
+        splits = _parse_jsb(found)
+    else:
+        url, _ = _base_url(base_url, "PYROVAE_JSB_URL", _JSB_URL)
+        name = _JSB_FILES[0]
+        with _target_dir(sub):
+            try:
+                splits, _ = _download([(url + name, sub / name)], _parse_jsb)
+            except _FetchError as err:
+                raise PyrovaeError(f"could not download JSB chorales from {url} ({err}); place {name} "
+                                   f"in {sub}, or set base_url / PYROVAE_JSB_URL") from None
+    t_max = next(iter(splits.values())).x.shape[1]
+    return Dataset("jsb-chorales", splits, (t_max, 88), "sequence")
+
+
+# A user's own file
+
+def _load_custom(path: Path, seed: int = 0) -> Dataset:
+    """A user's ``(N, D)`` or ``(N, H, W)`` array file with a fixed seeded 80/10/10 split."""
+    _require(path.is_file(), f"data file {path} not found; pass a data set name "
+                             f"({', '.join(DATASETS)}) or an existing .npy/.npz/.pt file")
+    try:
+        if path.suffix.lower() in (".pt", ".pth"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            obj = np.load(path, allow_pickle=False)
+            if isinstance(obj, np.lib.npyio.NpzFile):
+                with obj:
+                    obj = {k: obj[k] for k in obj.files}
+    except Exception as err:  # numpy/torch raise many types for damaged files
+        raise PyrovaeError(f"cannot read data file {path} ({_first_line(err)}); "
+                           "save an (N, D) or (N, H, W) array with numpy.save or torch.save") from None
+    if isinstance(obj, dict):
+        keys = list(obj)
+        _require(len(keys) == 1 or "x" in obj, f"data file {path} holds arrays {keys}; "
+                                               "keep one array, or name the data 'x'")
+        obj = obj["x"] if "x" in obj else obj[keys[0]]
+    arr = obj.numpy() if isinstance(obj, torch.Tensor) else np.asarray(obj)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    _require(np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating),
+             f"data file {path} holds {arr.dtype} values; expected numbers")
+    _require(arr.ndim in (2, 3) and arr.shape[0] > 0 and arr[0].size > 0,
+             f"data file {path} holds an array of shape {tuple(arr.shape)}; expected (N, D) or (N, H, W)")
+    _require(bool(np.isfinite(arr).all()), f"data file {path} holds NaN or infinite values; remove them")
+    flat = arr.reshape(arr.shape[0], -1)
+    if ((flat == 0) | (flat == 1)).all():
+        x, kind = flat.astype(np.uint8), "binary"
+    elif flat.min() >= 0 and flat.max() <= 1:
+        x, kind = flat.astype(np.float32), "grayscale"
+    elif flat.min() >= 0 and flat.max() <= 255 and (flat == np.round(flat)).all():
+        x, kind = flat.astype(np.uint8), "grayscale"
+    else:
+        raise PyrovaeError(f"data file {path} holds values in [{flat.min():g}, {flat.max():g}]; expected "
+                           "0/1, values in [0, 1] or integers 0..255")
+    n = len(x)
+    parts = _fixed_split(n, (n - 2 * (n // 10), n // 10, n // 10), seed)
+    splits = {k: Split(_tensor(x[i])) for k, i in parts.items()}
+    image_shape = (int(arr.shape[1]), int(arr.shape[2])) if arr.ndim == 3 else None
+    return Dataset(str(path), splits, (x.shape[1],), kind, image_shape)
