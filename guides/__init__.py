@@ -6,5 +6,22 @@ if __name__ != "pyrovae.guides":
 from pyrovae.guides.base import AmortizedGuide, build_guide
 from pyrovae.guides.diagonal import DiagonalGaussian
 from pyrovae.guides.exact import ExactPosterior
+from pyrovae.guides.full import FullGaussian
+from pyrovae.guides.delta import DeltaGuide
+from pyrovae.guides.flows import FlowGuide, PlanarFlow, RadialFlow, SplineFlow, SylvesterFlow
+from pyrovae.guides.iaf import InverseAutoregressiveFlow
 
-__all__ = ["AmortizedGuide", "DiagonalGaussian", "ExactPosterior", "build_guide"]
+__all__ = [
+    "AmortizedGuide",
+    "DeltaGuide",
+    "DiagonalGaussian",
+    "ExactPosterior",
+    "FlowGuide",
+    "FullGaussian",
+    "InverseAutoregressiveFlow",
+    "PlanarFlow",
+    "RadialFlow",
+    "SplineFlow",
+    "SylvesterFlow",
+    "build_guide",
+]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pyrovae.handlers import scale_latents
-from pyrovae.infer.base import InferenceMethod, TrainSettings, unique_parameters
+from pyrovae.infer.base import InferenceMethod, TrainSettings, adam, unique_parameters
 from pyrovae.objectives import make_objective
 from pyrovae.registry import METHODS
 
@@ -33,7 +33,7 @@ class AmortizedVI(InferenceMethod):
     def __init__(self, model: nn.Module, guide: nn.Module, settings: TrainSettings, num_examples: int) -> None:
         super().__init__(model, guide, settings, num_examples)
         self.objective = make_objective(settings.objective, settings.particles, settings.max_plate_nesting)
-        self.optimizer = torch.optim.Adam(unique_parameters(model, guide), lr=settings.lr)
+        self.optimizer = adam(unique_parameters(model, guide), settings.lr)
 
     def loss(self, x: torch.Tensor, index: torch.Tensor | None = None, beta: float = 1.0) -> torch.Tensor:
         """Minus the bound on the whole data set, divided by its size: nats per example."""

@@ -10,7 +10,7 @@ from torch import nn
 
 from pyrovae.sites import call_kwargs
 
-__all__ = ["InferenceMethod", "TrainSettings", "unique_parameters"]
+__all__ = ["InferenceMethod", "TrainSettings", "adam", "unique_parameters"]
 
 
 @dataclass(frozen=True)
@@ -71,3 +71,11 @@ def unique_parameters(*modules: nn.Module) -> list[nn.Parameter]:
         for p in module.parameters():
             seen.setdefault(id(p), p)
     return list(seen.values())
+
+
+def adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam with torch's fused kernel where the device has one (one kernel, not a Python loop per tensor)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)

@@ -1,0 +1,54 @@
+"""The full-covariance Gaussian posterior q(z|x) = N(mu(x), L(x) L(x)^T) (sec. 2.5.1)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+from torch.nn.functional import softplus
+
+from pyrovae.guides.base import AmortizedGuide, _key
+from pyrovae.registry import GUIDES
+from pyrovae.sites import ModelSites
+
+__all__ = ["FullGaussian"]
+
+
+@GUIDES.register("full", "full-covariance Gaussian N(mu(x), L(x) L(x)^T), L lower-triangular (sec. 2.5.1)")
+class FullGaussian(AmortizedGuide):
+    """An MLP encoder emitting a mean and a Cholesky factor L per vector latent.
+
+    L is lower triangular with a positive diagonal (softplus + `min_scale`), so L L^T is a
+    valid covariance and log|det L| = sum log L_ii is the change of variables of z = mu + L eps.
+
+    References:
+        Kingma & Welling (2019), sec. 2.5.1 (full-covariance Gaussian encoder).
+    """
+
+    latent_shapes: ClassVar[str] = "vectors (event dim 1)"
+    min_scale = 1e-4
+
+    @classmethod
+    def supports(cls, model, sites: ModelSites) -> str | None:
+        bad = {k: tuple(v) for k, v in sites.latents.items() if len(v) != 1}
+        if bad:
+            shapes = ", ".join(f"{k}{v}" for k, v in bad.items())
+            return f"it needs vector latents (event dim 1), but the model has {shapes}"
+        return None
+
+    def make_head(self, name: str, shape: torch.Size) -> nn.Module:
+        (dim,) = shape
+        return nn.Linear(self.features, dim + dim * (dim + 1) // 2)
+
+    def distribution(self, name: str, features: torch.Tensor) -> dist.Distribution:
+        (dim,) = self.sites.latents[name]
+        out = self.heads[_key(name)](features)
+        loc, entries = out[..., :dim], out[..., dim:]
+        rows, cols = torch.tril_indices(dim, dim, device=features.device)
+        flat = torch.zeros(features.shape[:-1] + (dim * dim,), dtype=out.dtype, device=out.device)
+        tril = flat.index_copy(-1, rows * dim + cols, entries).reshape(features.shape[:-1] + (dim, dim))
+        diagonal = softplus(tril.diagonal(dim1=-2, dim2=-1)) + self.min_scale
+        scale_tril = tril.tril(-1) + torch.diag_embed(diagonal)
+        return dist.MultivariateNormal(loc, scale_tril=scale_tril)
