@@ -61,8 +61,10 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peers", default="pyrovae,pythae,pytorch")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default="burda_vae", help="results file stem and README section")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     data = load_dataset("binarized-mnist", args.data_dir)
     train_x = data.split("train").x
@@ -96,10 +98,10 @@ def main() -> None:
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "published": PUBLISHED, "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "burda_vae.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    (RESULTS / "burda_vae.md").write_text(table)
-    update_readme("burda_vae", table)
+    (RESULTS / f"{args.out}.md").write_text(table)
+    update_readme(args.out, table)
     print(table)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from pyrovae.errors import PyrovaeError
 from pyrovae.nets import MLP, activation
 from pyrovae.registry import GUIDES
-from pyrovae.sites import ModelSites, call_kwargs, data_plate, inspect_model
+from pyrovae.sites import ModelSites, call_kwargs, data_plate, inspect_model, register
 
 __all__ = ["AmortizedGuide", "build_guide"]
 
@@ -72,7 +72,7 @@ class AmortizedGuide(nn.Module):
         return self.trunk(x.reshape(len(x), -1))
 
     def forward(self, x: torch.Tensor, index: torch.Tensor | None = None, size: int | None = None, **_: Any) -> None:
-        pyro.module("guide", self)
+        register("guide", self)
         features = self.encode(x)
         with data_plate(x, index, size):
             for name in self.sites.latents:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pyrovae.registry import MODELS
-from pyrovae.sites import data_plate
+from pyrovae.sites import data_plate, register
 
 __all__ = ["LinearGaussian"]
 
@@ -40,7 +40,7 @@ class LinearGaussian(nn.Module):
         return self.log_noise.exp()
 
     def forward(self, x: torch.Tensor, index: torch.Tensor | None = None, size: int | None = None) -> None:
-        pyro.module("linear_gaussian", self)
+        register("linear_gaussian", self)
         with data_plate(x, index, size):
             z = pyro.sample("z", dist.Normal(self.bias.new_zeros(()), 1.0).expand([len(x), self.latent]).to_event(1))
             loc = z @ self.weight.T + self.bias

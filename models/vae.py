@@ -13,7 +13,7 @@ from torch import nn
 from pyrovae.errors import PyrovaeError
 from pyrovae.nets import LIKELIHOODS, MLP
 from pyrovae.registry import MODELS
-from pyrovae.sites import data_plate
+from pyrovae.sites import data_plate, register
 
 __all__ = ["VAE"]
 
@@ -60,7 +60,7 @@ class VAE(nn.Module):
         return self.likelihood(self.decoder(z))
 
     def forward(self, x: torch.Tensor, index: torch.Tensor | None = None, size: int | None = None) -> None:
-        pyro.module("vae", self)
+        register("vae", self)
         with data_plate(x, index, size):
             z = pyro.sample("z", self.prior(len(x)))
             pyro.sample("x", self.decode(z), obs=x.reshape(len(x), -1))

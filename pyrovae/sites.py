@@ -7,8 +7,10 @@ user's own model with other site names and no pyrovae base class.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyro
 import torch
@@ -17,9 +19,30 @@ from pyro.poutine.util import site_is_subsample
 
 from pyrovae.errors import PyrovaeError
 
-__all__ = ["DATA_PLATE", "ModelSites", "data_plate", "inspect_model", "call_kwargs"]
+__all__ = ["DATA_PLATE", "ModelSites", "call_kwargs", "data_plate", "direct_parameters", "inspect_model", "register"]
 
 DATA_PLATE = "data"
+_REGISTER = ContextVar("pyrovae_register_params", default=True)
+
+
+def register(name: str, module: torch.nn.Module) -> None:
+    """`pyro.module(name, module)`: puts its parameters in the trace for Pyro's SVI and optimizers.
+
+    Skipped inside `direct_parameters()`, where a pyrovae method optimizes the module's own
+    parameters with torch and the per-step registration would be pure overhead.
+    """
+    if _REGISTER.get():
+        pyro.module(name, module)
+
+
+@contextmanager
+def direct_parameters() -> Iterator[None]:
+    """Within this block, `register` does nothing (see there)."""
+    token = _REGISTER.set(False)
+    try:
+        yield
+    finally:
+        _REGISTER.reset(token)
 
 
 @dataclass(frozen=True)

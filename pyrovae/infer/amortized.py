@@ -44,7 +44,8 @@ class AmortizedVI(InferenceMethod):
 
     def step(self, x: torch.Tensor, index: torch.Tensor, beta: float = 1.0) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(x, index, beta)
+        with self.fast_path():
+            loss = self.loss(x, index, beta)
         loss.backward()
         self.optimizer.step()
         return loss.item()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
+import pyro
+from pyro.infer.util import is_validation_enabled
 import torch
 from torch import nn
 
-from pyrovae.sites import call_kwargs
+from pyrovae.sites import call_kwargs, direct_parameters
 
 __all__ = ["InferenceMethod", "TrainSettings", "adam", "unique_parameters"]
 
@@ -39,6 +42,7 @@ class InferenceMethod:
         self.guide = guide
         self.settings = settings
         self.num_examples = num_examples
+        self._validated = False
 
     def step(self, x: torch.Tensor, index: torch.Tensor, beta: float = 1.0) -> float:
         """One update on a minibatch; returns the minibatch loss in nats per example."""
@@ -55,6 +59,14 @@ class InferenceMethod:
             return {}, 1.0
         kwargs = call_kwargs(self.model, index=index, size=self.num_examples)
         return kwargs, 1.0 if kwargs else self.num_examples / len(x)
+
+    @contextmanager
+    def fast_path(self) -> Iterator[None]:
+        """Pyro's shape and support checks on the first step only; no per-step param registration."""
+        validate = not self._validated
+        self._validated = True
+        with direct_parameters(), pyro.validation_enabled(validate and is_validation_enabled()):
+            yield
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "guide": self.guide.state_dict()}

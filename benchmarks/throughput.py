@@ -1,0 +1,218 @@
+"""Training and evaluation throughput: pyrovae against hand-written PyTorch, pythae and plain Pyro.
+
+The Burda et al. (2016) MLP VAE (784-200-200-50 tanh) on static binarized MNIST, and the same
+decoder with the IAF guide. Each implementation takes training steps on the same minibatch
+indices; runs interleave (A B C ... A B C ...) in one process, and the medians over rounds are
+reported with their ratio to hand-written PyTorch. Evaluation: the importance-sampled log p(x)
+with K = 5000 through pyrovae's `evaluate` and through a hand-written vectorized estimator on
+the very same networks, also interleaved.
+
+    python benchmarks/throughput.py            # writes benchmarks/results/throughput.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pyro
+import torch
+from torch.nn.functional import softplus
+
+sys.path.insert(0, str(Path(__file__).parent))
+import peers  # noqa: E402
+from burda_vae import machine  # noqa: E402
+from readme import update_readme  # noqa: E402
+
+from pyrovae.data import load_dataset  # noqa: E402
+from pyrovae.evaluate import evaluate  # noqa: E402
+from pyrovae.guides import build_guide  # noqa: E402
+from pyrovae.infer import AmortizedVI, TrainSettings  # noqa: E402
+from pyrovae.models import VAE  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+Step = Callable[[torch.Tensor], None]
+
+
+def pyrovae_step(data, guide: str, objective: str, batch: int) -> Step:
+    x = data.batch("train", torch.arange(8))
+    model = VAE((784,), 50, (200, 200), "tanh")
+    method = AmortizedVI(model, build_guide(guide, model, x), TrainSettings(objective, 1, 1e-3, batch), len(data.split("train")))
+    return lambda index: method.step(data.batch("train", index), index)
+
+
+def plain_pyro_step(data, guide: str) -> Step:
+    """Pyro's own VAE example loop: SVI(Trace_ELBO) with pyro.optim.Adam on the same modules."""
+    x = data.batch("train", torch.arange(8))
+    model = VAE((784,), 50, (200, 200), "tanh")
+    svi = pyro.infer.SVI(model, build_guide(guide, model, x), pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
+    return lambda index: svi.step(data.batch("train", index))
+
+
+def pytorch_step(data, fused: bool) -> Step:
+    model = peers.handwritten_vae()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
+
+    def step(index: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = -model.elbo(data.batch("train", index)).mean()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def pythae_step(data) -> Step:
+    from pythae.models import VAE as PythaeVAE
+    from pythae.models import VAEConfig
+
+    encoder, decoder = peers._pythae_modules()
+    model = PythaeVAE(VAEConfig(input_dim=(1, 28, 28), latent_dim=50, reconstruction_loss="bce"), encoder, decoder)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(index: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model({"data": data.batch("train", index).reshape(-1, 1, 28, 28)}).loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def interleave(steps: dict[str, Step], batches: list[torch.Tensor], rounds: int) -> dict[str, float]:
+    """Median images/second of each step function over `rounds` interleaved passes."""
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    for name, step in steps.items():  # warm-up
+        for index in batches[:3]:
+            step(index)
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for index in batches:
+                step(index)
+            rates[name].append(sum(len(b) for b in batches) / (time.perf_counter() - start))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def training(data, args) -> list[dict]:
+    rows = []
+    n = len(data.split("train"))
+    for batch in (100, 1000):
+        generator = torch.Generator().manual_seed(batch)
+        count = max(3, args.images // batch)
+        batches = [torch.randint(0, n, (batch,), generator=generator) for _ in range(count)]
+        steps = {
+            "pytorch (fused Adam)": pytorch_step(data, True),
+            "pyrovae elbo": pyrovae_step(data, "diagonal", "elbo", batch),
+            "pyrovae elbo-analytic": pyrovae_step(data, "diagonal", "elbo-analytic", batch),
+            "pytorch (default Adam)": pytorch_step(data, False),
+            "plain Pyro SVI": plain_pyro_step(data, "diagonal"),
+            "pyrovae iaf": pyrovae_step(data, "iaf", "elbo", batch),
+            "plain Pyro SVI iaf": plain_pyro_step(data, "iaf"),
+        }
+        if not args.no_pythae:
+            steps["pythae"] = pythae_step(data)
+        rates = interleave(steps, batches, args.rounds)
+        base = rates["pytorch (fused Adam)"]
+        for name, rate in rates.items():
+            rows.append({"part": "train", "batch": batch, "implementation": name, "images_per_second": rate, "ratio": rate / base})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def evaluation(data, args) -> list[dict]:
+    """pyrovae's evaluate against a hand-written vectorized estimator on the same networks."""
+    model = VAE((784,), 50, (200, 200), "tanh")
+    guide = build_guide("diagonal", model, data.batch("train", torch.arange(8)))
+    head = guide.heads["z"]
+
+    def encode(x):
+        loc, raw = head(guide.trunk(x)).chunk(2, -1)
+        return loc, softplus(raw) + guide.min_scale
+
+    x = data.batch("valid", torch.arange(args.eval_images))
+    runs = {
+        "pyrovae evaluate": lambda: evaluate(model, guide, x.split(500), num_samples=args.samples),
+        "pytorch estimator": lambda: peers.importance_sampled_log_likelihood(encode, model.decoder, x, num_samples=args.samples),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.no_grad():
+        for _ in range(args.eval_rounds):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["pytorch estimator"])
+    rows = []
+    for name, t in times.items():
+        seconds = statistics.median(t)
+        rows.append({"part": "eval", "implementation": name, "images": len(x), "samples": args.samples,
+                     "seconds": seconds, "seconds_per_10k_images": seconds * 10000 / len(x), "ratio": base / seconds})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def peak_memory_of_evaluation(args) -> float:
+    """Peak resident MB of a fresh process that evaluates IS-K on `eval_images` images."""
+    code = (
+        "import resource, torch; from pyrovae.models import VAE; from pyrovae.guides import build_guide; "
+        "from pyrovae.evaluate import evaluate; from pyrovae.data import load_dataset; "
+        f"torch.set_num_threads({args.threads}); d = load_dataset('binarized-mnist', {args.data_dir!r}); "
+        f"x = d.batch('valid', torch.arange({args.eval_images})); m = VAE((784,), 50); g = build_guide('diagonal', m, x); "
+        f"evaluate(m, g, x.split(500), num_samples={args.samples}); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Machine: {result['machine']}. Medians of {result['rounds']} interleaved rounds.", "",
+             "| training | batch | images/s | vs PyTorch (fused Adam) |", "|---|---|---|---|"]
+    for r in result["rows"]:
+        if r["part"] == "train":
+            lines.append(f"| {r['implementation']} | {r['batch']} | {r['images_per_second']:.0f} | {r['ratio']:.2f}x |")
+    lines += ["", f"| evaluation, IS-{result['samples']} | images | seconds | per 10k images | vs PyTorch |", "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if r["part"] == "eval":
+            lines.append(f"| {r['implementation']} | {r['images']} | {r['seconds']:.1f} | {r['seconds_per_10k_images']:.0f} s | {r['ratio']:.2f}x |")
+    lines.append("")
+    lines.append(f"Peak resident memory of a process evaluating IS-{result['samples']} (chunked): {result['eval_peak_memory_mb']:.0f} MB.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--images", type=int, default=5000, help="images per implementation per round")
+    parser.add_argument("--eval-images", type=int, default=200)
+    parser.add_argument("--eval-rounds", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=5000)
+    parser.add_argument("--no-pythae", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pyro.set_rng_seed(0)
+    data = load_dataset("binarized-mnist", args.data_dir)
+    rows = training(data, args) + evaluation(data, args)
+    result = {"benchmark": "throughput", "machine": machine(), "rounds": args.rounds, "samples": args.samples,
+              "eval_peak_memory_mb": peak_memory_of_evaluation(args), "rows": rows,
+              "process_peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    (RESULTS / "throughput.md").write_text(table)
+    update_readme("throughput", table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
