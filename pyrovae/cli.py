@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--latent", type=int, default=50)
     p.add_argument("--hidden", type=_sizes, default=(200, 200), help="hidden sizes, e.g. 200,200")
     p.add_argument("--activation", default="tanh")
+    p.add_argument("--layers", type=int, default=1, help="stochastic layers (hierarchical models)")
+    p.add_argument("--prior", default="standard", help="prior on z: standard, or a learned prior the model offers")
+    p.add_argument("--decoder", default="mlp", help="decoder family the model offers (mlp, ...)")
+    p.add_argument("--free-bits", type=float, default=0.0, help="free bits per latent site, nats (Kingma et al. 2016)")
+    p.add_argument("--model-option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="any other model constructor option")
+    p.add_argument("--guide-option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="guide option, e.g. flow_steps=4")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -127,7 +133,8 @@ def _fit(args: argparse.Namespace) -> None:
     config = Config(
         model=args.model, guide=args.guide, method=args.method, objective=args.objective, dataset=args.dataset,
         dataset_options=dict(args.data_option), data_dir=args.data_dir, likelihood=args.likelihood, latent=args.latent,
-        hidden=args.hidden, activation=args.activation, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        hidden=args.hidden, activation=args.activation, layers=args.layers, prior=args.prior, decoder=args.decoder,
+        free_bits=args.free_bits, model_options=dict(args.model_option), guide_options=dict(args.guide_option), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         particles=args.particles, warmup=args.warmup, patience=args.patience, seed=args.seed,
         eval_samples=args.eval_samples, device=args.device,
     )

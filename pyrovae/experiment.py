@@ -43,6 +43,12 @@ class Config:
     latent: int = 50
     hidden: tuple[int, ...] = (200, 200)
     activation: str = "tanh"
+    layers: int = 1
+    prior: str = "standard"
+    decoder: str = "mlp"
+    free_bits: float = 0.0
+    model_options: dict[str, Any] = field(default_factory=dict)
+    guide_options: dict[str, Any] = field(default_factory=dict)
     epochs: int = 50
     batch_size: int = 100
     lr: float = 1e-3
@@ -116,16 +122,34 @@ def build(config: Config) -> Experiment:
     likelihood = config.likelihood or DEFAULT_LIKELIHOOD[data.kind]
     if likelihood not in LIKELIHOODS:
         raise PyrovaeError(f"unknown likelihood {likelihood!r}: choose from {', '.join(LIKELIHOODS)}")
-    options = dict(data_shape=data.event_shape, latent=config.latent, hidden=config.hidden, activation=config.activation, likelihood=likelihood)
-    model = model_cls(**call_kwargs(model_cls.__init__, **options)).to(device)
+    model = _construct(model_cls, f"model {config.model!r}", dict(data_shape=data.event_shape, latent=config.latent, hidden=config.hidden, activation=config.activation, likelihood=likelihood), _chosen(config), config.model_options).to(device)
     if hasattr(model, "check_data"):
         model.check_data(train_x)
     example = train_x[:8].to(device)
-    guide = build_guide(config.guide, model, example, hidden=config.hidden, activation=config.activation).to(device)
+    guide = build_guide(config.guide, model, example, hidden=config.hidden, activation=config.activation, **config.guide_options).to(device)
     sites = inspect_model(model, example)
-    settings = TrainSettings(config.objective, config.particles, config.lr, config.batch_size, sites.max_plate_nesting)
+    settings = TrainSettings(config.objective, config.particles, config.lr, config.batch_size, sites.max_plate_nesting, config.free_bits)
     method = method_cls(model, guide, settings, len(data.split("train")))
     return Experiment(config, data, model, guide, method, device)
+
+
+def _chosen(config: Config) -> dict[str, Any]:
+    """Architecture flags set away from their defaults: a model must take them or refuse."""
+    defaults = Config()
+    return {k: getattr(config, k) for k in ("layers", "prior", "decoder") if getattr(config, k) != getattr(defaults, k)}
+
+
+def _construct(cls: type, what: str, common: dict[str, Any], chosen: dict[str, Any], options: dict[str, Any]) -> Any:
+    """`cls(**...)` with the common options it takes; chosen and explicit options it must take."""
+    takes = call_kwargs(cls.__init__, **common, **chosen, **options)
+    refused = [k for k in (*chosen, *options) if k not in takes]
+    if refused:
+        flags = ", ".join(f"--{k.replace('_', '-')}" if k in chosen else f"--model-option {k}" for k in refused)
+        raise PyrovaeError(f"{what} does not take {flags}")
+    try:
+        return cls(**takes)
+    except TypeError as error:
+        raise PyrovaeError(f"{what}: {error}") from error
 
 
 def _peak_memory_mb() -> float:

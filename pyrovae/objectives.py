@@ -61,9 +61,11 @@ OBJECTIVES.register("elbo-analytic", "TraceMeanField_ELBO: the ELBO with the KL 
 OBJECTIVES.register("iwae", "importance-weighted bound with K = --particles samples (Burda et al. 2016)")(IWAE)
 
 
-def make_objective(name: str, num_particles: int = 1, max_plate_nesting: int = 1) -> Any:
+def make_objective(name: str, num_particles: int = 1, max_plate_nesting: int = 1, free_bits: float = 0.0) -> Any:
     """The objective registered as `name`, ready for `differentiable_loss`."""
     if num_particles < 1:
         raise PyrovaeError(f"--particles must be at least 1, got {num_particles}")
+    if free_bits:
+        raise PyrovaeError("--free-bits is not available yet")
     return OBJECTIVES.get(name)(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
 

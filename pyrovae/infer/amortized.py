@@ -32,7 +32,7 @@ class AmortizedVI(InferenceMethod):
 
     def __init__(self, model: nn.Module, guide: nn.Module, settings: TrainSettings, num_examples: int) -> None:
         super().__init__(model, guide, settings, num_examples)
-        self.objective = make_objective(settings.objective, settings.particles, settings.max_plate_nesting)
+        self.objective = make_objective(settings.objective, settings.particles, settings.max_plate_nesting, settings.free_bits)
         self.optimizer = adam(unique_parameters(model, guide), settings.lr)
 
     def loss(self, x: torch.Tensor, index: torch.Tensor | None = None, beta: float = 1.0) -> torch.Tensor:

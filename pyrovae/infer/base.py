@@ -25,6 +25,7 @@ class TrainSettings:
     lr: float = 1e-3
     batch_size: int = 100
     max_plate_nesting: int = 1
+    free_bits: float = 0.0
 
 
 class InferenceMethod:
