@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import sys
 import time
@@ -23,19 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
-from readme import update_readme  # noqa: E402
+from common import SHARED_DATA, machine, write_results  # noqa: E402
 
 from pyrovae.data import load_dataset  # noqa: E402
 from pyrovae.experiment import Config, fit  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 PUBLISHED = "88.71 nats test NLL (IWAE paper appendix D, VAE k=1, 1 stochastic layer, 3280 passes, test split, IS-5000)"
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def score_pyrovae(experiment, valid: torch.Tensor, samples: int) -> dict:
@@ -58,7 +50,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--valid-examples", type=int, default=10000)
-    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--data-dir", default=SHARED_DATA)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peers", default="pyrovae,pythae,pytorch")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -97,12 +89,7 @@ def main() -> None:
         "valid_examples": len(valid), "num_samples": args.samples, "epochs": args.epochs,
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "published": PUBLISHED, "rows": rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    (RESULTS / f"{args.out}.md").write_text(table)
-    update_readme(args.out, table)
-    print(table)
+    write_results(args.out, result, markdown(result))
 
 
 def markdown(result: dict) -> str:

@@ -29,8 +29,7 @@ from torch.nn.functional import softplus
 
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
-from burda_vae import machine  # noqa: E402
-from readme import update_readme  # noqa: E402
+from common import SHARED_DATA, machine, write_results  # noqa: E402
 
 from pyrovae.data import load_dataset  # noqa: E402
 from pyrovae.evaluate import evaluate  # noqa: E402
@@ -38,8 +37,6 @@ from pyrovae.guides import build_guide  # noqa: E402
 from pyrovae.infer import AmortizedVI, TrainSettings  # noqa: E402
 from pyrovae.models import VAE  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 Step = Callable[[torch.Tensor], None]
 
 
@@ -190,7 +187,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--data-dir", default=SHARED_DATA)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--images", type=int, default=5000, help="images per implementation per round")
@@ -206,12 +203,7 @@ def main() -> None:
     result = {"benchmark": "throughput", "machine": machine(), "rounds": args.rounds, "samples": args.samples,
               "eval_peak_memory_mb": peak_memory_of_evaluation(args), "rows": rows,
               "process_peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "throughput.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    (RESULTS / "throughput.md").write_text(table)
-    update_readme("throughput", table)
-    print(table)
+    write_results("throughput", result, markdown(result))
 
 
 if __name__ == "__main__":

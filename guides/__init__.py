@@ -6,6 +6,7 @@ if __name__ != "pyrovae.guides":
 from pyrovae.guides.base import AmortizedGuide, build_guide
 from pyrovae.guides.diagonal import DiagonalGaussian
 from pyrovae.guides.exact import ExactPosterior
+from pyrovae.guides.local import LocalGaussian
 from pyrovae.guides.full import FullGaussian
 from pyrovae.guides.delta import DeltaGuide
 from pyrovae.guides.flows import FlowGuide, PlanarFlow, RadialFlow, SplineFlow, SylvesterFlow
@@ -19,6 +20,7 @@ __all__ = [
     "FlowGuide",
     "FullGaussian",
     "InverseAutoregressiveFlow",
+    "LocalGaussian",
     "PlanarFlow",
     "RadialFlow",
     "SplineFlow",

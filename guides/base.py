@@ -91,8 +91,8 @@ def _key(site: str) -> str:
 def build_guide(name: str, model: Callable, example: torch.Tensor, **options: Any) -> nn.Module:
     """The guide registered as `name`, built for `model` from a batch `example` of its data.
 
-    `hidden` and `activation` are shared by every guide and passed where taken; any other
-    option must be one the guide takes.
+    `hidden`, `activation` and `num_examples` are offered to every guide and passed where
+    taken; any other option must be one the guide takes.
     """
     guide_cls = GUIDES.get(name)
     sites = inspect_model(model, example)
@@ -100,7 +100,7 @@ def build_guide(name: str, model: Callable, example: torch.Tensor, **options: An
     if reason:
         raise PyrovaeError(f"guide {name!r} cannot serve this model: {reason}")
     data_shape = getattr(model, "data_shape", example.shape[1:])
-    common = {k: options.pop(k) for k in ("hidden", "activation") if k in options}
+    common = {k: options.pop(k) for k in ("hidden", "activation", "num_examples") if k in options}
     kwargs = call_kwargs(guide_cls.__init__, model=model, **common, **options)
     refused = [k for k in options if k not in kwargs]
     if refused:

@@ -40,7 +40,15 @@ class FullGaussian(AmortizedGuide):
 
     def make_head(self, name: str, shape: torch.Size) -> nn.Module:
         (dim,) = shape
-        return nn.Linear(self.features, dim + dim * (dim + 1) // 2)
+        head = nn.Linear(self.features, dim + dim * (dim + 1) // 2)
+        # Start as the diagonal guide: with default init the off-diagonal entries give every z a
+        # variance near dim / 10 and random correlations, a KL so large that training stalls.
+        rows, cols = torch.tril_indices(dim, dim)
+        off_diagonal = dim + torch.nonzero(rows != cols).squeeze(-1)
+        with torch.no_grad():
+            head.weight[off_diagonal] = 0.0
+            head.bias[off_diagonal] = 0.0
+        return head
 
     def distribution(self, name: str, features: torch.Tensor) -> dist.Distribution:
         (dim,) = self.sites.latents[name]

@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--free-bits", type=float, default=0.0, help="free bits per latent site, nats (Kingma et al. 2016)")
     p.add_argument("--model-option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="any other model constructor option")
     p.add_argument("--guide-option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="guide option, e.g. flow_steps=4")
+    p.add_argument("--method-option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. variant=rws, covariance=full")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -93,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="PNG path (default: RUN/samples.png)")
     p.add_argument("--data-dir")
+
+    from pyrovae.compare import add_compare_parser
+
+    add_compare_parser(sub)
     return parser
 
 
@@ -134,7 +139,7 @@ def _fit(args: argparse.Namespace) -> None:
         model=args.model, guide=args.guide, method=args.method, objective=args.objective, dataset=args.dataset,
         dataset_options=dict(args.data_option), data_dir=args.data_dir, likelihood=args.likelihood, latent=args.latent,
         hidden=args.hidden, activation=args.activation, layers=args.layers, prior=args.prior, decoder=args.decoder,
-        free_bits=args.free_bits, model_options=dict(args.model_option), guide_options=dict(args.guide_option), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        free_bits=args.free_bits, model_options=dict(args.model_option), guide_options=dict(args.guide_option), method_options=dict(args.method_option), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         particles=args.particles, warmup=args.warmup, patience=args.patience, seed=args.seed,
         eval_samples=args.eval_samples, device=args.device,
     )
@@ -189,7 +194,13 @@ def _sample(args: argparse.Namespace) -> None:
     print(out)
 
 
-COMMANDS = {"list": _list, "fit": _fit, "evaluate": _evaluate, "sample": _sample}
+def _compare(args: argparse.Namespace) -> None:
+    from pyrovae.compare import run_compare
+
+    run_compare(args)
+
+
+COMMANDS = {"list": _list, "fit": _fit, "evaluate": _evaluate, "sample": _sample, "compare": _compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,6 +49,7 @@ class Config:
     free_bits: float = 0.0
     model_options: dict[str, Any] = field(default_factory=dict)
     guide_options: dict[str, Any] = field(default_factory=dict)
+    method_options: dict[str, Any] = field(default_factory=dict)
     epochs: int = 50
     batch_size: int = 100
     lr: float = 1e-3
@@ -86,10 +87,21 @@ class Experiment:
         split = self.data.split(name)
         return self.data.batch(name, torch.arange(len(split)), torch.Generator().manual_seed(self.config.seed)).to(self.device)
 
-    def evaluate(self, split: str = "valid", num_samples: int = 1000, batch: int = 500, **kwargs: Any) -> Evaluation:
-        x = self.split(split)
+    def evaluate(self, split: str = "valid", num_samples: int = 1000, examples: int | None = None, proposal_steps: int = 100) -> Evaluation:
+        """ELBO and IS log p(x) per example of a split, whatever method trained the model.
+
+        With a trained amortized guide the guide is the proposal; otherwise (local, map,
+        mcmc-em) a Gaussian proposal is fitted per held-out example with the decoder frozen.
+        """
+        x = self.split(split)[:examples]
         self.model.eval(), self.guide.eval()
-        return evaluate(self.model, self.guide, x.split(batch), num_samples=num_samples, **kwargs)
+        if self.method.trains_guide:
+            return evaluate(self.model, self.guide, x.split(500), num_samples=num_samples)
+        from pyrovae.compare import ProposalSettings, heldout_scores
+        from pyrovae.infer.local import model_sites
+
+        sites = model_sites(self.model, self.guide, x)
+        return heldout_scores(self.model, x, sites, ProposalSettings(steps=proposal_steps, samples=num_samples))
 
 
 def _device(name: str) -> torch.device:
@@ -126,10 +138,11 @@ def build(config: Config) -> Experiment:
     if hasattr(model, "check_data"):
         model.check_data(train_x)
     example = train_x[:8].to(device)
-    guide = build_guide(config.guide, model, example, hidden=config.hidden, activation=config.activation, **config.guide_options).to(device)
+    num_train = len(data.split("train"))
+    guide = build_guide(config.guide, model, example, hidden=config.hidden, activation=config.activation, num_examples=num_train, **config.guide_options).to(device)
     sites = inspect_model(model, example)
     settings = TrainSettings(config.objective, config.particles, config.lr, config.batch_size, sites.max_plate_nesting, config.free_bits)
-    method = method_cls(model, guide, settings, len(data.split("train")))
+    method = _construct(method_cls, f"method {config.method!r}", dict(model=model, guide=guide, settings=settings, num_examples=num_train), {}, config.method_options, flag="--method-option")
     return Experiment(config, data, model, guide, method, device)
 
 
@@ -139,12 +152,12 @@ def _chosen(config: Config) -> dict[str, Any]:
     return {k: getattr(config, k) for k in ("layers", "prior", "decoder") if getattr(config, k) != getattr(defaults, k)}
 
 
-def _construct(cls: type, what: str, common: dict[str, Any], chosen: dict[str, Any], options: dict[str, Any]) -> Any:
+def _construct(cls: type, what: str, common: dict[str, Any], chosen: dict[str, Any], options: dict[str, Any], flag: str = "--model-option") -> Any:
     """`cls(**...)` with the common options it takes; chosen and explicit options it must take."""
     takes = call_kwargs(cls.__init__, **common, **chosen, **options)
     refused = [k for k in (*chosen, *options) if k not in takes]
     if refused:
-        flags = ", ".join(f"--{k.replace('_', '-')}" if k in chosen else f"--model-option {k}" for k in refused)
+        flags = ", ".join(f"--{k.replace('_', '-')}" if k in chosen else f"{flag} {k}" for k in refused)
         raise PyrovaeError(f"{what} does not take {flags}")
     try:
         return cls(**takes)
@@ -170,12 +183,13 @@ def fit(config: Config, out: str | Path | None = None, resume: bool = False, pro
     experiment = build(config)
     if run is not None and not resume:
         run.create(config.to_dict())
-    has_valid = "valid" in experiment.data.splits and getattr(experiment.guide, "gives_elbo", True)
-    valid_x = experiment.split("valid") if has_valid else None
+    scorable = getattr(experiment.guide, "gives_elbo", True) or not experiment.method.trains_guide
+    has_valid = "valid" in experiment.data.splits and scorable
 
     def validate() -> float:
-        experiment.model.eval(), experiment.guide.eval()
-        score = evaluate(experiment.model, experiment.guide, valid_x.split(1000), num_samples=1).elbo.mean().item()
+        """The validation ELBO; methods without an encoder get quick per-example proposals on 500 examples."""
+        quick = {} if experiment.method.trains_guide else {"examples": 500, "proposal_steps": 30}
+        score = experiment.evaluate("valid", num_samples=1, **quick).elbo.mean().item()
         experiment.model.train(), experiment.guide.train()
         return score
 
@@ -206,7 +220,7 @@ def _metrics(experiment: Experiment, history: History) -> dict[str, Any]:
         "peak_memory_mb": _peak_memory_mb(),
         "history": history.rows,
     }
-    if config.eval_samples > 0 and getattr(experiment.guide, "gives_elbo", True):
+    if config.eval_samples > 0 and (getattr(experiment.guide, "gives_elbo", True) or not experiment.method.trains_guide):
         start = time.perf_counter()
         summary = experiment.evaluate(split, config.eval_samples).summary()
         metrics.update(elbo=summary["elbo"], log_likelihood=summary["log_likelihood"], gap=summary["gap"], eval_seconds=time.perf_counter() - start)

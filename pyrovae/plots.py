@@ -55,7 +55,7 @@ def training_curve(history: "History", path: Path) -> None:
 
 
 def write_run_plots(experiment: "Experiment", history: "History", out: Path) -> None:
-    """samples.png, reconstructions.png (image data only) and training.png in `out`."""
+    """training.png, and for image data samples.png and (with a trained guide) reconstructions.png."""
     if history.rows:
         training_curve(history, out / "training.png")
     shape = experiment.data.image_shape
@@ -65,5 +65,7 @@ def write_run_plots(experiment: "Experiment", history: "History", out: Path) -> 
     split = "valid" if "valid" in experiment.data.splits else "train"
     x = experiment.split(split)[:32]
     image_grid(sample(experiment.model, x, 64), shape, out / "samples.png", "samples from p(x|z), z ~ p(z)")
+    if not experiment.method.trains_guide:
+        return  # no trained encoder to reconstruct with
     pairs = torch.stack([x[:32], reconstruct(experiment.model, experiment.guide, x[:32])], 1).reshape(64, -1)
     image_grid(pairs, shape, out / "reconstructions.png", "data | reconstruction", columns=16)

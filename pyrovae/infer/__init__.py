@@ -2,6 +2,10 @@
 
 from pyrovae.infer.amortized import AmortizedVI
 from pyrovae.infer.base import InferenceMethod, TrainSettings
+from pyrovae.infer.local import LocalVI
 from pyrovae.infer.loop import History, train
+from pyrovae.infer.map import MAP
+from pyrovae.infer.mcmc_em import MCMCEM
+from pyrovae.infer.wake_sleep import WakeSleep
 
-__all__ = ["AmortizedVI", "History", "InferenceMethod", "TrainSettings", "train"]
+__all__ = ["AmortizedVI", "History", "InferenceMethod", "LocalVI", "MAP", "MCMCEM", "TrainSettings", "WakeSleep", "train"]

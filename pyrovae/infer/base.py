@@ -37,6 +37,7 @@ class InferenceMethod:
 
     name: ClassVar[str] = ""
     gives_elbo: ClassVar[bool] = True
+    trains_guide: ClassVar[bool] = True  # leaves an amortized guide that can score held-out data
 
     def __init__(self, model: nn.Module, guide: nn.Module, settings: TrainSettings, num_examples: int) -> None:
         self.model = model

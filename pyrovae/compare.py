@@ -1,0 +1,307 @@
+"""Fair comparison of inference methods, and the inference-gap decomposition.
+
+A decoder trained by any method is scored on held-out data by importance sampling with a
+proposal fitted per example, decoder frozen (`heldout_scores`): the score then measures the
+decoder, not whichever encoder the method happened to train (Kingma & Welling 2019, sec. 2.6
+for the estimator; appendix A.2 for the methods). `gap_decomposition` splits the amortized
+ELBO's shortfall into approximation and amortization gaps (Cremer, Li & Duvenaud 2018), and
+`compare` trains every method on the same data, decoder and budget and tabulates the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pyro
+import torch
+
+from pyrovae.data import minibatches
+from pyrovae.errors import PyrovaeError
+from pyrovae.evaluate import Evaluation, chunk_sizes, evaluate
+from pyrovae.guides.local import LocalGaussian
+from pyrovae.infer.local import fit_local, model_sites
+from pyrovae.registry import METHODS
+from pyrovae.run import atomic_write
+
+__all__ = ["add_compare_parser", "compare", "gap_decomposition", "heldout_scores", "parse_method", "run_compare", "run_gaps"]
+
+
+@dataclass(frozen=True)
+class ProposalSettings:
+    """How held-out proposals are fitted and used: S steps, K importance samples per example."""
+
+    steps: int = 100
+    lr: float = 0.05
+    samples: int = 100
+    covariance: str = "diagonal"
+    particles: int = 1
+
+
+def heldout_scores(model: Callable, x: torch.Tensor, sites: Any, settings: ProposalSettings = ProposalSettings(), init: Callable | None = None, batch: int = 256) -> Evaluation:
+    """ELBO and IS log p(x) of each held-out example under a Gaussian fitted to it, decoder frozen.
+
+    Each batch gets its own `LocalGaussian` (one q_i per example, `fit_local`, started from
+    `init` if given), then `pyrovae.evaluate.evaluate` scores it with `settings.samples` draws.
+    The batch is kept within one of `evaluate`'s chunks, since the guide's rows are positions.
+    """
+    width = math.prod(x.shape[1:]) or 1
+    batch = min(batch, chunk_sizes(len(x), settings.samples, width, 2**23)[0])
+    parts = []
+    for start in range(0, len(x), batch):
+        xb = x[start : start + batch]
+        q = fit_local(model, xb, sites, settings.steps, settings.lr, settings.covariance, init=init, particles=settings.particles)
+        q.eval()
+        parts.append(evaluate(model, q, xb, num_samples=settings.samples))
+    return Evaluation(
+        elbo=torch.cat([p.elbo for p in parts]), log_likelihood=torch.cat([p.log_likelihood for p in parts]),
+        iwae=None, num_samples=settings.samples, iwae_k=None,
+    )
+
+
+def gap_decomposition(model: Callable, guide: Callable, x: torch.Tensor, settings: ProposalSettings = ProposalSettings(steps=200, samples=1000)) -> dict[str, float]:
+    """Inference gaps of an amortized guide on `x` (nats per example).
+
+    log p(x) is the larger of the IS estimates with q* and with q (both have K samples); L[q*] is the
+    ELBO of q*, the best member of the guide's family fitted per example starting from q(z|x);
+    L[q] is the amortized ELBO. approximation gap = log p(x) - L[q*], amortization gap =
+    L[q*] - L[q]; together they are log p(x) - L[q].
+
+    References:
+        Cremer, Li & Duvenaud (2018), Inference Suboptimality in VAEs, sec. 3.
+    """
+    sites = model_sites(model, guide, x)
+    fitted = heldout_scores(model, x, sites, settings, init=guide)
+    amortized = evaluate(model, guide, x, num_samples=settings.samples)
+    log_px = torch.maximum(fitted.log_likelihood, amortized.log_likelihood)
+    l_qstar, l_q = fitted.elbo, amortized.elbo
+    return {
+        "examples": len(x), "samples": settings.samples, "proposal_steps": settings.steps, "covariance": settings.covariance,
+        "log_px": log_px.mean().item(), "elbo_qstar": l_qstar.mean().item(), "elbo_q": l_q.mean().item(),
+        "approximation_gap": (log_px - l_qstar).mean().item(), "amortization_gap": (l_qstar - l_q).mean().item(),
+        "total_gap": (log_px - l_q).mean().item(),
+        "approximation_gap_se": (log_px - l_qstar).std().item() / math.sqrt(len(x)),
+        "amortization_gap_se": (l_qstar - l_q).std().item() / math.sqrt(len(x)),
+    }
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"wake-sleep:variant=rws:particles=5"`` -> ("wake-sleep", {"variant": "rws", "particles": 5})."""
+    name, *items = spec.split(":")
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise PyrovaeError(f"method option {item!r} in {spec!r} is not KEY=VALUE")
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except ValueError:
+            options[key.replace("-", "_")] = value
+    METHODS.get(name)
+    return name, options
+
+
+def _train_for(method: Any, experiment: Any, budget: float | None, steps: int | None, checkpoints: int, checkpoint_eval: Callable[[], float], seed: int) -> dict[str, Any]:
+    """Run `method.step` until the budget (training seconds, evaluations excluded) or steps run out."""
+    data, n = experiment.data, len(experiment.data.split("train"))
+    generator = torch.Generator().manual_seed(seed)
+    pyro.set_rng_seed(seed)
+    marks = [(i + 1) / checkpoints for i in range(checkpoints)]
+    limit = budget if budget is not None else float(steps)
+    seconds, done, losses, curve = 0.0, 0, [], [{"seconds": 0.0, "steps": 0, "heldout_ll": checkpoint_eval()}]
+    while marks:
+        for index in minibatches(n, method.settings.batch_size, generator):
+            start = time.perf_counter()
+            x = data.batch("train", index, generator).to(experiment.device)
+            loss = method.step(x, index.to(experiment.device))
+            seconds, done = seconds + time.perf_counter() - start, done + 1
+            if not math.isfinite(loss):
+                raise PyrovaeError(f"{method.name}: the loss became {loss} at step {done}")
+            losses.append(loss)
+            progress = (seconds if budget is not None else done) / limit
+            while marks and progress >= marks[0]:
+                marks.pop(0)
+                curve.append({"seconds": seconds, "steps": done, "heldout_ll": checkpoint_eval()})
+            if not marks:
+                break
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"seconds": seconds, "steps": done, "final_loss": sum(tail) / len(tail), "curve": curve}
+
+
+def compare(
+    model_name: str,
+    dataset: str,
+    methods: Sequence[str],
+    budget_seconds: float | None = None,
+    steps: int | None = None,
+    out_dir: str | Path = "compare",
+    *,
+    latent: int = 10,
+    hidden: Sequence[int] = (200,),
+    batch_size: int = 100,
+    lr: float = 1e-3,
+    seed: int = 0,
+    checkpoints: int = 4,
+    eval_examples: int = 200,
+    checkpoint_examples: int = 64,
+    proposal: ProposalSettings = ProposalSettings(),
+    dataset_options: dict[str, Any] | None = None,
+    data_dir: str | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Train each method in `methods` with the same budget, data and decoder; write the table.
+
+    Writes compare.md, compare.csv, compare.json and compare.png (held-out log-likelihood of a
+    `checkpoint_examples` subset, cheaper proposals, against training seconds) into `out_dir`.
+    A method spec may carry options: ``"wake-sleep:variant=rws"``.
+    """
+    from pyrovae.experiment import Config, build
+
+    if (budget_seconds is None) == (steps is None):
+        raise PyrovaeError("give exactly one of a budget in seconds or a number of steps")
+    specs = [parse_method(m) for m in methods]
+    rows = []
+    for spec, (name, options) in zip(methods, specs):
+        config = Config(model=model_name, method="amortized", dataset=dataset, dataset_options=dataset_options or {}, data_dir=data_dir,
+                        latent=latent, hidden=tuple(hidden), batch_size=batch_size, lr=lr, seed=seed, epochs=0)
+        experiment = build(config)  # same seed: every method starts from the same decoder
+        method = METHODS.get(name)(experiment.model, experiment.guide, experiment.method.settings, len(experiment.data.split("train")), **options)
+        split = "valid" if "valid" in experiment.data.splits else "test"
+        heldout = experiment.split(split)[:eval_examples]
+        sites = model_sites(experiment.model, experiment.guide, heldout)
+        quick = ProposalSettings(max(10, proposal.steps // 3), proposal.lr, max(10, proposal.samples // 2), proposal.covariance)
+
+        def checkpoint_eval() -> float:
+            return heldout_scores(experiment.model, heldout[:checkpoint_examples], sites, quick).log_likelihood.mean().item()
+
+        log(f"{spec}: training")
+        result = _train_for(method, experiment, budget_seconds, steps, checkpoints, checkpoint_eval, seed)
+        start = time.perf_counter()
+        fitted = heldout_scores(experiment.model, heldout, sites, proposal)
+        row: dict[str, Any] = {
+            "method": spec, "gives_elbo": bool(method.gives_elbo),
+            "train_bound": -result["final_loss"] if method.gives_elbo else None,
+            "train_log_joint": -result["final_loss"] if not method.gives_elbo else None,
+            "heldout_ll": fitted.log_likelihood.mean().item(), "heldout_elbo_fitted": fitted.elbo.mean().item(),
+            "heldout_ll_amortized": None, "heldout_elbo_amortized": None,
+            "train_seconds": result["seconds"], "steps": result["steps"],
+            "steps_per_second": result["steps"] / max(result["seconds"], 1e-9),
+            "examples_per_second": result["steps"] * batch_size / max(result["seconds"], 1e-9),
+            "split": split, "heldout_examples": len(heldout), "proposal_steps": proposal.steps, "is_samples": proposal.samples,
+        }
+        if method.trains_guide:
+            experiment.guide.eval()
+            amortized = evaluate(experiment.model, experiment.guide, heldout, num_samples=proposal.samples)
+            row.update(heldout_ll_amortized=amortized.log_likelihood.mean().item(), heldout_elbo_amortized=amortized.elbo.mean().item())
+        row["eval_seconds"] = time.perf_counter() - start
+        row["curve"] = result["curve"]
+        rows.append(row)
+        log(f"{spec}: held-out log p(x) {row['heldout_ll']:.3f} after {row['steps']} steps, {row['train_seconds']:.1f} s")
+    write_table(rows, Path(out_dir), {"model": model_name, "dataset": dataset, "budget_seconds": budget_seconds, "steps": steps, "latent": latent, "hidden": list(hidden), "batch_size": batch_size, "lr": lr, "seed": seed})
+    return rows
+
+
+COLUMNS = ("method", "train_bound", "train_log_joint", "heldout_ll", "heldout_elbo_fitted", "heldout_ll_amortized", "heldout_elbo_amortized", "train_seconds", "steps", "steps_per_second", "examples_per_second")
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def write_table(rows: list[dict[str, Any]], out: Path, setup: dict[str, Any]) -> None:
+    """compare.md, compare.csv, compare.json and compare.png in `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    samples = rows[0]["is_samples"] if rows else 0
+    note = (f"Held-out: {rows[0]['heldout_examples'] if rows else 0} {rows[0]['split'] if rows else ''} examples, IS with {samples} samples from a "
+            f"diagonal Gaussian fitted per example ({rows[0]['proposal_steps'] if rows else 0} Adam steps, decoder frozen); "
+            "'amortized' columns use the method's own encoder. train_bound: minus the training loss (ELBO or IWAE-K); "
+            "train_log_joint: log p(x, z) at the method's z (MAP, MCMC-EM), not a bound. Nats per example.")
+    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
+    atomic_write(out / "compare.md", lambda tmp: Path(tmp).write_text("\n".join(md) + "\n\n" + note + "\n"))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out / "compare.csv", lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+    text = json.dumps({"setup": setup, "note": note, "results": rows}, indent=2) + "\n"
+    atomic_write(out / "compare.json", lambda tmp: Path(tmp).write_text(text))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.plot([c["seconds"] for c in r["curve"]], [c["heldout_ll"] for c in r["curve"]], marker="o", label=r["method"])
+    ax.set_xlabel("training seconds"), ax.set_ylabel("held-out log p(x), nats/example"), ax.grid(alpha=0.3), ax.legend()
+    atomic_write(out / "compare.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def run_gaps(run: str | Path, split: str = "valid", examples: int = 200, settings: ProposalSettings = ProposalSettings(steps=200, samples=1000)) -> dict[str, Any]:
+    """The gap decomposition of a trained run's amortized guide; also written to RUN/gaps.json."""
+    from pyrovae.experiment import load
+    from pyrovae.run import RunDir
+
+    experiment = load(run)
+    experiment.model.eval(), experiment.guide.eval()
+    x = experiment.split(split)[:examples]
+    covariance = "full" if "full" in type(experiment.guide).__name__.lower() else "diagonal"
+    result = {"run": str(run), "split": split, **gap_decomposition(experiment.model, experiment.guide, x, ProposalSettings(settings.steps, settings.lr, settings.samples, covariance))}
+    RunDir(run).write_json("gaps.json", result)
+    return result
+
+
+def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """The ``pyrovae compare`` sub-command."""
+    p = subparsers.add_parser("compare", help="train several inference methods on one budget and compare held-out log p(x); or --gaps RUN")
+    p.add_argument("--gaps", metavar="RUN", help="instead: approximation and amortization gaps of a trained run")
+    p.add_argument("--model", default="vae")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--methods", default="amortized,local,mcmc-em,map,wake-sleep", help="comma-separated; options as NAME:KEY=VALUE, e.g. wake-sleep:variant=rws")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--budget", type=float, help="training seconds per method")
+    group.add_argument("--steps", type=int, help="minibatch steps per method")
+    p.add_argument("--out", default="compare")
+    p.add_argument("--latent", type=int, default=10)
+    p.add_argument("--hidden", default="200")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoints", type=int, default=4)
+    p.add_argument("--eval-examples", type=int, default=200)
+    p.add_argument("--proposal-steps", type=int, default=100)
+    p.add_argument("--samples", type=int, default=100, help="importance samples per held-out example")
+    p.add_argument("--split", default="valid", help="--gaps only")
+    p.add_argument("--data-dir")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    """Run ``pyrovae compare`` from parsed arguments."""
+    if args.gaps:
+        result = run_gaps(args.gaps, args.split, args.eval_examples, ProposalSettings(steps=args.proposal_steps, samples=args.samples))
+        print(json.dumps(result, indent=2) if args.json else "\n".join(f"  {k}: {_cell(v)}" for k, v in result.items()))
+        return
+    if args.budget is None and args.steps is None:
+        raise PyrovaeError("give --budget SECONDS or --steps N")
+    hidden = tuple(int(h) for h in str(args.hidden).split(",") if h.strip())
+    rows = compare(
+        args.model, args.dataset, [m for m in args.methods.split(",") if m], args.budget, args.steps, args.out,
+        latent=args.latent, hidden=hidden, batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoints=args.checkpoints,
+        eval_examples=args.eval_examples, proposal=ProposalSettings(steps=args.proposal_steps, samples=args.samples), data_dir=args.data_dir,
+        log=(lambda s: None) if args.json else print,
+    )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print((Path(args.out) / "compare.md").read_text())

@@ -1,0 +1,221 @@
+"""Variational EM with local variational parameters (Kingma & Welling 2019, appendix A.2.2).
+
+Each training example has its own q_i(z) (`pyrovae.guides.local.LocalGaussian`); one
+minibatch step updates the q_i of the examples in the batch and the decoder together, on the
+same bound. The semi-amortized variant (Kim et al. 2018) starts each q_i from an amortized
+encoder's output and refines it for a few steps with the decoder frozen; `fit_local` is that
+refinement, also used by `pyrovae.compare` to fit proposals on held-out data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from pyrovae.errors import PyrovaeError
+from pyrovae.guides.local import LocalGaussian
+from pyrovae.handlers import scale_latents
+from pyrovae.infer.base import InferenceMethod, TrainSettings, unique_parameters
+from pyrovae.objectives import make_objective
+from pyrovae.registry import METHODS
+from pyrovae.sites import ModelSites, inspect_model
+
+__all__ = ["LocalVI", "fit_local", "frozen", "model_sites"]
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """Within the block the modules' parameters take no gradient (a frozen decoder)."""
+    params = unique_parameters(*[m for m in modules if isinstance(m, nn.Module)])
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def model_sites(model: Callable, guide: Callable, x: torch.Tensor | None = None) -> ModelSites:
+    """The model's latent sites: the guide's record of them, else a trace of the model on `x`."""
+    sites = getattr(guide, "sites", None)
+    if isinstance(sites, ModelSites):
+        return sites
+    if x is None:
+        raise PyrovaeError("this method needs the model's latent sites: give it a pyrovae guide, or call it on data")
+    return inspect_model(model, x)
+
+
+class LocalOptimizer:
+    """Adam on dense (decoder/encoder) parameters, lazy Adam on the per-example tables.
+
+    `torch.optim.SparseAdam` moves only the rows in the minibatch, so examples not seen keep
+    their parameters (dense Adam would drift them with its momentum).
+    """
+
+    def __init__(self, dense: list[nn.Parameter], local: nn.Module, lr: float, local_lr: float) -> None:
+        self.dense = torch.optim.Adam(dense, lr=lr) if dense else None
+        self.local = torch.optim.SparseAdam(list(local.parameters()), lr=local_lr)
+
+    def zero_grad(self) -> None:
+        for opt in (self.dense, self.local):
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for opt in (self.dense, self.local):
+            if opt is not None:
+                opt.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dense": None if self.dense is None else self.dense.state_dict(), "local": self.local.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.dense is not None:
+            self.dense.load_state_dict(state["dense"])
+        self.local.load_state_dict(state["local"])
+
+
+def fit_local(
+    model: Callable,
+    x: torch.Tensor,
+    sites: ModelSites,
+    steps: int = 100,
+    lr: float = 0.05,
+    covariance: str = "diagonal",
+    init: Callable | None = None,
+    particles: int = 1,
+    objective: str = "elbo",
+) -> LocalGaussian:
+    """Fit one q_i per example of `x` by maximizing its ELBO with the model frozen.
+
+    Vectorized over the batch (each q_i's gradient involves only its own term); the learning
+    rate decays on a cosine to 0 so the last iterate is not jittered by gradient noise.
+
+    Args:
+        init: an amortized guide to start from (semi-amortized VI, Kim et al. 2018), else
+            q_i = N(0, I).
+        particles: samples per example and step in the ELBO estimate.
+
+    References:
+        Kingma & Welling (2019), appendix A.2.2; Cremer et al. (2018), sec. 3 (q* per example).
+    """
+    local = LocalGaussian(sites, num_examples=len(x), covariance=covariance).to(x.device)
+    if init is not None:
+        local.initialize_from(init, x)
+    if steps <= 0:
+        return local
+    loss_fn = make_objective(objective, particles, sites.max_plate_nesting)
+    optimizer = torch.optim.SparseAdam(list(local.parameters()), lr=lr)
+    with frozen(model if isinstance(model, nn.Module) else nn.Module()):
+        for i in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / steps))
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn.differentiable_loss(model, local, x).backward()
+            optimizer.step()
+    return local
+
+
+@METHODS.register("local", "variational EM: a Gaussian q_i per training example and the decoder, one bound (appendix A.2.2)")
+class LocalVI(InferenceMethod):
+    """SGD on the bound in the decoder and per-example variational parameters jointly.
+
+    Options (keyword arguments after the common four):
+        covariance: ``"diagonal"`` (default) or ``"full"``; used when the given guide is not
+            already a `LocalGaussian` (then one is made with `num_examples` rows).
+        local_lr: Adam learning rate of the per-example parameters (default 1e-2; each row
+            is updated only once an epoch, so it wants a higher rate than the decoder).
+        init_scale: initial standard deviation of every q_i (default 1.0).
+        semi_amortized_steps: if > 0 (needs an amortized guide), each minibatch's q_i start
+            from the encoder and are refined this many steps, decoder frozen; the decoder then
+            steps on the refined bound and the encoder on its own ELBO (Kim et al. 2018,
+            without backpropagating through the refinement). Default 0: persistent q_i.
+
+    References:
+        Kingma & Welling (2019), appendix A.2.2 (variational EM); Hoffman et al. (2013).
+    """
+
+    name = "local"
+    covariance_default = "diagonal"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        guide: nn.Module,
+        settings: TrainSettings,
+        num_examples: int,
+        *,
+        covariance: str | None = None,
+        local_lr: float = 1e-2,
+        init_scale: float = 1.0,
+        semi_amortized_steps: int = 0,
+    ) -> None:
+        super().__init__(model, guide, settings, num_examples)
+        self.objective = make_objective(settings.objective, settings.particles, settings.max_plate_nesting)
+        self.semi_amortized_steps = semi_amortized_steps
+        self.local_lr = local_lr
+        if isinstance(guide, LocalGaussian) and covariance in (None, guide.covariance):
+            self.local, self.encoder = guide, None
+        else:
+            sites = model_sites(model, guide)
+            covariance = covariance or self.covariance_default
+            device = next(iter(model.parameters()), torch.empty(0)).device
+            self.local = LocalGaussian(sites, num_examples=num_examples, covariance=covariance, init_scale=init_scale).to(device)
+            self.encoder = guide
+        if semi_amortized_steps > 0 and self.encoder is None:
+            raise PyrovaeError("semi-amortized local VI needs an amortized guide to start from (e.g. --guide diagonal)")
+        dense = unique_parameters(model)
+        if semi_amortized_steps > 0:
+            dense = unique_parameters(model, guide)
+        self.optimizer = LocalOptimizer(dense, self.local, settings.lr, local_lr)
+
+    @property
+    def trains_guide(self) -> bool:
+        """Semi-amortized training leaves a trained encoder; persistent local VI does not."""
+        return self.semi_amortized_steps > 0
+
+    def bound_loss(self, guide: Callable, x: torch.Tensor, index: torch.Tensor | None, beta: float = 1.0) -> torch.Tensor:
+        """Minus the data set's bound divided by its size (nats per example)."""
+        kwargs, factor = self.minibatch_kwargs(x, index)
+        model, guide = scale_latents(self.model, beta), scale_latents(guide, beta)
+        total = factor * self.objective.differentiable_loss(model, guide, x, **kwargs)
+        return total / (self.num_examples if index is not None else len(x))
+
+    def loss(self, x: torch.Tensor, index: torch.Tensor | None = None, beta: float = 1.0) -> torch.Tensor:
+        rows = index if index is not None else torch.arange(len(x), device=x.device)
+        return self.bound_loss(functools.partial(self.local, rows=rows), x, index, beta)
+
+    def step(self, x: torch.Tensor, index: torch.Tensor, beta: float = 1.0) -> float:
+        if self.semi_amortized_steps > 0:
+            return self._semi_amortized_step(x, index, beta)
+        self.optimizer.zero_grad()
+        loss = self.loss(x, index, beta)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    def _semi_amortized_step(self, x: torch.Tensor, index: torch.Tensor, beta: float) -> float:
+        sites = model_sites(self.model, self.encoder)
+        refined = fit_local(self.model, x, sites, self.semi_amortized_steps, self.local_lr, self.local.covariance, init=self.encoder)
+        self.optimizer.zero_grad()
+        loss = self.bound_loss(functools.partial(refined, rows=torch.arange(len(x), device=x.device)), x, index, beta)
+        loss.backward()
+        with frozen(self.model):
+            self.bound_loss(self.encoder, x, index, beta).backward()
+        self.optimizer.dense.step()
+        return loss.item()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "local": self.local.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.local.load_state_dict(state["local"])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,156 @@
+"""Wake-sleep and reweighted wake-sleep, with minibatches scaled exactly.
+
+Wake-sleep (Hinton et al. 1995; Dayan et al. 1995, the Helmholtz machine): the wake phase
+steps the decoder on log p(x, z) at z ~ q(z|x); the sleep phase steps the encoder on
+log q(z|x) at (x, z) dreamed from the model. Reweighted wake-sleep (Bornschein & Bengio 2015)
+draws K particles z_k ~ q(z|x) and uses self-normalized weights w_k ∝ p(x, z_k) / q(z_k|x)
+for both the decoder (sum_k w_k grad log p(x, z_k)) and the encoder (wake-phase phi:
+sum_k w_k grad log q(z_k|x)). Neither needs reparameterized samples, so discrete latents work.
+
+Pyro's `ReweightedWakeSleep` does not subsample a plate with exact scaling; the per-example
+log-weights here come from `pyrovae.importance.log_weights`, which keeps the subsample scale
+apart (Kingma & Welling 2019, sec. 2.6-2.7 for the importance weights).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+from torch import nn
+
+from pyrovae.errors import PyrovaeError
+from pyrovae.handlers import scale_latents
+from pyrovae.importance import PARTICLES, log_weights
+from pyrovae.infer.base import InferenceMethod, TrainSettings, unique_parameters
+from pyrovae.registry import METHODS
+from pyrovae.sites import inspect_model
+
+__all__ = ["WakeSleep", "detached_guide", "sleep_log_q"]
+
+VARIANTS = ("ws", "rws")
+
+
+def _no_model(*args: Any, **kwargs: Any) -> None:
+    """A program with no sites: `log_weights(_no_model, guide)` is -log q(z|x)."""
+
+
+def detached_guide(guide: Callable, particles: int, nesting: int, *args: Any, **kwargs: Any) -> Callable:
+    """`guide` replayed at K draws made without gradient: log q(z|x) is differentiable in the
+    guide's parameters, the values z are not (the score-function form of wake-sleep)."""
+    with pyro.plate(PARTICLES, particles, dim=-(nesting + 1)), torch.no_grad():
+        trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    return poutine.replay(guide, trace=trace)
+
+
+def sleep_log_q(model: Callable, guide: Callable, x: torch.Tensor, observed: str) -> torch.Tensor:
+    """log q(z|x') per example, on (x', z) dreamed from the model (B draws shaped like `x`)."""
+    with torch.no_grad():
+        dream = poutine.trace(poutine.uncondition(model)).get_trace(x)
+    x_dream = dream.nodes[observed]["value"].reshape(x.shape).to(x.dtype)
+    latents = {name: site["value"] for name, site in dream.nodes.items() if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)}
+    trace = poutine.trace(poutine.condition(guide, data=latents)).get_trace(x_dream)
+    trace.compute_log_prob()
+    total = x.new_zeros(len(x))
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and name in latents:
+            total = total + site["log_prob"].reshape(len(x), -1).sum(-1)
+    return total
+
+
+@METHODS.register("wake-sleep", "wake-sleep (Helmholtz machine) or reweighted wake-sleep with K particles (Bornschein & Bengio 2015)")
+class WakeSleep(InferenceMethod):
+    """Separate decoder and encoder updates, each on its own objective.
+
+    Options (keyword arguments after the common four):
+        variant: ``"ws"`` (default): wake-phase decoder step at one z ~ q(z|x), sleep-phase
+            encoder step; ``"rws"``: K self-normalized particles for the decoder and the
+            wake-phase encoder step.
+        particles: K (default: the settings' particles if > 1, else 1 for ws and 5 for rws).
+        sleep: add the sleep-phase encoder step (default: True for ws, False for rws).
+        guide_lr: encoder learning rate (default: the settings' lr).
+
+    The returned loss is minus the IWAE-K bound of the minibatch (the ELBO for K = 1), in
+    nats per example, computed from the same weights.
+
+    References:
+        Dayan, Hinton, Neal & Zemel (1995); Bornschein & Bengio (2015), sec. 3-4;
+        Kingma & Welling (2019), sec. 2.6 (importance weights).
+    """
+
+    name = "wake-sleep"
+    trains_guide = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        guide: nn.Module,
+        settings: TrainSettings,
+        num_examples: int,
+        *,
+        variant: str = "ws",
+        particles: int | None = None,
+        sleep: bool | None = None,
+        guide_lr: float | None = None,
+    ) -> None:
+        super().__init__(model, guide, settings, num_examples)
+        if variant not in VARIANTS:
+            raise PyrovaeError(f"unknown wake-sleep variant {variant!r}: choose from {', '.join(VARIANTS)}")
+        self.variant = variant
+        self.particles = particles or (settings.particles if settings.particles > 1 else (5 if variant == "rws" else 1))
+        self.sleep = (variant == "ws") if sleep is None else sleep
+        self.theta = unique_parameters(model)
+        theta_ids = {id(p) for p in self.theta}
+        self.phi = [p for p in unique_parameters(guide) if id(p) not in theta_ids]
+        self.model_optimizer = torch.optim.Adam(self.theta, lr=settings.lr)
+        self.guide_optimizer = torch.optim.Adam(self.phi, lr=guide_lr or settings.lr) if self.phi else None
+        self.observed: str | None = None
+
+    def step(self, x: torch.Tensor, index: torch.Tensor, beta: float = 1.0) -> float:
+        kwargs, factor = self.minibatch_kwargs(x, index)
+        model, guide = scale_latents(self.model, beta), scale_latents(self.guide, beta)
+        nesting, k = self.settings.max_plate_nesting, self.particles
+        replayed = detached_guide(guide, k, nesting, x, **kwargs)
+        weights = log_weights(model, replayed, k, nesting, x, **kwargs)
+        scale = factor * weights.data_scale / self.num_examples  # to nats per example of the data set
+        w = torch.softmax(weights.values.detach(), 0)
+        model_loss = -scale * (w * weights.values).sum()  # its theta-gradient is -sum_k w_k grad log p
+        guide_loss = x.new_zeros(())
+        if self.variant == "rws":
+            log_q = -log_weights(_no_model, replayed, k, nesting, x, **kwargs).values
+            guide_loss = guide_loss - scale * (w * log_q).sum()
+        if self.sleep:
+            if self.observed is None:
+                observed = inspect_model(self.model, x).observed
+                if len(observed) != 1:
+                    raise PyrovaeError(f"the sleep phase needs one observed site to dream, the model has {len(observed)}")
+                self.observed = observed[0]
+            guide_loss = guide_loss - sleep_log_q(model, guide, x, self.observed).mean()
+        self._descend(self.model_optimizer, model_loss, self.theta)
+        if self.guide_optimizer is not None and guide_loss.requires_grad:
+            self._descend(self.guide_optimizer, guide_loss, self.phi)
+        bound = torch.logsumexp(weights.values.detach(), 0) - math.log(k)
+        return -(scale * bound.sum()).item()
+
+    @staticmethod
+    def _descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: list[nn.Parameter]) -> None:
+        grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {**super().state_dict(), "model_optimizer": self.model_optimizer.state_dict()}
+        if self.guide_optimizer is not None:
+            state["guide_optimizer"] = self.guide_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.model_optimizer.load_state_dict(state["model_optimizer"])
+        if self.guide_optimizer is not None:
+            self.guide_optimizer.load_state_dict(state["guide_optimizer"])

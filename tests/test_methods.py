@@ -1,0 +1,166 @@
+"""Inference methods against the linear-Gaussian model's exact posterior, marginal and ML fit."""
+
+import copy
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+from pyrovae import evaluate
+from pyrovae.compare import ProposalSettings, compare, gap_decomposition
+from pyrovae.guides import build_guide
+from pyrovae.infer import MAP, AmortizedVI, LocalVI, MCMCEM, TrainSettings
+from pyrovae.models import LinearGaussian
+from pyrovae.registry import METHODS
+
+W_TRUE = torch.tensor([[1.5, 0.9], [0.8, -1.0], [0.2, 0.5], [-1.1, 0.7], [0.6, 1.2]])
+
+
+def _model(noise: float = 0.7) -> LinearGaussian:
+    model = LinearGaussian((5,), latent=2, noise=noise)
+    with torch.no_grad():
+        model.weight.copy_(W_TRUE)
+        model.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0, 0.5]))
+    return model
+
+
+@pytest.fixture
+def frozen_setup():
+    torch.manual_seed(1)
+    model = _model()
+    x = model.marginal().sample((30,))
+    model.requires_grad_(False)
+    return model, x
+
+
+def test_local_full_covariance_vi_reaches_log_marginal(frozen_setup):
+    model, x = frozen_setup
+    guide = build_guide("diagonal", model, x, hidden=(8,))
+    method = LocalVI(model, guide, TrainSettings(particles=8), len(x), covariance="full", local_lr=0.05)
+    for i in range(160):
+        if i == 120:
+            for group in method.optimizer.local.param_groups:
+                group["lr"] = 0.005
+        method.step(x, torch.arange(len(x)))
+    elbo = evaluate(model, method.local, x, num_samples=2000).elbo
+    assert (model.log_marginal(x) - elbo).mean().abs() < 0.05
+
+
+def test_mcmc_em_e_step_samples_the_exact_posterior(frozen_setup):
+    model, x = frozen_setup
+    guide = build_guide("diagonal", model, x, hidden=(8,))
+    method = MCMCEM(model, guide, TrainSettings(), len(x), leapfrog_steps=4, step_size=0.3, adapt_until=20)
+    draws = torch.stack([method.e_step(x, torch.arange(len(x))).clone() for _ in range(100)])[20:]
+    posterior = model.posterior(x)
+    assert (draws.mean(0) - posterior.mean).abs().mean() < 0.06
+    centred = draws - draws.mean(0)
+    cov = torch.einsum("tbi,tbj->ij", centred, centred) / (draws.shape[0] * draws.shape[1])
+    assert torch.allclose(cov, posterior.covariance_matrix[0], atol=0.02)
+    assert 0.5 < method.accept_rate < 1.0
+
+
+def test_map_points_reach_the_posterior_mode(frozen_setup):
+    model, x = frozen_setup
+    method = MAP(model, build_guide("diagonal", model, x, hidden=(8,)), TrainSettings(), len(x), local_lr=0.1)
+    for _ in range(300):
+        method.step(x, torch.arange(len(x)))
+    mode = model.posterior(x).mean  # a Gaussian posterior's mode is its mean
+    assert (method.points()["z"] - mode).abs().max() < 0.02
+
+
+def test_mcmc_em_chains_persist_per_example(frozen_setup):
+    model, x = frozen_setup
+    method = MCMCEM(model, build_guide("diagonal", model, x, hidden=(8,)), TrainSettings(), len(x), burn_in=0)
+    method.step(x[:10], torch.arange(10))
+    assert (method.transitions[:10] == 1).all() and (method.transitions[10:] == 0).all()
+    before = method.chains[10:].clone()
+    method.step(x[:10], torch.arange(10))
+    assert torch.equal(method.chains[10:], before) and (method.transitions[:10] == 2).all()
+
+
+def _ml_covariance(x: torch.Tensor, latent: int) -> torch.Tensor:
+    """W_ML W_ML^T = U (Lambda - sigma^2 I) U^T from the sample covariance (Tipping & Bishop 1999)."""
+    centred = x - x.mean(0)
+    values, vectors = torch.linalg.eigh(centred.T @ centred / len(x))
+    values, vectors = values.flip(0), vectors.flip(1)
+    noise = values[latent:].mean()
+    top = vectors[:, :latent]
+    return top @ torch.diag(values[:latent] - noise) @ top.T
+
+
+@pytest.mark.parametrize("name", ["mcmc-em", "local", "amortized"])
+def test_methods_move_the_loadings_toward_maximum_likelihood(name):
+    torch.manual_seed(2)
+    x = _model(0.5).marginal().sample((200,))
+    target = _ml_covariance(x, 2)
+    torch.manual_seed(3)
+    model = LinearGaussian((5,), latent=2, noise=1.0)
+    guide = build_guide("diagonal", model, x, hidden=(16,))
+    options = {"local": {"local_lr": 0.3}, "mcmc-em": {"leapfrog_steps": 4, "burn_in": 2}}.get(name, {})
+    method = METHODS.get(name)(model, guide, TrainSettings(lr=0.03, batch_size=50), len(x), **options)
+    distance = lambda: torch.linalg.norm(model.weight @ model.weight.T - target).item()  # noqa: E731
+    before = distance()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        for index in torch.randperm(len(x), generator=generator).split(50):
+            method.step(x[index], index)
+    assert distance() < 0.7 * before  # local VI is the slowest: each q_i moves once an epoch
+
+
+def test_gap_decomposition_adds_up_and_gaps_are_nonnegative(frozen_setup):
+    model, x = frozen_setup
+    guide = build_guide("diagonal", model, x, hidden=(16,))
+    method = AmortizedVI(model, guide, TrainSettings(lr=1e-2), len(x))
+    for _ in range(100):
+        method.step(x, torch.arange(len(x)))
+    gaps = gap_decomposition(model, guide, x, ProposalSettings(steps=100, samples=500))
+    assert math.isclose(gaps["approximation_gap"] + gaps["amortization_gap"], gaps["log_px"] - gaps["elbo_q"], abs_tol=1e-4)
+    assert gaps["approximation_gap"] > -3 * gaps["approximation_gap_se"] - 0.01
+    assert gaps["amortization_gap"] > -3 * gaps["amortization_gap_se"] - 0.01
+    assert abs(gaps["log_px"] - model.log_marginal(x).mean().item()) < 0.05
+
+
+def test_compare_writes_table_and_plot(tmp_path):
+    methods = ["amortized", "local", "mcmc-em:burn_in=0:leapfrog_steps=2", "map", "wake-sleep", "wake-sleep:variant=rws:particles=3"]
+    rows = compare("vae", "digits", methods, steps=2, out_dir=tmp_path, latent=2, hidden=(16,), checkpoints=1, eval_examples=8,
+                   checkpoint_examples=4, proposal=ProposalSettings(steps=3, samples=4), log=lambda s: None)
+    assert [r["method"] for r in rows] == methods
+    assert all(math.isfinite(r["heldout_ll"]) for r in rows)
+    for name in ("compare.md", "compare.csv", "compare.json", "compare.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+class UserModel(nn.Module):
+    """A user's program: its own site names, no index/size arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loadings = nn.Linear(2, 5)
+
+    def forward(self, data: torch.Tensor) -> None:
+        pyro.module("user", self)
+        with pyro.plate("data", len(data)):
+            code = pyro.sample("code", dist.Normal(torch.zeros(len(data), 2), 1.0).to_event(1))
+            pyro.sample("pixels", dist.Normal(self.loadings(code), 0.5).to_event(1), obs=data)
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [("amortized", {}), ("local", {}), ("local", {"covariance": "full", "semi_amortized_steps": 3}), ("map", {}),
+     ("mcmc-em", {}), ("wake-sleep", {}), ("wake-sleep", {"variant": "rws"})],
+)
+def test_user_model_runs_under_every_method(name, options):
+    x = torch.randn(20, 5)
+    model = UserModel()
+    guide = build_guide("diagonal", model, x, hidden=(8,))
+    method = METHODS.get(name)(model, guide, TrainSettings(batch_size=10), len(x), **options)
+    state = copy.deepcopy(method.state_dict())
+    pyro.set_rng_seed(5)
+    first = method.step(x[:10], torch.arange(10))
+    method.load_state_dict(state)
+    pyro.set_rng_seed(5)
+    assert math.isclose(method.step(x[:10], torch.arange(10)), first, rel_tol=1e-5)  # a resumed run continues exactly
+    assert math.isfinite(method.step(x[10:], torch.arange(10, 20)))
