@@ -44,11 +44,13 @@ def _option(text: str) -> tuple[str, Any]:
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyrovae", description="Deep latent-variable models as Pyro programs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    threads = _Parser(add_help=False)
+    threads.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; use 1 on a busy machine)")
 
     p = sub.add_parser("list", help="models, guides, objectives, inference methods and data sets")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("fit", help="train a model and write a run directory")
+    p = sub.add_parser("fit", help="train a model and write a run directory", parents=[threads])
     p.add_argument("--model", default="vae")
     p.add_argument("--guide", default="diagonal")
     p.add_argument("--method", default="amortized")
@@ -80,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped (to --epochs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("evaluate", help="ELBO and importance-sampled log p(x) of a run")
+    p = sub.add_parser("evaluate", help="ELBO and importance-sampled log p(x) of a run", parents=[threads])
     p.add_argument("run")
     p.add_argument("--split", default="valid", choices=["train", "valid", "test"])
     p.add_argument("--samples", type=int, default=1000)
@@ -88,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
-    p = sub.add_parser("sample", help="a grid of samples from a trained run")
+    p = sub.add_parser("sample", help="a grid of samples from a trained run", parents=[threads])
     p.add_argument("run")
     p.add_argument("--num", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -97,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from pyrovae.compare import add_compare_parser
 
-    add_compare_parser(sub)
+    add_compare_parser(sub).add_argument("--threads", type=int, help="torch CPU threads")
     return parser
 
 
@@ -206,6 +208,12 @@ COMMANDS = {"list": _list, "fit": _fit, "evaluate": _evaluate, "sample": _sample
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise PyrovaeError(f"--threads must be positive, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         COMMANDS[args.command](args)
     except PyrovaeError as error:
         print(f"pyrovae: error: {error}", file=sys.stderr)
