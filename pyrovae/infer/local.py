@@ -23,20 +23,22 @@ from pyrovae.handlers import scale_latents
 from pyrovae.infer.base import InferenceMethod, TrainSettings, unique_parameters
 from pyrovae.objectives import make_objective
 from pyrovae.registry import METHODS
-from pyrovae.sites import ModelSites, inspect_model
+from pyrovae.sites import ModelSites, inspect_model, direct_parameters
 
 __all__ = ["LocalVI", "fit_local", "frozen", "model_sites"]
 
 
 @contextlib.contextmanager
 def frozen(*modules: nn.Module) -> Iterator[None]:
-    """Within the block the modules' parameters take no gradient (a frozen decoder)."""
+    """Within the block the modules' parameters take no gradient (a frozen decoder), and are not
+    registered with Pyro's param store (there is nothing for an SVI optimizer to do with them)."""
     params = unique_parameters(*[m for m in modules if isinstance(m, nn.Module)])
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
     try:
-        yield
+        with direct_parameters():
+            yield
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
