@@ -38,6 +38,7 @@ class AmortizedGuide(nn.Module):
 
     latent_shapes: ClassVar[str] = "any event shape"
     gives_elbo: ClassVar[bool] = True
+    vector_latents_only: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -59,6 +60,10 @@ class AmortizedGuide(nn.Module):
     @classmethod
     def supports(cls, model: Callable, sites: ModelSites) -> str | None:
         """Why this guide cannot serve `model`, or None if it can."""
+        bad = {k: tuple(v) for k, v in sites.latents.items() if len(v) != 1}
+        if cls.vector_latents_only and bad:
+            shapes = ", ".join(f"{k}{v}" for k, v in bad.items())
+            return f"it needs vector latents (event dim 1), but the model has {shapes}"
         return None
 
     def make_head(self, name: str, shape: torch.Size) -> nn.Module:

@@ -71,6 +71,7 @@ class FlowGuide(AmortizedGuide):
     """
 
     latent_shapes: ClassVar[str] = "vectors (event dim 1)"
+    vector_latents_only: ClassVar[bool] = True
     min_scale = 1e-4
 
     def __init__(
@@ -93,13 +94,6 @@ class FlowGuide(AmortizedGuide):
         self.context_size = context_size
         super().__init__(sites, data_shape, hidden, activation)
 
-    @classmethod
-    def supports(cls, model, sites: ModelSites) -> str | None:
-        bad = {k: tuple(v) for k, v in sites.latents.items() if len(v) != 1}
-        if bad:
-            shapes = ", ".join(f"{k}{v}" for k, v in bad.items())
-            return f"it needs vector latents (event dim 1), but the model has {shapes}"
-        return None
 
     def hidden_for(self, dim: int) -> list[int]:
         """Hidden sizes of the flow's own networks: `flow_hidden`, else Pyro's default [10 d, 10 d]."""

@@ -11,7 +11,6 @@ from torch.nn.functional import softplus
 
 from pyrovae.guides.base import AmortizedGuide, _key
 from pyrovae.registry import GUIDES
-from pyrovae.sites import ModelSites
 
 __all__ = ["FullGaussian"]
 
@@ -28,15 +27,9 @@ class FullGaussian(AmortizedGuide):
     """
 
     latent_shapes: ClassVar[str] = "vectors (event dim 1)"
+    vector_latents_only: ClassVar[bool] = True
     min_scale = 1e-4
 
-    @classmethod
-    def supports(cls, model, sites: ModelSites) -> str | None:
-        bad = {k: tuple(v) for k, v in sites.latents.items() if len(v) != 1}
-        if bad:
-            shapes = ", ".join(f"{k}{v}" for k, v in bad.items())
-            return f"it needs vector latents (event dim 1), but the model has {shapes}"
-        return None
 
     def make_head(self, name: str, shape: torch.Size) -> nn.Module:
         (dim,) = shape
