@@ -11,19 +11,23 @@ from pyrovae.guides.full import FullGaussian
 from pyrovae.guides.delta import DeltaGuide
 from pyrovae.guides.flows import FlowGuide, PlanarFlow, RadialFlow, SplineFlow, SylvesterFlow
 from pyrovae.guides.iaf import InverseAutoregressiveFlow
+from pyrovae.guides.hierarchical import BottomUpGuide, TopDownGuide
+from pyrovae.guides.none import NoGuide
 
 __all__ = [
     "AmortizedGuide",
+    "BottomUpGuide",
     "DeltaGuide",
     "DiagonalGaussian",
     "ExactPosterior",
     "FlowGuide",
     "FullGaussian",
     "InverseAutoregressiveFlow",
-    "LocalGaussian",
+    "NoGuide",
     "PlanarFlow",
     "RadialFlow",
     "SplineFlow",
     "SylvesterFlow",
+    "TopDownGuide",
     "build_guide",
 ]

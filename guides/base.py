@@ -31,6 +31,7 @@ class AmortizedGuide(nn.Module):
         data_shape: the event shape of one example.
         hidden: encoder hidden sizes, nearest x first.
         activation: nonlinearity name.
+        encoder: ``"mlp"``, or ``"conv"`` for square images.
 
     References:
         Kingma & Welling (2019), sec. 2.1 (amortized inference) and 2.5 (the encoder).
@@ -46,13 +47,22 @@ class AmortizedGuide(nn.Module):
         data_shape: Sequence[int],
         hidden: Sequence[int] = (200, 200),
         activation: str = "tanh",
+        encoder: str = "mlp",
     ) -> None:
         super().__init__()
         self.sites = sites
         self.data_shape = torch.Size(data_shape)
         hidden = list(hidden) or [math.prod(self.data_shape)]
         self.features = hidden[-1]
-        self.trunk = nn.Sequential(MLP(math.prod(self.data_shape), hidden[:-1], hidden[-1], activation), _act(activation))
+        if encoder not in ("mlp", "conv"):
+            raise PyrovaeError(f"unknown encoder {encoder!r}: choose mlp or conv")
+        if encoder == "conv":
+            from pyrovae.conv import ConvEncoder
+
+            trunk: nn.Module = ConvEncoder(self.data_shape, hidden[-1])
+        else:
+            trunk = MLP(math.prod(self.data_shape), hidden[:-1], hidden[-1], activation)
+        self.trunk = nn.Sequential(trunk, _act(activation))
         self.heads = nn.ModuleDict(
             {_key(name): self.make_head(name, shape) for name, shape in sites.latents.items()}
         )

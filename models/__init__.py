@@ -5,5 +5,8 @@ if __name__ != "pyrovae.models":
 
 from pyrovae.models.linear_gaussian import LinearGaussian
 from pyrovae.models.vae import VAE
+from pyrovae.models.priors import FlowPrior, StandardPrior, VampPrior
+from pyrovae.models.hierarchical import Hierarchical
+from pyrovae.models.fully_observed import MADEModel, RealNVPModel
 
-__all__ = ["LinearGaussian", "VAE"]
+__all__ = ["FlowPrior", "Hierarchical", "LinearGaussian", "MADEModel", "RealNVPModel", "StandardPrior", "VAE", "VampPrior"]

@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--latent", type=int, default=50)
     p.add_argument("--hidden", type=_sizes, default=(200, 200), help="hidden sizes, e.g. 200,200")
     p.add_argument("--activation", default="tanh")
-    p.add_argument("--layers", type=int, default=1, help="stochastic layers (hierarchical models)")
+    p.add_argument("--layers", type=int, help="stochastic layers (hierarchical models)")
     p.add_argument("--prior", default="standard", help="prior on z: standard, or a learned prior the model offers")
     p.add_argument("--decoder", default="mlp", help="decoder family the model offers (mlp, ...)")
     p.add_argument("--free-bits", type=float, default=0.0, help="free bits per latent site, nats (Kingma et al. 2016)")
@@ -173,6 +173,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         ("run", args.run), ("split / examples", f"{args.split} / {metrics['examples']}"),
         ("ELBO (nats/example)", metrics["elbo"]), (f"log p(x), IS-{args.samples}", metrics["log_likelihood"]),
         ("gap log p(x) - ELBO", metrics["gap"]), ("seconds", metrics["eval_seconds"]),
+        *([("active units", f"{metrics['active_units']} of {metrics['total_units']}")] if "active_units" in metrics else []),
     ]))
 
 

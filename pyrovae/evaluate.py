@@ -81,7 +81,10 @@ def evaluate(
     batches = [x] if torch.is_tensor(x) else list(x)
     if not batches or sum(len(b) for b in batches) == 0:
         raise PyrovaeError("nothing to evaluate: the data split is empty")
-    nesting = inspect_model(model, batches[0]).max_plate_nesting
+    sites = inspect_model(model, batches[0])
+    nesting = sites.max_plate_nesting
+    if not sites.latents:  # a fully observed model: one "sample" gives the exact log p(x)
+        num_samples, iwae_k = 1, (1 if iwae_k else None)
     width = math.prod(batches[0].shape[1:]) or 1
     elbos, lls, iwaes = [], [], []
     for batch in batches:

@@ -43,7 +43,7 @@ class Config:
     latent: int = 50
     hidden: tuple[int, ...] = (200, 200)
     activation: str = "tanh"
-    layers: int = 1
+    layers: int | None = None
     prior: str = "standard"
     decoder: str = "mlp"
     free_bits: float = 0.0
@@ -240,11 +240,16 @@ def load(path: str | Path, data_dir: str | None = None, device: str | None = Non
 
 
 def evaluate_run(path: str | Path, split: str = "valid", num_samples: int = 1000, data_dir: str | None = None, device: str | None = None) -> dict[str, Any]:
-    """Importance-sampled log-likelihood and ELBO of a run on a split (nats per example)."""
+    """Importance-sampled log-likelihood and ELBO of a run on a split (nats per example), and its
+    active units (Burda et al. 2016, appendix C) where it has an amortized guide with latents."""
     experiment = load(path, data_dir, device)
     experiment.data.split(split)
     start = time.perf_counter()
     summary = experiment.evaluate(split, num_samples).summary()
+    if experiment.method.trains_guide and getattr(experiment.guide, "gives_elbo", True) and inspect_model(experiment.model, experiment.split(split)[:2]).latents:
+        from pyrovae.diagnostics import active_units
+
+        summary.update(active_units(experiment.model, experiment.guide, experiment.split(split)[:1000].split(500)).summary())
     config = experiment.config
     return {
         "model": config.model, "guide": config.guide, "method": config.method, "objective": config.objective,

@@ -9,14 +9,19 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import pyro
 import pyro.infer
 import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import kl_divergence
 
 from pyrovae.errors import PyrovaeError
-from pyrovae.importance import log_weights
+from pyrovae.importance import PARTICLES, _per_example, log_weights
 from pyrovae.registry import OBJECTIVES
+from pyrovae.sites import DATA_PLATE
 
-__all__ = ["IWAE", "make_objective"]
+__all__ = ["FreeBitsELBO", "IWAE", "make_objective"]
 
 
 class IWAE:
@@ -61,11 +66,100 @@ OBJECTIVES.register("elbo-analytic", "TraceMeanField_ELBO: the ELBO with the KL 
 OBJECTIVES.register("iwae", "importance-weighted bound with K = --particles samples (Burda et al. 2016)")(IWAE)
 
 
+class FreeBitsELBO:
+    """The ELBO with free bits: each latent site's KL is replaced by max(lambda, its minibatch mean).
+
+    Per minibatch of B examples, the bound is
+    sum_i E_q[log p(x_i|z)] - B sum_s max(lambda, (1/B) sum_i KL_s(x_i)),
+    where KL_s(x_i) is log q(z_s|.) - log p(z_s|.) at the guide's sample (a Monte Carlo estimate,
+    averaged over the particles), or the closed form KL(q_s || p_s) given the other sites'
+    samples when `analytic` and torch knows it. A group (site) whose KL is below lambda gets no
+    gradient from its KL term, so the encoder is not pushed to switch it off (posterior
+    collapse, Kingma & Welling 2019, sec. 2.8). Groups are latent sites. Minibatches are
+    scaled to the data set exactly (the data plate's N / B); site scales other than the
+    subsample scale (KL warm-up's beta) multiply the clamped KL terms.
+
+    References:
+        Kingma, Salimans, Jozefowicz, Chen, Sutskever & Welling (2016), Improving Variational
+        Inference with Inverse Autoregressive Flow, appendix C.8 ("free bits");
+        Kingma & Welling (2019), sec. 2.8.
+    """
+
+    def __init__(self, free_bits: float, num_particles: int = 1, max_plate_nesting: int = 1, analytic: bool = False) -> None:
+        if free_bits < 0:
+            raise PyrovaeError(f"--free-bits must be >= 0, got {free_bits}")
+        self.free_bits = float(free_bits)
+        self.num_particles = num_particles
+        self.max_plate_nesting = max_plate_nesting
+        self.analytic = analytic
+
+    def terms(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float], float]:
+        """Per-example reconstruction (B,), per-site per-example KL (B,), per-site scales, and N / B."""
+        k, particle_dim = self.num_particles, -(self.max_plate_nesting + 1)
+        with pyro.plate(PARTICLES, k, dim=particle_dim):
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        data_scale = 1.0
+        for site in model_trace.nodes.values():
+            frame = next((f for f in site.get("cond_indep_stack", ()) if f.name == DATA_PLATE), None)
+            if site["type"] == "sample" and frame is not None:
+                data_scale = frame.full_size / frame.size
+
+        def per_example(site: dict, value: torch.Tensor) -> torch.Tensor:
+            return _per_example({**site, "log_prob": value}, particle_dim, k).mean(0)
+
+        reconstruction: torch.Tensor | float = 0.0
+        kls: dict[str, torch.Tensor] = {}
+        scales: dict[str, float] = {}
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            scale = site["scale"] / data_scale
+            if site["is_observed"]:
+                reconstruction = reconstruction + scale * per_example(site, site["fn"].log_prob(site["value"]))
+                continue
+            q_site = guide_trace.nodes[name]
+            kl = None
+            if self.analytic:
+                try:
+                    kl = kl_divergence(q_site["fn"], site["fn"])
+                except NotImplementedError:
+                    kl = None
+            if kl is None:
+                kl = q_site["fn"].log_prob(q_site["value"]) - site["fn"].log_prob(site["value"])
+            kls[name] = per_example(site, kl)
+            scales[name] = float(scale)
+        if not torch.is_tensor(reconstruction):
+            raise PyrovaeError("the model observes nothing")
+        return reconstruction, kls, scales, data_scale
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        reconstruction, kls, scales, data_scale = self.terms(model, guide, *args, **kwargs)
+        batch = len(reconstruction)
+        bound = reconstruction.sum()
+        for name, kl in kls.items():
+            bound = bound - batch * scales[name] * torch.clamp(kl.mean(), min=self.free_bits)
+        return -data_scale * bound
+
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+
+
 def make_objective(name: str, num_particles: int = 1, max_plate_nesting: int = 1, free_bits: float = 0.0) -> Any:
-    """The objective registered as `name`, ready for `differentiable_loss`."""
+    """The objective registered as `name`, ready for `differentiable_loss`.
+
+    With `free_bits` > 0 the ELBO objectives become `FreeBitsELBO` (the analytic KL per site
+    where known for ``elbo-analytic``); the IWAE bound has no KL term to clamp and refuses.
+    """
     if num_particles < 1:
         raise PyrovaeError(f"--particles must be at least 1, got {num_particles}")
-    if free_bits:
-        raise PyrovaeError("--free-bits is not available yet")
+    if free_bits < 0:
+        raise PyrovaeError(f"--free-bits must be >= 0, got {free_bits}")
+    if free_bits > 0:
+        OBJECTIVES.get(name)  # unknown names fail as usual
+        if name not in ("elbo", "elbo-analytic"):
+            raise PyrovaeError(f"--free-bits clamps the KL terms of the ELBO: use --objective elbo or elbo-analytic, not {name!r}")
+        return FreeBitsELBO(free_bits, num_particles, max_plate_nesting, analytic=name == "elbo-analytic")
     return OBJECTIVES.get(name)(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pyrovae.errors import PyrovaeError
 from pyrovae.handlers import scale_latents
 from pyrovae.infer.base import InferenceMethod, TrainSettings, adam, unique_parameters
 from pyrovae.objectives import make_objective
@@ -32,6 +33,14 @@ class AmortizedVI(InferenceMethod):
 
     def __init__(self, model: nn.Module, guide: nn.Module, settings: TrainSettings, num_examples: int) -> None:
         super().__init__(model, guide, settings, num_examples)
+        # TraceMeanField_ELBO's per-site closed-form KLs are only the chain rule of the joint KL
+        # when the guide samples each site's model parents before it and independently of it
+        # (see guides/hierarchical.py); guides that break this say so with analytic_kl = False.
+        if settings.objective == "elbo-analytic" and not getattr(guide, "analytic_kl", True):
+            raise PyrovaeError(
+                f"--objective elbo-analytic is not valid with the {type(guide).__name__}: it samples a site's model "
+                "parents after and dependent on the site, so per-site analytic KLs are biased; use --objective elbo or iwae"
+            )
         self.objective = make_objective(settings.objective, settings.particles, settings.max_plate_nesting, settings.free_bits)
         self.optimizer = adam(unique_parameters(model, guide), settings.lr)
 
