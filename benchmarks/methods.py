@@ -12,6 +12,7 @@ Duvenaud 2018) into approximation and amortization gaps.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -38,16 +39,18 @@ def main() -> None:
     parser.add_argument("--gap-examples", type=int, default=200)
     parser.add_argument("--data-dir", default=SHARED_DATA)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--parts", default="compare,gaps", help="compare, gaps, or both; a part not run is read from the last results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    previous = json.loads((RESULTS / "methods.json").read_text()) if (RESULTS / "methods.json").exists() else {}
 
-    rows = compare(
+    rows = previous.get("compare", []) if "compare" not in args.parts else compare(
         "vae", "binarized-mnist", args.methods.split(","), budget_seconds=args.budget, out_dir=RESULTS / "methods_compare",
         latent=50, hidden=(200, 200), eval_examples=args.eval_examples, data_dir=args.data_dir,
         proposal=ProposalSettings(steps=100, samples=args.samples),
     )
-    gaps = []
-    for guide in ("diagonal", "full"):
+    gaps = previous.get("gaps", []) if "gaps" not in args.parts else []
+    for guide in ("diagonal", "full") if "gaps" in args.parts else ():
         config = Config(guide=guide, dataset="binarized-mnist", data_dir=args.data_dir, hidden=(200, 200), latent=50,
                         epochs=args.gap_epochs, eval_samples=0, seed=0)
         experiment, _ = fit(config, progress=False)
@@ -56,7 +59,7 @@ def main() -> None:
         settings = ProposalSettings(steps=300, samples=args.samples, covariance=guide)
         gaps.append({"guide": guide, "epochs": args.gap_epochs, **gap_decomposition(experiment.model, experiment.guide, x, settings)})
         print(gaps[-1], flush=True)
-    result = {"benchmark": "methods", "machine": machine(), "budget_seconds": args.budget, "compare": rows, "gaps": gaps,
+    result = {"benchmark": "methods", "machine": machine(), "budget_seconds": previous.get("budget_seconds", args.budget) if "compare" not in args.parts else args.budget, "compare": rows, "gaps": gaps,
               "published": CREMER}
     write_results("methods", result, markdown(result, args))
 

@@ -130,15 +130,27 @@ class LocalGaussian(nn.Module):
                 pyro.sample(name, self.distribution(name, rows))
 
     @torch.no_grad()
-    def set_rows(self, rows: torch.Tensor, loc: dict[str, torch.Tensor], scale: dict[str, torch.Tensor] | None = None) -> None:
-        """Overwrite the parameters of `rows`: means (and standard deviations) per site."""
+    def set_rows(
+        self,
+        rows: torch.Tensor,
+        loc: dict[str, torch.Tensor],
+        scale: dict[str, torch.Tensor] | None = None,
+        scale_tril: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Overwrite the parameters of `rows`: means, and standard deviations or (full covariance)
+        Cholesky factors per site."""
         for name, shape in self.sites.latents.items():
             self.loc[_key(name)].weight[rows] = loc[name].reshape(len(rows), -1).to(self.loc[_key(name)].weight)
             if scale is None or self.covariance == "point":
                 continue
-            raw = inverse_softplus(scale[name].reshape(len(rows), -1).clamp_min(1e-4))
-            if self.covariance == "full":
-                raw = torch.diag_embed(raw).reshape(len(rows), -1)
+            if self.covariance == "full" and scale_tril and name in scale_tril:
+                tril = scale_tril[name].reshape(len(rows), *scale_tril[name].shape[-2:])
+                diag = inverse_softplus((tril.diagonal(dim1=-2, dim2=-1) - 1e-5).clamp_min(1e-4))
+                raw = (tril.tril(-1) + torch.diag_embed(diag)).reshape(len(rows), -1)
+            else:
+                raw = inverse_softplus(scale[name].reshape(len(rows), -1).clamp_min(1e-4))
+                if self.covariance == "full":
+                    raw = torch.diag_embed(raw).reshape(len(rows), -1)
             self.scale[_key(name)].weight[rows] = raw.to(self.scale[_key(name)].weight)
 
     @torch.no_grad()
@@ -146,11 +158,12 @@ class LocalGaussian(nn.Module):
         """Start `rows` from an amortized guide's q(z|x) (semi-amortized, Kim et al. 2018).
 
         Each site's mean and standard deviation are read off the guide's distribution (or
-        estimated from 64 draws where it has no closed form).
+        estimated from 64 draws where it has no closed form); a full-covariance table takes the
+        guide's Cholesky factor where it has one, so q* starts exactly at q.
         """
         rows = rows if rows is not None else torch.arange(len(x), device=x.device)
         trace = poutine.trace(guide).get_trace(x, **kwargs)
-        loc, scale = {}, {}
+        loc, scale, tril = {}, {}, {}
         for name in self.sites.latents:
             fn = trace.nodes[name]["fn"]
             try:
@@ -158,7 +171,9 @@ class LocalGaussian(nn.Module):
             except NotImplementedError:
                 draws = fn.sample((64,))
                 loc[name], scale[name] = draws.mean(0), draws.std(0)
-        self.set_rows(rows, loc, scale)
+            if hasattr(fn, "scale_tril"):
+                tril[name] = fn.scale_tril.expand(loc[name].shape + loc[name].shape[-1:])
+        self.set_rows(rows, loc, scale, tril)
 
     def means(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """The per-example means (the MAP points for ``"point"``) of `rows`."""

@@ -164,3 +164,25 @@ def test_user_model_runs_under_every_method(name, options):
     pyro.set_rng_seed(5)
     assert math.isclose(method.step(x[:10], torch.arange(10)), first, rel_tol=1e-5)  # a resumed run continues exactly
     assert math.isfinite(method.step(x[10:], torch.arange(10, 20)))
+
+
+def test_local_full_covariance_starts_exactly_at_the_amortized_guide():
+    """q* in the gap decomposition starts at q: a full-covariance table copies the Cholesky factor."""
+    from pyro import poutine
+
+    from pyrovae.guides import build_guide
+    from pyrovae.guides.local import LocalGaussian
+    from pyrovae.infer.local import model_sites
+    from pyrovae.models import VAE
+
+    x = torch.bernoulli(torch.rand(12, 30))
+    model = VAE((30,), 4, (16,))
+    guide = build_guide("full", model, x)
+    with torch.no_grad():
+        guide.heads["z"].weight.normal_(0, 0.5)  # a strongly correlated q
+    local = LocalGaussian(model_sites(model, guide, x), num_examples=12, covariance="full")
+    local.initialize_from(guide, x)
+    amortized = poutine.trace(guide).get_trace(x).nodes["z"]["fn"]
+    assert amortized.scale_tril.tril(-1).abs().max() > 0.1
+    assert torch.allclose(local.scale_tril("z", torch.arange(12)), amortized.scale_tril, atol=1e-5)
+    assert torch.allclose(local.means(torch.arange(12))["z"], amortized.loc, atol=1e-6)
