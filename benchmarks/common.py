@@ -39,6 +39,14 @@ def fit_and_score(config: Config, valid: torch.Tensor, samples: int) -> dict[str
     }
 
 
+def merge_rows(name: str, rows: list[dict[str, Any]], key: str, order: list[str]) -> list[dict[str, Any]]:
+    """`rows`, plus the previous results' rows whose `key` was not run now, in `order`."""
+    path = RESULTS / f"{name}.json"
+    fresh = {r[key] for r in rows}
+    old = [r for r in json.loads(path.read_text())["rows"] if r[key] not in fresh] if path.exists() else []
+    return sorted(old + rows, key=lambda r: order.index(r[key]) if r[key] in order else len(order))
+
+
 def write_results(name: str, result: dict[str, Any], table: str) -> None:
     """benchmarks/results/NAME.json and .md, and the README section NAME."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -52,9 +52,9 @@ FAMILIES: dict[str, tuple[dict[str, Any], str | None, str]] = {
         "200-200 tanh MLPs for every conditional (paper: 200-200 then 100-100), no 3280-pass schedule",
     ),
     "hvae-top-down": (
-        dict(model="hierarchical", guide="top-down", layers=2, model_options={"latents": [100, 50]}),
+        dict(model="hierarchical", guide="top-down", layers=2, warmup=1.0, model_options={"latents": [100, 50]}),
         None,
-        "ladder-VAE inference (precision-weighted), no batch norm or warm-up of the LVAE paper",
+        "ladder-VAE inference (precision-weighted) with 1 epoch of KL warm-up (without it the ladder collapses), no batch norm",
     ),
     "hvae-iwae": (
         dict(model="hierarchical", guide="bottom-up", layers=2, objective="iwae", model_options={"latents": [100, 50]}),
@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="deep_models", help="results file stem and README section")
+    parser.add_argument("--merge", action="store_true", help="keep the previous results' rows of families not run now")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = [n for n in args.models.split(",") if n]
@@ -167,6 +168,11 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
 
+    previous = RESULTS / f"{args.out}.json"
+    if args.merge and previous.exists():
+        fresh = {r["family"] for r in rows}
+        rows = [r for r in json.loads(previous.read_text())["rows"] if r["family"] not in fresh] + rows
+        rows.sort(key=lambda r: list(FAMILIES).index(r["family"]))
     result = {
         "benchmark": "deep-models", "machine": machine(), "dataset": "binarized-mnist", "split": "valid",
         "valid_examples": min(args.valid_examples, 10000), "num_samples": args.samples, "epochs": args.epochs,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SHARED_DATA, fit_and_score, machine, write_results  # noqa: E402
+from common import SHARED_DATA, fit_and_score, machine, merge_rows, write_results  # noqa: E402
 
 from pyrovae.data import load_dataset  # noqa: E402
 from pyrovae.experiment import Config  # noqa: E402
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--guides", default=",".join(GUIDES))
     parser.add_argument("--data-dir", default=SHARED_DATA)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--merge", action="store_true", help="keep the previous results' rows of guides not run now")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = load_dataset("binarized-mnist", args.data_dir)
@@ -54,6 +55,8 @@ def main() -> None:
         print(f"[{label}] ...", flush=True)
         rows.append({"guide": label, **fit_and_score(config, valid, args.samples)})
         print(rows[-1], flush=True)
+    if args.merge:
+        rows = merge_rows("guides", rows, "guide", list(GUIDES))
     result = {"benchmark": "guides", "machine": machine(), "epochs": args.epochs, "samples": args.samples,
               "valid_examples": len(valid), "published": PUBLISHED, "rows": rows}
     write_results("guides", result, markdown(result))
