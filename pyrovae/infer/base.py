@@ -45,6 +45,7 @@ class InferenceMethod:
         self.settings = settings
         self.num_examples = num_examples
         self._validated = False
+        self._index_keys: tuple[str, ...] | None = None
 
     def step(self, x: torch.Tensor, index: torch.Tensor, beta: float = 1.0) -> float:
         """One update on a minibatch; returns the minibatch loss in nats per example."""
@@ -59,8 +60,11 @@ class InferenceMethod:
         """
         if index is None:
             return {}, 1.0
-        kwargs = call_kwargs(self.model, index=index, size=self.num_examples)
-        return kwargs, 1.0 if kwargs else self.num_examples / len(x)
+        if self._index_keys is None:  # read the signature once, not every step
+            self._index_keys = tuple(call_kwargs(self.model, index=index, size=self.num_examples))
+        if self._index_keys:
+            return {k: v for k, v in (("index", index), ("size", self.num_examples)) if k in self._index_keys}, 1.0
+        return {}, self.num_examples / len(x)
 
     @contextmanager
     def fast_path(self) -> Iterator[None]:
