@@ -25,6 +25,8 @@ from pyrovae.sites import ModelSites, data_plate
 
 __all__ = ["COVARIANCES", "LocalGaussian", "flatten", "inverse_softplus", "unflatten"]
 
+CORRELATION_SCALE = 0.1
+
 COVARIANCES = ("diagonal", "full", "point")
 
 
@@ -121,7 +123,10 @@ class LocalGaussian(nn.Module):
         d = self.loc[_key(name)].embedding_dim
         raw = self.scale[_key(name)](rows).reshape(len(rows), d, d)
         diag = softplus(raw.diagonal(dim1=-2, dim2=-1)) + 1e-5
-        return raw.tril(-1) + torch.diag_embed(diag)
+        # Off-diagonal entries are stored divided by CORRELATION_SCALE: Adam steps every entry at
+        # the same rate, and unscaled the d(d-1)/2 noisy ones random-walk away from q* (as in
+        # guides/full.py, where the same preconditioner is the `correlation_scale` option).
+        return CORRELATION_SCALE * raw.tril(-1) + torch.diag_embed(diag)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor | None = None, size: int | None = None, rows: torch.Tensor | None = None, **_: Any) -> None:
         rows = rows if rows is not None else index if index is not None else torch.arange(len(x), device=x.device)
@@ -146,7 +151,7 @@ class LocalGaussian(nn.Module):
             if self.covariance == "full" and scale_tril and name in scale_tril:
                 tril = scale_tril[name].reshape(len(rows), *scale_tril[name].shape[-2:])
                 diag = inverse_softplus((tril.diagonal(dim1=-2, dim2=-1) - 1e-5).clamp_min(1e-4))
-                raw = (tril.tril(-1) + torch.diag_embed(diag)).reshape(len(rows), -1)
+                raw = (tril.tril(-1) / CORRELATION_SCALE + torch.diag_embed(diag)).reshape(len(rows), -1)
             else:
                 raw = inverse_softplus(scale[name].reshape(len(rows), -1).clamp_min(1e-4))
                 if self.covariance == "full":
