@@ -114,9 +114,15 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _check_data(x: torch.Tensor, name: str) -> None:
-    if x.dtype.is_floating_point and not torch.isfinite(x).all():
-        raise PyrovaeError(f"the {name} data holds NaN or infinite values: clean it first")
+def _check_data(data: Dataset, model: nn.Module, chunk: int = 10000) -> None:
+    """Every split, in chunks: no NaN or infinity, and values the model's likelihood can score."""
+    for split, part in data.splits.items():
+        for start in range(0, len(part), chunk):
+            x = data.batch(split, torch.arange(start, min(start + chunk, len(part))), torch.Generator().manual_seed(0))
+            if not torch.isfinite(x).all():
+                raise PyrovaeError(f"the {split} data holds NaN or infinite values: clean it first")
+            if hasattr(model, "check_data"):
+                model.check_data(x)
 
 
 def build(config: Config) -> Experiment:
@@ -129,15 +135,13 @@ def build(config: Config) -> Experiment:
     device = _device(config.device)
     torch.manual_seed(config.seed)
     data = load_dataset(config.dataset, config.data_dir, **config.dataset_options)
-    train_x = data.batch("train", torch.arange(min(len(data.split("train")), 2048)), torch.Generator().manual_seed(0))
-    _check_data(train_x, "training")
+    train_x = data.batch("train", torch.arange(min(len(data.split("train")), 8)), torch.Generator().manual_seed(0))
     likelihood = config.likelihood or DEFAULT_LIKELIHOOD[data.kind]
     if likelihood not in LIKELIHOODS:
         raise PyrovaeError(f"unknown likelihood {likelihood!r}: choose from {', '.join(LIKELIHOODS)}")
     model = _construct(model_cls, f"model {config.model!r}", dict(data_shape=data.event_shape, latent=config.latent, hidden=config.hidden, activation=config.activation, likelihood=likelihood), _chosen(config), config.model_options).to(device)
-    if hasattr(model, "check_data"):
-        model.check_data(train_x)
-    example = train_x[:8].to(device)
+    _check_data(data, model)
+    example = train_x.to(device)
     num_train = len(data.split("train"))
     guide = build_guide(config.guide, model, example, hidden=config.hidden, activation=config.activation, num_examples=num_train, **config.guide_options).to(device)
     sites = inspect_model(model, example)

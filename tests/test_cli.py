@@ -71,6 +71,7 @@ BAD = {
     "guide does not fit the model": (lambda d: ["fit", "--guide", "exact"], "cannot serve"),
     "data of the wrong shape": (lambda d: ["fit", "--dataset", _save(d / "x.npy", np.zeros((4, 2, 2, 2, 2)))], "shape"),
     "non-binary data, bernoulli": (lambda d: ["fit", "--likelihood", "bernoulli", "--dataset", _save(d / "x.npy", np.random.rand(50, 6))], "binary"),
+    "one non-binary value deep in the data": (lambda d: ["fit", "--likelihood", "bernoulli", "--dataset", _save(d / "x.npy", _one_bad_value())], "binary"),
     "NaN in data": (lambda d: ["fit", "--dataset", _save(d / "x.npy", np.full((50, 6), np.nan))], "NaN"),
     "missing data file": (lambda d: ["fit", "--dataset", str(d / "absent.npy")], "absent.npy"),
     "corrupt data file": (lambda d: ["fit", "--dataset", "binarized-mnist", "--data-dir", _corrupt_amat(d)], "corrupt"),
@@ -81,6 +82,12 @@ BAD = {
     "run from another version": (lambda d: ["evaluate", _old_run(d)], "another pyrovae version"),
     "resume of no run": (lambda d: ["fit", "--resume"], "not a pyrovae run"),
 }
+
+
+def _one_bad_value() -> np.ndarray:
+    x = (np.random.rand(3000, 6) > 0.5).astype(np.float32)
+    x[2900, 3] = 0.5
+    return x
 
 
 def _corrupt_amat(d: Path) -> str:
