@@ -46,6 +46,8 @@ class DecoderMixin:
             raise PyrovaeError(f"unknown likelihood {likelihood!r}: choose from {', '.join(LIKELIHOODS)}")
         dim = math.prod(data_shape)
         self.decoder_kind = kind
+        # floats one decoded sample holds at once: evaluation sizes its chunks by this
+        self.elements_per_sample = dim * (1 + 2 * pixel_channels if kind == "pixelcnn" else 1)
         self.likelihood = LIKELIHOODS[likelihood](dim)
         if kind == "mlp":
             self.decoder = MLP(latent, list(hidden), self.likelihood.outputs(), activation)

@@ -85,7 +85,8 @@ def evaluate(
     nesting = sites.max_plate_nesting
     if not sites.latents:  # a fully observed model: one "sample" gives the exact log p(x)
         num_samples, iwae_k = 1, (1 if iwae_k else None)
-    width = math.prod(batches[0].shape[1:]) or 1
+    # the floats one sample costs: the data size, or what the model declares (e.g. a PixelCNN's activations)
+    width = getattr(model, "elements_per_sample", None) or math.prod(batches[0].shape[1:]) or 1
     elbos, lls, iwaes = [], [], []
     for batch in batches:
         step, samples = chunk_sizes(len(batch), num_samples, width, max_elements, iwae_k or 1)
