@@ -35,15 +35,18 @@ def _mlp(sizes: list[int], activation: str) -> nn.Sequential:
 
 
 class HandwrittenVAE(nn.Module):
-    """Gaussian-encoder / Bernoulli-decoder VAE; the encoder emits (mu, log-variance)."""
-    def __init__(self, input_dim: int, hidden: tuple[int, ...], latent: int, activation: str):
+    """Gaussian-encoder / Bernoulli-decoder VAE; the encoder emits (mu, log-variance), or with
+    ``scale="softplus"`` (mu, raw) with sigma = softplus(raw) + 1e-4, pyrovae's diagonal guide."""
+    def __init__(self, input_dim: int, hidden: tuple[int, ...], latent: int, activation: str, scale: str = "logvar"):
         super().__init__()
         self.encoder = _mlp([input_dim, *hidden, 2 * latent], activation)
         self.decoder = _mlp([latent, *reversed(hidden), input_dim], activation)
+        self.softplus_scale = scale == "softplus"
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (mu, logvar) of q(z|x)."""
-        return tuple(self.encoder(x).chunk(2, dim=-1))
+        mu, raw = self.encoder(x).chunk(2, dim=-1)
+        return mu, (2 * torch.log(F.softplus(raw) + 1e-4) if self.softplus_scale else raw)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         """Return the Bernoulli logits of p(x|z)."""
@@ -51,17 +54,23 @@ class HandwrittenVAE(nn.Module):
 
     def elbo(self, x: torch.Tensor) -> torch.Tensor:
         """Single-sample reparameterized ELBO per example, with analytic KL."""
-        mu, logvar = self.encode(x)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        if self.softplus_scale:
+            mu, raw = self.encoder(x).chunk(2, dim=-1)
+            sigma = F.softplus(raw) + 1e-4
+            z = mu + sigma * torch.randn_like(mu)
+            kl = (0.5 * (sigma.pow(2) + mu.pow(2) - 1) - sigma.log()).sum(-1)
+        else:
+            mu, logvar = self.encode(x)
+            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+            kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)
         rec = F.binary_cross_entropy_with_logits(self.decode_logits(z), x, reduction="none").sum(-1)
-        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)
         return -(rec + kl)
 
 
 def handwritten_vae(input_dim: int = 784, hidden: tuple[int, ...] = (200, 200), latent: int = 50,
-                    activation: str = "tanh") -> nn.Module:
+                    activation: str = "tanh", scale: str = "logvar") -> nn.Module:
     """Build the hand-written peer (PyTorch default init; seed with ``torch.manual_seed`` first)."""
-    return HandwrittenVAE(input_dim, tuple(hidden), latent, activation)
+    return HandwrittenVAE(input_dim, tuple(hidden), latent, activation, scale)
 
 
 def train_handwritten(model: nn.Module, train_x_uint8: torch.Tensor, epochs: int,

@@ -55,8 +55,9 @@ def plain_pyro_step(data, guide: str) -> Step:
     return lambda index: svi.step(data.batch("train", index))
 
 
-def pytorch_step(data, fused: bool) -> Step:
-    model = peers.handwritten_vae()
+def pytorch_step(data, fused: bool, scale: str = "softplus") -> Step:
+    """The identical networks and loss by hand: pyrovae's diagonal guide gives sigma = softplus(raw) + 1e-4."""
+    model = peers.handwritten_vae(scale=scale)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
 
     def step(index: torch.Tensor) -> None:
@@ -111,6 +112,7 @@ def training(data, args) -> list[dict]:
             "pyrovae elbo": pyrovae_step(data, "diagonal", "elbo", batch),
             "pyrovae elbo-analytic": pyrovae_step(data, "diagonal", "elbo-analytic", batch),
             "pytorch (default Adam)": pytorch_step(data, False),
+            "pytorch (log-variance encoder)": pytorch_step(data, True, "logvar"),
             "plain Pyro SVI": plain_pyro_step(data, "diagonal"),
             "pyrovae iaf": pyrovae_step(data, "iaf", "elbo", batch),
             "plain Pyro SVI iaf": plain_pyro_step(data, "iaf"),

@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=1000, help="importance samples for the final log p(x) (0 skips it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--eager", action="store_true", help="run the Pyro program every step (no captured graph; for debugging)")
     p.add_argument("--out", help="run directory (default: runs/MODEL-GUIDE-DATASET-TIME)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped (to --epochs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -143,7 +144,7 @@ def _fit(args: argparse.Namespace) -> None:
         hidden=args.hidden, activation=args.activation, layers=args.layers, prior=args.prior, decoder=args.decoder,
         free_bits=args.free_bits, model_options=dict(args.model_option), guide_options=dict(args.guide_option), method_options=dict(args.method_option), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         particles=args.particles, warmup=args.warmup, patience=args.patience, seed=args.seed,
-        eval_samples=args.eval_samples, device=args.device,
+        eval_samples=args.eval_samples, device=args.device, capture=not args.eager,
     )
     if args.resume and not args.out:
         raise PyrovaeError("--resume needs --out RUN, the run directory to continue")

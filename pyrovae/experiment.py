@@ -59,6 +59,7 @@ class Config:
     seed: int = 0
     eval_samples: int = 1000
     device: str = "cpu"
+    capture: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "hidden": list(self.hidden), "pyrovae": pyrovae.__version__}
@@ -145,7 +146,7 @@ def build(config: Config) -> Experiment:
     num_train = len(data.split("train"))
     guide = build_guide(config.guide, model, example, hidden=config.hidden, activation=config.activation, num_examples=num_train, **config.guide_options).to(device)
     sites = inspect_model(model, example)
-    settings = TrainSettings(config.objective, config.particles, config.lr, config.batch_size, sites.max_plate_nesting, config.free_bits)
+    settings = TrainSettings(config.objective, config.particles, config.lr, config.batch_size, sites.max_plate_nesting, config.free_bits, config.capture)
     method = _construct(method_cls, f"method {config.method!r}", dict(model=model, guide=guide, settings=settings, num_examples=num_train), {}, config.method_options, flag="--method-option")
     return Experiment(config, data, model, guide, method, device)
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pyrovae.capture import CapturedLoss
 from pyrovae.errors import PyrovaeError
 from pyrovae.handlers import scale_latents
 from pyrovae.infer.base import InferenceMethod, TrainSettings, adam, unique_parameters
@@ -43,6 +44,8 @@ class AmortizedVI(InferenceMethod):
             )
         self.objective = make_objective(settings.objective, settings.particles, settings.max_plate_nesting, settings.free_bits)
         self.optimizer = adam(unique_parameters(model, guide), settings.lr)
+        modules = isinstance(model, nn.Module) and isinstance(guide, nn.Module)
+        self.captured = CapturedLoss(self.loss, nn.ModuleList([model, guide])) if settings.capture and modules else None
 
     def loss(self, x: torch.Tensor, index: torch.Tensor | None = None, beta: float = 1.0) -> torch.Tensor:
         """Minus the bound on the whole data set, divided by its size: nats per example."""
@@ -52,9 +55,12 @@ class AmortizedVI(InferenceMethod):
         return total / (self.num_examples if index is not None else len(x))
 
     def step(self, x: torch.Tensor, index: torch.Tensor, beta: float = 1.0) -> float:
+        """One Adam step; after the first (validated) step, the loss at full KL weight is replayed
+        from a captured graph (`pyrovae.capture`) where the program allows it."""
         self.optimizer.zero_grad(set_to_none=True)
+        replay = self.captured is not None and beta == 1.0 and self._validated
         with self.fast_path():
-            loss = self.loss(x, index, beta)
+            loss = self.captured(x, index) if replay else self.loss(x, index, beta)
         loss.backward()
         self.optimizer.step()
         return loss.item()

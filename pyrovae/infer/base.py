@@ -26,6 +26,7 @@ class TrainSettings:
     batch_size: int = 100
     max_plate_nesting: int = 1
     free_bits: float = 0.0
+    capture: bool = True  # replay the loss from a captured graph where it can (pyrovae.capture)
 
 
 class InferenceMethod:

@@ -1,0 +1,337 @@
+"""Capture a training loss's tensor program once per input shape and replay it without Pyro.
+
+A Pyro objective spends most of a small minibatch step interpreting the program: the
+messenger stack, trace dictionaries, distribution objects and their argument checks. For a
+program whose structure is static (the same sites, shapes and plates every step, the case
+for every model pyrovae ships), the tensor operations it performs are the same each step, so
+we record them once with `torch.fx`'s `make_fx` (ATen operations, random draws included, with
+the parameters as inputs), clean the graph up (constant folding, no-op and duplicate removal)
+and from then on call the graph. Gradients flow through the replayed ATen operations as usual.
+
+Pyro's `JitTrace_ELBO` did this with TorchScript, which torch deprecates; `torch.compile`
+needs a C++ toolchain and tens of seconds per shape. A capture takes a fraction of a second.
+
+Every capture is checked before use: the graph and the program, run from the same random
+state, must give the same loss. A program that cannot be captured (data-dependent control
+flow, parameters outside its modules, a Pyro feature the tracer rejects) keeps running eagerly.
+
+References:
+    Kingma & Welling (2019), Algorithm 1 (the step being sped up).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+import warnings
+from typing import Any, Callable, Iterator
+
+import pyro
+import torch
+from pyro.poutine.messenger import Messenger
+from torch import fx, nn
+from torch.fx.experimental.proxy_tensor import make_fx
+
+__all__ = ["CapturedLoss"]
+
+aten = torch.ops.aten
+_NO_OP_VALUES = {aten.add.Tensor: 0, aten.sub.Tensor: 0, aten.mul.Tensor: 1, aten.div.Tensor: 1}
+_SHAPE_OPS = {aten.view.default, aten.expand.default, aten._unsafe_view.default, aten.reshape.default}
+
+
+class CapturedLoss:
+    """`loss(x, index)` of `modules`' program, captured per (shape, dtype, device) of its inputs.
+
+    Calls with inputs of a new signature capture a graph first; `refused` says, per signature,
+    why a program runs eagerly instead.
+
+    Args:
+        loss: the eager loss; reads its networks' tensors from `modules`.
+        modules: every module whose parameters and buffers the loss reads.
+    """
+
+    def __init__(self, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], modules: nn.Module) -> None:
+        self.loss = loss
+        self.program = _Program(loss, modules)
+        self.graphs: dict[tuple, fx.GraphModule | None] = {}
+        self.refused: dict[tuple, str] = {}
+        self._tensors: list[torch.Tensor] | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The graph's inputs: every parameter, then every buffer (read once; modules keep them)."""
+        if self._tensors is None:
+            self._tensors = [*self.program.parameters(), *self.program.buffers()]
+        return self._tensors
+
+    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        key = (x.shape, x.dtype, x.device, index.shape, torch.is_grad_enabled())
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self.capture(x, index)
+            except _Refused as reason:
+                self.graphs[key], self.refused[key] = None, str(reason)
+        graph = self.graphs[key]
+        return self.loss(x, index) if graph is None else graph(self.tensors(), x, index)
+
+    def capture(self, x: torch.Tensor, index: torch.Tensor) -> fx.GraphModule:
+        """The cleaned-up graph of one call, checked against the program (value and gradients)."""
+        names = [n for n, _ in self.program.named_parameters()] + [n for n, _ in self.program.named_buffers()]
+
+        def program(tensors: list[torch.Tensor], x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(self.program, dict(zip(names, tensors)), (x, index), tie_weights=True)
+
+        state = torch.get_rng_state()  # tracing draws random numbers: the run must not see that
+        try:
+            with _pyro_elbos_traceable(), pyro.validation_enabled(False), warnings.catch_warnings(), _ParamSites() as params:
+                warnings.simplefilter("ignore")
+                graph = make_fx(program)([t.detach() for t in self.tensors()], x, index)
+        except Exception as error:  # the tracer met something it cannot record
+            raise _Refused(f"the tracer stopped: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
+        finally:
+            torch.set_rng_state(state)
+        if params.names:
+            raise _Refused(f"the program reads Pyro's param store ({', '.join(sorted(params.names)[:3])}, ...): pyro.param/pyro.module values live outside its modules")
+        if any(torch.is_tensor(v) and v.requires_grad for v in _constants(graph)):
+            raise _Refused("the program reads a parameter its modules do not hold")
+        simplify(graph)
+        self.check(graph, x, index)
+        return graph
+
+    def check(self, graph: fx.GraphModule, x: torch.Tensor, index: torch.Tensor) -> None:
+        """The graph and the program, from the same random state, give the same loss and gradients."""
+        trained = [t for t in self.tensors() if t.requires_grad]
+        state = torch.get_rng_state()
+        results = []
+        for run in (lambda: self.loss(x, index), lambda: graph(self.tensors(), x, index)):
+            torch.set_rng_state(state)
+            with torch.enable_grad():
+                loss = run()
+                grads = torch.autograd.grad(loss, trained, allow_unused=True) if loss.requires_grad else ()
+            results.append((loss.detach(), [torch.zeros_like(t) if g is None else g for t, g in zip(trained, grads)]))
+        torch.set_rng_state(state)
+        (loss, grads), (graph_loss, graph_grads) = results
+        if not torch.allclose(loss, graph_loss, rtol=1e-4, atol=1e-4):
+            raise _Refused(f"the graph's loss {graph_loss.item():.6g} differs from the program's {loss.item():.6g}")
+        if not all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(grads, graph_grads)):
+            raise _Refused("the graph's gradients differ from the program's")
+
+
+class _ParamSites(Messenger):
+    """Notes the names of the `pyro.param` sites (pyro.module registers through them) it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def _process_message(self, msg: dict) -> None:
+        if msg["type"] == "param":
+            self.names.add(msg["name"])
+
+
+class _Refused(Exception):
+    """Why a program cannot be replayed from a graph."""
+
+
+class _Program(nn.Module):
+    """Holds the modules so that `functional_call` can swap all their tensors at once."""
+
+    def __init__(self, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], modules: nn.Module) -> None:
+        super().__init__()
+        self.modules_ = modules
+        self._loss = loss
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self._loss(x, index)
+
+
+@contextlib.contextmanager
+def _pyro_elbos_traceable() -> Iterator[None]:
+    """Pyro's Trace_ELBO and TraceMeanField_ELBO call `.item()` (to build the surrogate loss) and
+    test the loss for NaN: neither can be recorded. Within this block `.item()` becomes
+    `.detach()` (same value, same gradient) and the NaN warning is skipped (training checks the
+    loss every step)."""
+    import pyro.infer.trace_elbo as trace_elbo
+    import pyro.infer.trace_mean_field_elbo as mean_field
+
+    def detach(value: Any) -> Any:
+        return value.detach() if torch.is_tensor(value) else value
+
+    saved = [(m, m.torch_item, m.warn_if_nan) for m in (trace_elbo, mean_field)]
+    try:
+        for module, _, _ in saved:
+            module.torch_item, module.warn_if_nan = detach, lambda *a, **k: None
+        yield
+    finally:
+        for module, item, warn in saved:
+            module.torch_item, module.warn_if_nan = item, warn
+
+
+def _constants(graph: fx.GraphModule) -> list[Any]:
+    return [getattr(graph, n.target) for n in graph.graph.nodes if n.op == "get_attr"]
+
+
+def _shape(node: Any) -> torch.Size | None:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return value.shape if torch.is_tensor(value) else None
+
+
+def simplify(graph: fx.GraphModule) -> None:
+    """Fold constants, drop no-ops, duplicates and Pyro's surrogate-loss bookkeeping, fuse linear
+    layers and remove dead code (in place). Each rewrite keeps the value and the gradient."""
+    g = graph.graph
+    constant: set[fx.Node] = {n for n in g.nodes if n.op == "get_attr"}
+    seen: dict[tuple, fx.Node] = {}
+    for node in list(g.nodes):
+        if node.op != "call_function":
+            continue
+        same = _no_op_input(graph, node, constant)
+        if same is not None:
+            node.replace_all_uses_with(same)
+            g.erase_node(node)
+            continue
+        if not _pure(node.target):
+            continue
+        if node.target is not operator.getitem and all(n in constant for n in node.all_input_nodes):
+            folded = _fold(graph, node)
+            if folded is not None:
+                constant.add(folded)
+                continue
+        key = (node.target, _hashable(node.args), _hashable(node.kwargs))
+        if key in seen:  # a common subexpression
+            node.replace_all_uses_with(seen[key])
+            g.erase_node(node)
+            continue
+        seen[key] = node
+    _drop_surrogate(g)
+    _negate_after_sum(g)
+    _fuse_randn(g)
+    _fuse_linear(g)
+    g.eliminate_dead_code()
+    graph.recompile()
+
+
+def _no_op_input(graph: fx.GraphModule, node: fx.Node, constant: set[fx.Node]) -> fx.Node | None:
+    """The input that `node` returns unchanged (same shape and dtype), if it is a no-op."""
+    target, args = node.target, node.args
+    if not args or not isinstance(args[0], fx.Node) or _shape(args[0]) != _shape(node):
+        return None
+    first = args[0]
+    if target is aten.lift_fresh_copy.default or target in _SHAPE_OPS:
+        return first  # a copy of a constant made every call, a reshape to the same shape
+    if target not in _NO_OP_VALUES or len(args) != 2 or first.meta["val"].dtype != node.meta["val"].dtype:
+        return None
+    other, identity = args[1], _NO_OP_VALUES[target]
+    if isinstance(other, fx.Node):  # x + zeros, x * ones, with constant tensors
+        value = getattr(graph, other.target) if other in constant else None
+        return first if torch.is_tensor(value) and bool((value == identity).all()) else None
+    return first if other == identity else None
+
+
+def _fold(graph: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """Evaluate `node`, whose inputs are all constants, once: the constant that replaces it
+    (None, and the node stays, where the result is not one tensor)."""
+    def value(n: fx.Node) -> Any:
+        return getattr(graph, n.target)
+
+    result = node.target(*fx.node.map_arg(node.args, value), **fx.node.map_arg(node.kwargs, value))
+    if not torch.is_tensor(result):
+        return None
+    name = f"_folded{sum(1 for n in graph.graph.nodes if n.op == 'get_attr')}"
+    graph.register_buffer(name, result)
+    with graph.graph.inserting_before(node):
+        new = graph.graph.get_attr(name)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.graph.erase_node(node)
+    return new
+
+
+def _drop_surrogate(g: fx.Graph) -> None:
+    """Pyro returns `loss + (surrogate - detach(surrogate))`, where `loss` repeats the surrogate's
+    arithmetic on detached terms: the same value and gradient as `surrogate` alone. Two nodes
+    compute the same value when they are equal with every detach seen through."""
+    ids: dict[Any, int] = {}
+    key: dict[fx.Node, int] = {}
+    for node in g.nodes:
+        if node.op == "call_function" and node.target is aten.detach.default:
+            key[node] = key[node.args[0]]
+        elif node.op == "call_function" and _pure(node.target):
+            shape = (node.target, _hashable(fx.node.map_arg(node.args, lambda n: ("node", key[n]))),
+                     _hashable(fx.node.map_arg(node.kwargs, lambda n: ("node", key[n]))))
+            key[node] = ids.setdefault(shape, len(ids))
+        else:
+            key[node] = ids.setdefault(("unique", id(node)), len(ids))
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target is not aten.add.Tensor or len(node.args) != 2:
+            continue
+        for loss, correction in (node.args, node.args[::-1]):
+            if (isinstance(correction, fx.Node) and isinstance(loss, fx.Node) and correction.target is aten.sub.Tensor
+                    and len(correction.args) == 2 and isinstance(correction.args[1], fx.Node)
+                    and correction.args[1].target is aten.detach.default
+                    and correction.args[1].args[0] is correction.args[0] and key[loss] == key[correction.args[0]]):
+                node.replace_all_uses_with(correction.args[0])
+                g.erase_node(node)
+                break
+
+
+def _pure(target: Any) -> bool:
+    """Same inputs, same output, nothing else touched: random draws and in-place ops are not."""
+    if target is operator.getitem:
+        return True
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    return not (target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags
+                or target in (aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default))
+
+
+def _negate_after_sum(g: fx.Graph) -> None:
+    """sum(-x) -> -sum(x): exact in floating point, and negates the reduced tensor, not the big one
+    (a Bernoulli log-likelihood is minus a cross-entropy over every pixel)."""
+    for node in list(g.nodes):
+        if node.op == "call_function" and node.target in (aten.sum.dim_IntList, aten.sum.default):
+            inner = node.args[0]
+            if isinstance(inner, fx.Node) and inner.target is aten.neg.default and len(inner.users) == 1:
+                with g.inserting_before(node):
+                    total = g.call_function(node.target, (inner.args[0], *node.args[1:]), dict(node.kwargs))
+                    negated = g.call_function(aten.neg.default, (total,))
+                total.meta, negated.meta = dict(node.meta), dict(node.meta)
+                node.replace_all_uses_with(negated)
+                g.erase_node(node)
+
+
+def _fuse_randn(g: fx.Graph) -> None:
+    """normal_(empty(shape)) -> randn(shape): one call, the same draws from the same generator."""
+    for node in list(g.nodes):
+        if node.op == "call_function" and node.target is aten.normal_.default and len(node.args) == 1 and not node.kwargs:
+            empty = node.args[0]
+            if isinstance(empty, fx.Node) and empty.target is aten.empty.memory_format and len(empty.users) == 1:
+                kwargs = {k: v for k, v in empty.kwargs.items() if k in ("dtype", "layout", "device", "pin_memory")}
+                with g.inserting_before(node):
+                    new = g.call_function(aten.randn.default, empty.args, kwargs)
+                new.meta = dict(node.meta)
+                node.replace_all_uses_with(new)
+                g.erase_node(node)
+                g.erase_node(empty)
+
+
+def _fuse_linear(g: fx.Graph) -> None:
+    """addmm(b, x, t(w)) -> linear(x, w, b): one call that decomposes in C++, not two from Python."""
+    for node in list(g.nodes):
+        if node.op == "call_function" and node.target is aten.addmm.default and not node.kwargs:
+            bias, x, wt = node.args
+            if isinstance(wt, fx.Node) and wt.target is aten.t.default:
+                with g.inserting_before(node):
+                    new = g.call_function(aten.linear.default, (x, wt.args[0], bias))
+                new.meta = dict(node.meta)
+                node.replace_all_uses_with(new)
+                g.erase_node(node)
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return str(value)
+    return value
