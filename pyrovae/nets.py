@@ -7,7 +7,7 @@ A likelihood head maps a network output to a Pyro distribution over one data poi
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import pyro.distributions as dist
 import torch
@@ -70,11 +70,34 @@ class Likelihood(nn.Module):
             raise PyrovaeError(f"{type(self).__name__} likelihood needs data in [0, 1]: rescale it")
 
 
+class IndependentBernoulli(dist.Independent):
+    """prod_d Bernoulli(x_d; sigmoid(l_d)) over the last dimension, with a faster log-density
+    where no gradient is taken (importance-sampled evaluation).
+
+    log p(x) = sum_d [x_d l_d - softplus(l_d)], the same value as torch's (minus a binary
+    cross-entropy per pixel, summed), but the data term is one matrix product that broadcasts
+    x over the samples instead of a full-size cross-entropy: about twice as fast for K samples
+    of each example. With gradients, the cross-entropy's fused backward is the faster one.
+    """
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__(dist.Bernoulli(logits=logits, validate_args=False), 1, validate_args=False)
+
+    def expand(self, batch_shape: torch.Size, _instance: Any = None) -> "IndependentBernoulli":
+        return super().expand(batch_shape, self._get_checked_instance(IndependentBernoulli, _instance))
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        logits = self.base_dist.logits
+        if torch.is_grad_enabled() and (logits.requires_grad or value.requires_grad):
+            return super().log_prob(value)
+        return torch.einsum("...d,...d->...", logits, value.to(logits.dtype)) - softplus(logits).sum(-1)
+
+
 class Bernoulli(Likelihood):
     """p(x|z) = prod_d Bernoulli(x_d; sigmoid(logits_d)) for binary data."""
 
     def forward(self, h: torch.Tensor) -> dist.Distribution:
-        return dist.Bernoulli(logits=h, validate_args=False).to_event(1)
+        return IndependentBernoulli(h)
 
     @staticmethod
     def mean(d: dist.Distribution) -> torch.Tensor:

@@ -55,15 +55,27 @@ class AmortizedVI(InferenceMethod):
         return total / (self.num_examples if index is not None else len(x))
 
     def step(self, x: torch.Tensor, index: torch.Tensor, beta: float = 1.0) -> float:
-        """One Adam step; after the first (validated) step, the loss at full KL weight is replayed
-        from a captured graph (`pyrovae.capture`) where the program allows it."""
+        """One Adam step. The loss at full KL weight is replayed from a captured graph
+        (`pyrovae.capture`) where the program allows it, from the first step on, so that a
+        resumed run takes exactly the steps an uninterrupted one takes."""
         self.optimizer.zero_grad(set_to_none=True)
-        replay = self.captured is not None and beta == 1.0 and self._validated
+        replay = self.captured is not None and beta == 1.0
+        if replay and not self._validated:
+            self.check_program(x, index)
         with self.fast_path():
             loss = self.captured(x, index) if replay else self.loss(x, index, beta)
         loss.backward()
         self.optimizer.step()
         return loss.item()
+
+    def check_program(self, x: torch.Tensor, index: torch.Tensor) -> None:
+        """Pyro's shape and support checks, in one eager pass that leaves the random state as it was."""
+        state = torch.get_rng_state()
+        try:
+            with self.fast_path(), torch.no_grad():
+                self.loss(x, index)
+        finally:
+            torch.set_rng_state(state)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "optimizer": self.optimizer.state_dict()}
