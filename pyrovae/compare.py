@@ -23,12 +23,15 @@ from typing import Any, Callable, Sequence
 
 import pyro
 import torch
+from torch import nn
 
 from pyrovae.data import minibatches
 from pyrovae.errors import PyrovaeError
 from pyrovae.evaluate import Evaluation, chunk_sizes, evaluate
 from pyrovae.guides.local import LocalGaussian
 from pyrovae.infer.local import fit_local, model_sites
+from pyrovae.objectives import make_objective
+from pyrovae.sites import direct_parameters
 from pyrovae.registry import METHODS
 from pyrovae.run import atomic_write
 
@@ -67,7 +70,43 @@ def heldout_scores(model: Callable, x: torch.Tensor, sites: Any, settings: Propo
     )
 
 
-def gap_decomposition(model: Callable, guide: Callable, x: torch.Tensor, settings: ProposalSettings = ProposalSettings(steps=200, samples=1000)) -> dict[str, float]:
+def finetuned_scores(model: Callable, guide: nn.Module, x: torch.Tensor, settings: ProposalSettings, lr: float = 1e-3) -> Evaluation:
+    """ELBO and IS log p(x) of each example under a copy of `guide` fitted to it alone, decoder frozen.
+
+    For a flow guide, the family is every distribution the guide's network can emit; a copy
+    whose parameters (encoder and flow alike) are optimized on one example for `settings.steps`
+    Adam steps, starting from the amortized ones, is the best member of that family we can
+    find for it (Cremer et al. fit the flow's parameters per example the same way).
+    """
+    nesting = model_sites(model, guide, x).max_plate_nesting
+    objective = make_objective("elbo", max(settings.particles, 1), nesting)
+    frozen = [p for p in getattr(model, "parameters", lambda: [])() if p.requires_grad]
+    parts = []
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        with direct_parameters():
+            for i in range(len(x)):
+                xi = x[i : i + 1]
+                q = copy.deepcopy(guide).train()
+                optimizer = torch.optim.Adam(q.parameters(), lr=lr)
+                schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(settings.steps, 1))
+                for _ in range(settings.steps):
+                    optimizer.zero_grad(set_to_none=True)
+                    objective.differentiable_loss(model, q, xi).backward()
+                    optimizer.step()
+                    schedule.step()
+                parts.append(evaluate(model, q.eval(), xi, num_samples=settings.samples))
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return Evaluation(
+        elbo=torch.cat([p.elbo for p in parts]), log_likelihood=torch.cat([p.log_likelihood for p in parts]),
+        iwae=None, num_samples=settings.samples, iwae_k=None,
+    )
+
+
+def gap_decomposition(model: Callable, guide: Callable, x: torch.Tensor, settings: ProposalSettings = ProposalSettings(steps=200, samples=1000), qstar: str = "local") -> dict[str, float]:
     """Inference gaps of an amortized guide on `x` (nats per example).
 
     log p(x) is the larger of the IS estimates with q* and with q (both have K samples); L[q*] is the
@@ -75,16 +114,23 @@ def gap_decomposition(model: Callable, guide: Callable, x: torch.Tensor, setting
     L[q] is the amortized ELBO. approximation gap = log p(x) - L[q*], amortization gap =
     L[q*] - L[q]; together they are log p(x) - L[q].
 
+    Args:
+        qstar: ``"local"``, a Gaussian per example (`settings.covariance`), for Gaussian guides;
+            ``"finetune"``, a copy of the guide fitted per example (`finetuned_scores`), for flows.
+
     References:
         Cremer, Li & Duvenaud (2018), Inference Suboptimality in VAEs, sec. 3.
     """
     sites = model_sites(model, guide, x)
-    fitted = heldout_scores(model, x, sites, settings, init=guide)
+    if qstar not in ("local", "finetune"):
+        raise PyrovaeError(f"unknown q* family {qstar!r}: choose local or finetune")
+    fitted = heldout_scores(model, x, sites, settings, init=guide) if qstar == "local" else finetuned_scores(model, guide, x, settings)
     amortized = evaluate(model, guide, x, num_samples=settings.samples)
     log_px = torch.maximum(fitted.log_likelihood, amortized.log_likelihood)
     l_qstar, l_q = fitted.elbo, amortized.elbo
     return {
-        "examples": len(x), "samples": settings.samples, "proposal_steps": settings.steps, "covariance": settings.covariance,
+        "examples": len(x), "samples": settings.samples, "proposal_steps": settings.steps,
+        "qstar": settings.covariance if qstar == "local" else "guide fine-tuned per example",
         "log_px": log_px.mean().item(), "elbo_qstar": l_qstar.mean().item(), "elbo_q": l_q.mean().item(),
         "approximation_gap": (log_px - l_qstar).mean().item(), "amortization_gap": (l_qstar - l_q).mean().item(),
         "total_gap": (log_px - l_q).mean().item(),
@@ -265,8 +311,10 @@ def run_gaps(run: str | Path, split: str = "valid", examples: int = 200, setting
     experiment = load(run)
     experiment.model.eval(), experiment.guide.eval()
     x = experiment.split(split)[:examples]
-    covariance = "full" if "full" in type(experiment.guide).__name__.lower() else "diagonal"
-    result = {"run": str(run), "split": split, **gap_decomposition(experiment.model, experiment.guide, x, ProposalSettings(settings.steps, settings.lr, settings.samples, covariance))}
+    gaussian = {"diagonal": "diagonal", "full": "full"}.get(experiment.config.guide)
+    qstar = "local" if gaussian else "finetune"
+    proposal = ProposalSettings(settings.steps, settings.lr, settings.samples, gaussian or "diagonal", settings.particles)
+    result = {"run": str(run), "split": split, "guide": experiment.config.guide, **gap_decomposition(experiment.model, experiment.guide, x, proposal, qstar)}
     RunDir(run).write_json("gaps.json", result)
     return result
 

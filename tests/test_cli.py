@@ -20,6 +20,18 @@ def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "pyrovae", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
+def test_gaps_of_a_flow_run_from_the_command_line(tmp_path):
+    out = tmp_path / "iaf"
+    done = run_cli("fit", "--dataset", "digits", "--guide", "iaf", "--guide-option", "flow_steps=1", "--epochs", "1", "--eval-samples", "0", "--out", str(out), *FAST)
+    assert done.returncode == 0, done.stderr
+    done = run_cli("compare", "--gaps", str(out), "--eval-examples", "3", "--proposal-steps", "10", "--samples", "50", "--json")
+    assert done.returncode == 0, done.stderr
+    gaps = json.loads(done.stdout)
+    assert gaps["guide"] == "iaf" and gaps["qstar"] == "guide fine-tuned per example" and gaps["examples"] == 3
+    assert abs(gaps["approximation_gap"] + gaps["amortization_gap"] - gaps["total_gap"]) < 1e-4
+    assert (out / "gaps.json").exists()
+
+
 def test_fit_evaluate_sample_end_to_end(tmp_path):
     out = tmp_path / "run"
     done = run_cli("fit", "--dataset", "digits", "--epochs", "3", "--eval-samples", "50", "--out", str(out), *FAST)

@@ -186,3 +186,21 @@ def test_local_full_covariance_starts_exactly_at_the_amortized_guide():
     assert amortized.scale_tril.tril(-1).abs().max() > 0.1
     assert torch.allclose(local.scale_tril("z", torch.arange(12)), amortized.scale_tril, atol=1e-5)
     assert torch.allclose(local.means(torch.arange(12))["z"], amortized.loc, atol=1e-6)
+
+
+def test_gap_decomposition_of_a_flow_guide_fits_a_copy_of_the_guide_per_example(frozen_setup):
+    """For IAF, q* is the guide itself fine-tuned on each example: L[q*] >= L[q], the gaps add up."""
+    model, x = frozen_setup
+    x = x[:6]
+    guide = build_guide("iaf", model, x, hidden=(16,), flow_steps=1)
+    method = AmortizedVI(model, guide, TrainSettings(lr=1e-2), len(x))
+    for _ in range(30):
+        method.step(x, torch.arange(len(x)))
+    before = [p.detach().clone() for p in guide.parameters()]
+    gaps = gap_decomposition(model, guide, x, ProposalSettings(steps=60, samples=500, particles=4), qstar="finetune")
+    assert all(torch.equal(a, b) for a, b in zip(before, guide.parameters()))  # copies were fitted, not the guide
+    assert gaps["qstar"] == "guide fine-tuned per example"
+    assert math.isclose(gaps["approximation_gap"] + gaps["amortization_gap"], gaps["log_px"] - gaps["elbo_q"], abs_tol=1e-4)
+    assert gaps["amortization_gap"] > 0.0  # fitting each example alone improves on the amortized guide
+    assert gaps["approximation_gap"] > -3 * gaps["approximation_gap_se"] - 0.01
+    assert abs(gaps["log_px"] - model.log_marginal(x).mean().item()) < 0.05
