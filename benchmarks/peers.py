@@ -66,6 +66,17 @@ class HandwrittenVAE(nn.Module):
         rec = F.binary_cross_entropy_with_logits(self.decode_logits(z), x, reduction="none").sum(-1)
         return -(rec + kl)
 
+    def sampled_elbo(self, x: torch.Tensor) -> torch.Tensor:
+        """Single-sample ELBO with the KL estimated at the sample: log p(x|z) + log p(z) - log q(z|x)."""
+        mu, raw = self.encoder(x).chunk(2, dim=-1)
+        std = F.softplus(raw) + 1e-4 if self.softplus_scale else torch.exp(0.5 * raw)
+        eps = torch.randn_like(mu)
+        z = mu + std * eps
+        rec = F.binary_cross_entropy_with_logits(self.decode_logits(z), x, reduction="none").sum(-1)
+        log_q = (-0.5 * eps.pow(2) - std.log()).sum(-1)
+        log_p = (-0.5 * z.pow(2)).sum(-1)  # the log(2 pi) terms cancel
+        return -rec + log_p - log_q
+
 
 def handwritten_vae(input_dim: int = 784, hidden: tuple[int, ...] = (200, 200), latent: int = 50,
                     activation: str = "tanh", scale: str = "logvar") -> nn.Module:

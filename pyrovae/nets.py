@@ -88,7 +88,7 @@ class IndependentBernoulli(dist.Independent):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         logits = self.base_dist.logits
-        if torch.is_grad_enabled() and (logits.requires_grad or value.requires_grad):
+        if torch.is_grad_enabled():  # (not requires_grad: a captured graph is traced from detached tensors)
             return super().log_prob(value)
         return torch.einsum("...d,...d->...", logits, value.to(logits.dtype)) - softplus(logits).sum(-1)
 
