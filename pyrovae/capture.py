@@ -32,7 +32,7 @@ from pyro.poutine.messenger import Messenger
 from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
-__all__ = ["CapturedLoss"]
+__all__ = ["CapturedLoss", "same_randomness", "simplify"]
 
 aten = torch.ops.aten
 _NO_OP_VALUES = {aten.add.Tensor: 0, aten.sub.Tensor: 0, aten.mul.Tensor: 1, aten.div.Tensor: 1}
@@ -80,15 +80,12 @@ class CapturedLoss:
         def program(tensors: list[torch.Tensor], x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             return torch.func.functional_call(self.program, dict(zip(names, tensors)), (x, index), tie_weights=True)
 
-        state = torch.get_rng_state()  # tracing draws random numbers: the run must not see that
-        try:
-            with _pyro_elbos_traceable(), pyro.validation_enabled(False), warnings.catch_warnings(), _ParamSites() as params:
+        try:  # tracing draws random numbers: the run must not see that
+            with same_randomness(x.device), _pyro_elbos_traceable(), pyro.validation_enabled(False), warnings.catch_warnings(), _ParamSites() as params:
                 warnings.simplefilter("ignore")
                 graph = make_fx(program)([t.detach() for t in self.tensors()], x, index)
         except Exception as error:  # the tracer met something it cannot record
             raise _Refused(f"the tracer stopped: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
-        finally:
-            torch.set_rng_state(state)
         if params.names:
             raise _Refused(f"the program reads Pyro's param store ({', '.join(sorted(params.names)[:3])}, ...): pyro.param/pyro.module values live outside its modules")
         if any(torch.is_tensor(v) and v.requires_grad for v in _constants(graph)):
@@ -100,15 +97,12 @@ class CapturedLoss:
     def check(self, graph: fx.GraphModule, x: torch.Tensor, index: torch.Tensor) -> None:
         """The graph and the program, from the same random state, give the same loss and gradients."""
         trained = [t for t in self.tensors() if t.requires_grad]
-        state = torch.get_rng_state()
         results = []
         for run in (lambda: self.loss(x, index), lambda: graph(self.tensors(), x, index)):
-            torch.set_rng_state(state)
-            with torch.enable_grad():
+            with same_randomness(x.device), torch.enable_grad():
                 loss = run()
                 grads = torch.autograd.grad(loss, trained, allow_unused=True) if loss.requires_grad else ()
             results.append((loss.detach(), [torch.zeros_like(t) if g is None else g for t, g in zip(trained, grads)]))
-        torch.set_rng_state(state)
         (loss, grads), (graph_loss, graph_grads) = results
         if not torch.allclose(loss, graph_loss, rtol=1e-4, atol=1e-4):
             raise _Refused(f"the graph's loss {graph_loss.item():.6g} differs from the program's {loss.item():.6g}")
@@ -130,6 +124,13 @@ class _ParamSites(Messenger):
 
 class _Refused(Exception):
     """Why a program cannot be replayed from a graph."""
+
+
+def same_randomness(device: torch.device) -> contextlib.AbstractContextManager:
+    """Within this block draw random numbers freely: the generators (CPU, and `device`'s if a GPU)
+    are put back as they were when it ends."""
+    cuda = torch.device(device).type == "cuda"
+    return torch.random.fork_rng(devices=[torch.device(device)] if cuda else [], device_type="cuda")
 
 
 class _Program(nn.Module):

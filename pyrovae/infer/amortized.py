@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pyrovae.capture import CapturedLoss
+from pyrovae.capture import CapturedLoss, same_randomness
 from pyrovae.errors import PyrovaeError
 from pyrovae.handlers import scale_latents
 from pyrovae.infer.base import InferenceMethod, TrainSettings, adam, unique_parameters
@@ -70,12 +70,8 @@ class AmortizedVI(InferenceMethod):
 
     def check_program(self, x: torch.Tensor, index: torch.Tensor) -> None:
         """Pyro's shape and support checks, in one eager pass that leaves the random state as it was."""
-        state = torch.get_rng_state()
-        try:
-            with self.fast_path(), torch.no_grad():
-                self.loss(x, index)
-        finally:
-            torch.set_rng_state(state)
+        with same_randomness(x.device), self.fast_path(), torch.no_grad():
+            self.loss(x, index)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "optimizer": self.optimizer.state_dict()}
