@@ -12,8 +12,11 @@ Pyro's `JitTrace_ELBO` did this with TorchScript, which torch deprecates; `torch
 needs a C++ toolchain and tens of seconds per shape. A capture takes a fraction of a second.
 
 Every capture is checked before use: the graph and the program, run from the same random
-state, must give the same loss. A program that cannot be captured (data-dependent control
-flow, parameters outside its modules, a Pyro feature the tracer rejects) keeps running eagerly.
+state, must give the same loss and the same gradients. A program that cannot be captured
+(data-dependent control flow, parameters in Pyro's param store, a Pyro feature the tracer
+rejects) keeps running eagerly. What the graph cannot see: a plain tensor attribute (neither a
+parameter nor a buffer) that the program reads is recorded as a constant, so changing it
+between steps goes unnoticed; register such tensors as buffers, or train with `--eager`.
 
 References:
     Kingma & Welling (2019), Algorithm 1 (the step being sped up).
