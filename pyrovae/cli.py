@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 import time
@@ -32,13 +33,16 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 def _option(text: str) -> tuple[str, Any]:
+    """KEY=VALUE, the value read as JSON or a Python literal (true/True, null/None, [200, 200]), else a string."""
     key, sep, value = text.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key.replace("-", "_"), json.loads(value)
-    except ValueError:
-        return key.replace("-", "_"), value
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return key.replace("-", "_"), parse(value)
+        except (ValueError, SyntaxError):
+            continue
+    return key.replace("-", "_"), value
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -32,6 +32,15 @@ def test_gaps_of_a_flow_run_from_the_command_line(tmp_path):
     assert (out / "gaps.json").exists()
 
 
+def test_options_take_json_and_python_literals():
+    from pyrovae.cli import _option
+
+    assert _option("stable=False") == ("stable", False) and _option("stable=false") == ("stable", False)
+    assert _option("context-size=None") == ("context_size", None)
+    assert _option("flow_hidden=[100, 100]") == ("flow_hidden", [100, 100])
+    assert _option("variant=rws") == ("variant", "rws")
+
+
 def test_fit_evaluate_sample_end_to_end(tmp_path):
     out = tmp_path / "run"
     done = run_cli("fit", "--dataset", "digits", "--epochs", "3", "--eval-samples", "50", "--out", str(out), *FAST)
