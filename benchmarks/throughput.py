@@ -81,8 +81,9 @@ def pytorch_iaf_step(data) -> Step:
 
     The same networks (the guide's trunk and head, Pyro's ConditionalAutoRegressiveNN per step,
     the decoder MLP) and the same Monte Carlo ELBO, without Pyro's distributions or tracing:
-    z0 = mu + sigma eps; per step z <- s z + (1 - s) m with s = sigmoid(logit + 2) (the stable
-    update) and order reversed between steps; log q = log N(z0) - sum log s.
+    z0 = mu + sigma eps; per step z <- m + exp(l) z with l clipped to [-5, 3] as Pyro clips it
+    (or, for `stable=True` guides, z <- s z + (1 - s) m with s = sigmoid(logit + 2)), the order
+    reversed between steps; log q = log N(z0) - sum of the steps' log-scales.
     """
     x = data.batch("train", torch.arange(8))
     model = VAE((784,), 50, (200, 200), "tanh")
@@ -99,12 +100,17 @@ def pytorch_iaf_step(data) -> Step:
         z = loc + scale * eps
         log_q = (-0.5 * eps.pow(2) - scale.log() - half_log_2pi).sum(-1)
         for step in head.steps:
-            if isinstance(step, ConditionalAffineAutoregressive):
+            if isinstance(step, ConditionalAffineAutoregressive) and step.kwargs.get("stable"):
                 mean, logit = step.nn(z, context=context)
                 logit = logit + step.kwargs.get("sigmoid_bias", 2.0)
                 s = torch.sigmoid(logit)
                 z = s * z + (1 - s) * mean
                 log_q = log_q - torch.nn.functional.logsigmoid(logit).sum(-1)
+            elif isinstance(step, ConditionalAffineAutoregressive):
+                mean, log_scale = step.nn(z, context=context)
+                log_scale = log_scale + (log_scale.clamp(-5.0, 3.0) - log_scale).detach()
+                z = torch.exp(log_scale) * z + mean
+                log_q = log_q - log_scale.sum(-1)
             else:  # pyrovae.guides.flows.Reverse
                 z = z.flip(-1)
         log_p = (-0.5 * z.pow(2) - half_log_2pi).sum(-1)

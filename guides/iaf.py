@@ -18,13 +18,20 @@ __all__ = ["InverseAutoregressiveFlow"]
 class InverseAutoregressiveFlow(FlowGuide):
     """The encoder emits mu, sigma and a context h; z0 ~ N(mu, sigma), then T IAF steps given h.
 
-    Each step is an affine autoregressive map computed by a MADE over (z, h): with
+    Each step is an affine autoregressive map computed by a MADE over (z, h):
+    z <- m + exp(log sigma) * z, log sigma clipped to [-5, 3] (Pyro's default), or with
     `stable=True` the gated update z <- s * z + (1 - s) * m, s = sigmoid(logit + 2)
-    (Kingma et al. 2016, eq. 14), else z <- m + exp(log sigma) * z. The order of the latent
-    dimensions is reversed between steps. log|det| = sum log s (or log sigma) per step.
+    (Kingma et al. 2016, eq. 14). The order of the latent dimensions is reversed between
+    steps. log|det| = sum log sigma (or log s) per step.
+
+    The gated update is not the default: on static binarized MNIST (784-200-200-50 tanh, 10
+    epochs, Adam 1e-3) it learned more slowly, validation ELBO -113.7 (1 step) and -112.7
+    (2 steps) against -111.8 and -110.2 for the affine update and -111.9 for the diagonal
+    Gaussian (we have not isolated why; the gate starts at s = sigmoid(2) = 0.88, so every step
+    first pulls z towards the MADE's output).
 
     Options: flow_steps (T, default 2), context_size (size of h, default 50),
-    flow_hidden (MADE hidden sizes, default [10 d, 10 d]), stable (True).
+    flow_hidden (MADE hidden sizes, default [10 d, 10 d]), stable (False).
 
     References:
         Kingma, Salimans, Jozefowicz, Chen, Sutskever & Welling (2016), Improving Variational
@@ -41,7 +48,7 @@ class InverseAutoregressiveFlow(FlowGuide):
         flow_steps: int = 2,
         flow_hidden: Sequence[int] | None = None,
         context_size: int = 50,
-        stable: bool = True,
+        stable: bool = False,
     ) -> None:
         self.stable = stable
         super().__init__(sites, data_shape, hidden, activation, flow_steps, flow_hidden, context_size)

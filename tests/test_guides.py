@@ -22,7 +22,7 @@ from pyrovae.sites import call_kwargs, data_plate, inspect_model
 
 FLOWS = [
     ("iaf", {}),
-    ("iaf", {"stable": False}),
+    ("iaf", {"stable": True}),
     ("planar", {}),
     ("radial", {}),
     ("sylvester", {"variant": "orthogonal"}),
