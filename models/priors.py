@@ -44,7 +44,8 @@ class StandardPrior(nn.Module):
         self.register_buffer("zero", torch.zeros(()), persistent=False)
 
     def forward(self, batch: int) -> dist.Distribution:
-        return dist.Normal(self.zero, 1.0).expand([batch, self.latent]).to_event(1)
+        # a fresh zero (on the buffer's device), not the buffer: a captured graph folds it away
+        return dist.Normal(torch.zeros((), device=self.zero.device), 1.0).expand([batch, self.latent]).to_event(1)
 
 
 class VampPrior(nn.Module):
