@@ -248,3 +248,13 @@ def test_bad_options_are_refused():
         build_guide("iaf", model, x, flow_hidden=(2,))
     with pytest.raises(PyrovaeError, match="positive sizes"):
         build_guide("planar", model, x, flow_hidden=())
+
+
+@pytest.mark.parametrize("variant", ["orthogonal", "householder"])
+def test_sylvester_q_has_orthonormal_columns(variant):
+    from pyrovae.guides.flows import ConditionalSylvester
+
+    step = ConditionalSylvester(6, 4, [16], variant, 0, 3 if variant == "orthogonal" else None)
+    q = step.condition(torch.randn(5, 4)).q  # (5, 6, M) for five examples
+    eye = torch.eye(q.shape[-1]).expand(5, -1, -1)
+    assert torch.allclose(q.transpose(-1, -2) @ q, eye, atol=1e-5)
