@@ -31,9 +31,9 @@ from pyrovae.evaluate import Evaluation, chunk_sizes, evaluate
 from pyrovae.guides.local import LocalGaussian
 from pyrovae.infer.local import fit_local, model_sites
 from pyrovae.objectives import make_objective
-from pyrovae.sites import direct_parameters
 from pyrovae.registry import METHODS
 from pyrovae.run import atomic_write
+from pyrovae.sites import direct_parameters
 
 __all__ = ["add_compare_parser", "compare", "gap_decomposition", "heldout_scores", "parse_method", "run_compare", "run_gaps"]
 
