@@ -110,6 +110,10 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
                   "| q* family | log p(x) | L[q*] | approximation gap |", "|---|---|---|---|"]
         for f in result["families"]:
             lines.append(f"| {f['qstar']} | {f['log_px']:.2f} | {f['elbo_qstar']:.2f} | {f['approximation_gap']:.2f} ± {f['approximation_gap_se']:.2f} |")
+        lines += ["", "The full-covariance family contains the diagonal one, so its q* should be at least as good: that it is not "
+                  "means 300 Adam steps (cosine decay from 0.05) do not converge for the full parameterization on this decoder "
+                  "(on a decoder trained 2 epochs it does overtake the diagonal by 300 steps: -137.49 vs -137.81 on 100 images). "
+                  "The full rows' approximation gaps above are therefore upper bounds."]
     lines += ["", result["published"] + "."]
     return "\n".join(lines) + "\n"
 
