@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from common import SHARED_DATA, machine, write_results  # noqa: E402
 
 from pyrovae.data import load_dataset  # noqa: E402
 from pyrovae.evaluate import evaluate  # noqa: E402
+from pyrovae.experiment import _peak_memory_mb  # noqa: E402
 from pyrovae.guides import build_guide  # noqa: E402
 from pyrovae.infer import AmortizedVI, TrainSettings  # noqa: E402
 from pyrovae.models import VAE  # noqa: E402
@@ -234,12 +234,12 @@ def evaluation(data, args) -> list[dict]:
 def peak_memory_of_evaluation(args) -> float:
     """Peak resident MB of a fresh process that evaluates IS-K on `eval_images` images."""
     code = (
-        "import resource, torch; from pyrovae.models import VAE; from pyrovae.guides import build_guide; "
+        "import torch; from pyrovae.models import VAE; from pyrovae.guides import build_guide; "
         "from pyrovae.evaluate import evaluate; from pyrovae.data import load_dataset; "
         f"torch.set_num_threads({args.threads}); d = load_dataset('binarized-mnist', {args.data_dir!r}); "
         f"x = d.batch('valid', torch.arange({args.eval_images})); m = VAE((784,), 50); g = build_guide('diagonal', m, x); "
         f"evaluate(m, g, x.split(500), num_samples={args.samples}); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+        "from pyrovae.experiment import _peak_memory_mb; print(_peak_memory_mb())"
     )
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
 
@@ -287,7 +287,7 @@ def main() -> None:
     rows = training(data, args) + evaluation(data, args)
     result = {"benchmark": "throughput", "machine": machine(), "rounds": args.rounds, "images": args.images, "samples": args.samples,
               "eval_peak_memory_mb": peak_memory_of_evaluation(args), "fit_peak_memory_mb": peak_memory_of_fit(args), "rows": rows,
-              "process_peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+              "process_peak_memory_mb": _peak_memory_mb()}
     write_results("throughput", result, markdown(result))
 
 

@@ -207,7 +207,9 @@ def simplify(graph: fx.GraphModule) -> None:
             continue
         seen[key] = node
     _drop_surrogate(g)
+    _standardized_draws(g)
     _negate_after_sum(g)
+    _constants_after_sum(g)
     _fuse_randn(g)
     _fuse_linear(g)
     g.eliminate_dead_code()
@@ -288,6 +290,41 @@ def _pure(target: Any) -> bool:
                 or target in (aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default))
 
 
+def _standardized_draws(g: fx.Graph) -> None:
+    """A Normal's log-density at its own reparameterized draw z = loc + scale * eps:
+    -(z - loc)^2 / (2 scale^2) -> -eps^2 / 2, with z - loc -> scale * eps first. Equal in exact
+    arithmetic, value and gradient (both are free of loc and scale); this is how a hand-written
+    loss computes it, with four fewer operations per site."""
+    def node(value: Any, target: Any) -> fx.Node | None:
+        return value if isinstance(value, fx.Node) and value.target is target else None
+
+    for sub in [n for n in g.nodes if n.op == "call_function" and n.target is aten.sub.Tensor and len(n.args) == 2]:
+        z, loc = sub.args
+        draw = node(z, aten.add.Tensor)
+        if draw is not None and len(draw.args) == 2 and draw.args[0] is loc and isinstance(draw.args[1], fx.Node) \
+                and _shape(draw.args[1]) == _shape(sub) and _shape(loc) == _shape(sub):
+            sub.replace_all_uses_with(draw.args[1])  # (loc + scale * eps) - loc -> scale * eps
+    for div in [n for n in g.nodes if n.op == "call_function" and n.target is aten.div.Tensor and len(n.args) == 2]:
+        neg, twice_var = div.args
+        square = node(neg.args[0], aten.pow.Tensor_Scalar) if node(neg, aten.neg.default) else None
+        product = node(square.args[0], aten.mul.Tensor) if square is not None and square.args[1] == 2 else None
+        doubled = node(twice_var, aten.mul.Tensor)
+        var = node(doubled.args[0], aten.pow.Tensor_Scalar) if doubled is not None and doubled.args[1] == 2 else None
+        if product is None or var is None or var.args[1] != 2 or _shape(div) != _shape(product):
+            continue
+        eps, scale = product.args
+        if scale is not var.args[0]:
+            eps, scale = scale, eps
+        if scale is not var.args[0] or not isinstance(eps, fx.Node) or _shape(eps) != _shape(div):
+            continue
+        with g.inserting_before(div):
+            eps_squared = g.call_function(aten.pow.Tensor_Scalar, (eps, 2))
+            half = g.call_function(aten.mul.Tensor, (eps_squared, -0.5))
+        eps_squared.meta, half.meta = dict(div.meta), dict(div.meta)
+        div.replace_all_uses_with(half)
+        g.erase_node(div)
+
+
 def _negate_after_sum(g: fx.Graph) -> None:
     """sum(-x) -> -sum(x): exact in floating point, and negates the reduced tensor, not the big one
     (a Bernoulli log-likelihood is minus a cross-entropy over every pixel)."""
@@ -301,6 +338,28 @@ def _negate_after_sum(g: fx.Graph) -> None:
                 total.meta, negated.meta = dict(node.meta), dict(node.meta)
                 node.replace_all_uses_with(negated)
                 g.erase_node(node)
+
+
+def _constants_after_sum(g: fx.Graph) -> None:
+    """sum(x - c, dims) -> sum(x, dims) - c n, c a number, n the elements summed per output: the
+    normalizing constant of a log-density is subtracted once per example, not once per element."""
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target is not aten.sum.dim_IntList or len(node.args) != 2 or node.kwargs:
+            continue
+        inner, dims = node.args
+        if not (isinstance(inner, fx.Node) and inner.target is aten.sub.Tensor and len(inner.users) == 1
+                and isinstance(inner.args[1], (int, float)) and _shape(inner) == _shape(inner.args[0])):
+            continue
+        shape = _shape(inner)
+        count = 1
+        for d in dims:
+            count *= shape[d]
+        with g.inserting_before(node):
+            total = g.call_function(aten.sum.dim_IntList, (inner.args[0], dims))
+            shifted = g.call_function(aten.sub.Tensor, (total, inner.args[1] * count))
+        total.meta, shifted.meta = dict(node.meta), dict(node.meta)
+        node.replace_all_uses_with(shifted)
+        g.erase_node(node)
 
 
 def _fuse_randn(g: fx.Graph) -> None:
