@@ -43,6 +43,11 @@ class HandwrittenVAE(nn.Module):
         self.decoder = _mlp([latent, *reversed(hidden), input_dim], activation)
         self.softplus_scale = scale == "softplus"
 
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (mu, sigma) of q(z|x)."""
+        mu, raw = self.encoder(x).chunk(2, dim=-1)
+        return mu, (F.softplus(raw) + 1e-4 if self.softplus_scale else torch.exp(0.5 * raw))
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (mu, logvar) of q(z|x)."""
         mu, raw = self.encoder(x).chunk(2, dim=-1)
@@ -55,8 +60,7 @@ class HandwrittenVAE(nn.Module):
     def elbo(self, x: torch.Tensor) -> torch.Tensor:
         """Single-sample reparameterized ELBO per example, with analytic KL."""
         if self.softplus_scale:
-            mu, raw = self.encoder(x).chunk(2, dim=-1)
-            sigma = F.softplus(raw) + 1e-4
+            mu, sigma = self.posterior(x)
             z = mu + sigma * torch.randn_like(mu)
             kl = (0.5 * (sigma.pow(2) + mu.pow(2) - 1) - sigma.log()).sum(-1)
         else:
@@ -68,8 +72,7 @@ class HandwrittenVAE(nn.Module):
 
     def sampled_elbo(self, x: torch.Tensor) -> torch.Tensor:
         """Single-sample ELBO with the KL estimated at the sample: log p(x|z) + log p(z) - log q(z|x)."""
-        mu, raw = self.encoder(x).chunk(2, dim=-1)
-        std = F.softplus(raw) + 1e-4 if self.softplus_scale else torch.exp(0.5 * raw)
+        mu, std = self.posterior(x)
         eps = torch.randn_like(mu)
         z = mu + std * eps
         rec = F.binary_cross_entropy_with_logits(self.decode_logits(z), x, reduction="none").sum(-1)

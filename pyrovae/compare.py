@@ -29,11 +29,10 @@ from pyrovae.data import minibatches
 from pyrovae.errors import PyrovaeError
 from pyrovae.evaluate import Evaluation, chunk_sizes, evaluate
 from pyrovae.guides.local import LocalGaussian
-from pyrovae.infer.local import fit_local, model_sites
+from pyrovae.infer.local import fit_local, frozen, model_sites
 from pyrovae.objectives import make_objective
 from pyrovae.registry import METHODS
 from pyrovae.run import atomic_write
-from pyrovae.sites import direct_parameters
 
 __all__ = ["add_compare_parser", "compare", "gap_decomposition", "heldout_scores", "parse_method", "run_compare", "run_gaps"]
 
@@ -80,26 +79,19 @@ def finetuned_scores(model: Callable, guide: nn.Module, x: torch.Tensor, setting
     """
     nesting = model_sites(model, guide, x).max_plate_nesting
     objective = make_objective("elbo", max(settings.particles, 1), nesting)
-    frozen = [p for p in getattr(model, "parameters", lambda: [])() if p.requires_grad]
     parts = []
-    try:
-        for p in frozen:
-            p.requires_grad_(False)
-        with direct_parameters():
-            for i in range(len(x)):
-                xi = x[i : i + 1]
-                q = copy.deepcopy(guide).train()
-                optimizer = torch.optim.Adam(q.parameters(), lr=lr)
-                schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(settings.steps, 1))
-                for _ in range(settings.steps):
-                    optimizer.zero_grad(set_to_none=True)
-                    objective.differentiable_loss(model, q, xi).backward()
-                    optimizer.step()
-                    schedule.step()
-                parts.append(evaluate(model, q.eval(), xi, num_samples=settings.samples))
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+    with frozen(model):
+        for i in range(len(x)):
+            xi = x[i : i + 1]
+            q = copy.deepcopy(guide).train()
+            optimizer = torch.optim.Adam(q.parameters(), lr=lr)
+            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(settings.steps, 1))
+            for _ in range(settings.steps):
+                optimizer.zero_grad(set_to_none=True)
+                objective.differentiable_loss(model, q, xi).backward()
+                optimizer.step()
+                schedule.step()
+            parts.append(evaluate(model, q.eval(), xi, num_samples=settings.samples))
     return Evaluation(
         elbo=torch.cat([p.elbo for p in parts]), log_likelihood=torch.cat([p.log_likelihood for p in parts]),
         iwae=None, num_samples=settings.samples, iwae_k=None,
