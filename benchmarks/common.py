@@ -20,9 +20,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 SHARED_DATA = str(ROOT.parent / "shared" / "data")
 
 
-def machine() -> str:
+def machine(device: torch.device | str = "cpu") -> str:
+    """The processor (and the GPU, for a CUDA device), thread count and torch version."""
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+    gpu = f"{torch.cuda.get_device_name(device)}, " if torch.device(device).type == "cuda" else ""
+    return f"{gpu}{cpu}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
 
 
 def fit_and_score(config: Config, valid: torch.Tensor, samples: int) -> dict[str, Any]:

@@ -7,7 +7,11 @@ reported with their ratio to hand-written PyTorch. Evaluation: the importance-sa
 with K = 5000 through pyrovae's `evaluate` and through a hand-written vectorized estimator on
 the very same networks, also interleaved.
 
-    python benchmarks/throughput.py            # writes benchmarks/results/throughput.{json,md}
+    python benchmarks/throughput.py                  # writes benchmarks/results/throughput.{json,md}
+    python benchmarks/throughput.py --device cuda    # ... throughput_cuda.{json,md}, on the GPU
+
+On a GPU the data set is held on the device and every implementation gathers its minibatches
+there; the clock stops only after the device has finished (`torch.cuda.synchronize`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import peers  # noqa: E402
 from common import SHARED_DATA, machine, write_results  # noqa: E402
 
 from pyrovae.data import load_dataset  # noqa: E402
-from pyrovae.evaluate import evaluate  # noqa: E402
+from pyrovae.evaluate import default_max_elements, evaluate  # noqa: E402
 from pyrovae.experiment import _peak_memory_mb  # noqa: E402
 from pyrovae.guides import build_guide  # noqa: E402
 from pyrovae.infer import AmortizedVI, TrainSettings  # noqa: E402
@@ -44,16 +48,16 @@ Step = Callable[[torch.Tensor], None]
 
 def pyrovae_step(data, guide: str, objective: str, batch: int) -> Step:
     x = data.batch("train", torch.arange(8))
-    model = VAE((784,), 50, (200, 200), "tanh")
-    method = AmortizedVI(model, build_guide(guide, model, x), TrainSettings(objective, 1, 1e-3, batch), len(data.split("train")))
+    model = VAE((784,), 50, (200, 200), "tanh").to(data.device)
+    method = AmortizedVI(model, build_guide(guide, model, x).to(data.device), TrainSettings(objective, 1, 1e-3, batch), len(data.split("train")))
     return lambda index: method.step(data.batch("train", index), index)
 
 
 def plain_pyro_step(data, guide: str) -> Step:
     """Pyro's own VAE example loop: SVI(Trace_ELBO) with pyro.optim.Adam on the same modules."""
     x = data.batch("train", torch.arange(8))
-    model = VAE((784,), 50, (200, 200), "tanh")
-    svi = pyro.infer.SVI(model, build_guide(guide, model, x), pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
+    model = VAE((784,), 50, (200, 200), "tanh").to(data.device)
+    svi = pyro.infer.SVI(model, build_guide(guide, model, x).to(data.device), pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
     return lambda index: svi.step(data.batch("train", index))
 
 
@@ -63,7 +67,7 @@ def pytorch_step(data, fused: bool, scale: str = "softplus", kl: str = "analytic
     `kl="analytic"` is the closed-form KL (pyrovae's elbo-analytic); `kl="sampled"` estimates it
     as log q(z|x) - log p(z) at the sample, as pyrovae's elbo (Trace_ELBO) does.
     """
-    model = peers.handwritten_vae(scale=scale)
+    model = peers.handwritten_vae(scale=scale).to(data.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
     objective = model.elbo if kl == "analytic" else model.sampled_elbo
 
@@ -86,8 +90,8 @@ def pytorch_iaf_step(data) -> Step:
     reversed between steps; log q = log N(z0) - sum of the steps' log-scales.
     """
     x = data.batch("train", torch.arange(8))
-    model = VAE((784,), 50, (200, 200), "tanh")
-    guide = build_guide("iaf", model, x)
+    model = VAE((784,), 50, (200, 200), "tanh").to(data.device)
+    guide = build_guide("iaf", model, x).to(data.device)
     head = guide.heads["z"]
     optimizer = torch.optim.Adam([*model.parameters(), *guide.parameters()], lr=1e-3, fused=True)
     half_log_2pi = 0.5 * math.log(2 * math.pi)
@@ -138,6 +142,7 @@ def pythae_step(data, iaf: bool = False) -> Step:
         model = VAE_IAF(VAE_IAF_Config(**common, n_made_blocks=2, n_hidden_in_made=2, hidden_size=500), encoder, decoder)
     else:
         model = VAE(VAEConfig(**common), encoder, decoder)
+    model = model.to(data.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step(index: torch.Tensor) -> None:
@@ -148,46 +153,72 @@ def pythae_step(data, iaf: bool = False) -> Step:
     return step
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a host clock times it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def interleave(steps: dict[str, Step], batches: list[torch.Tensor], rounds: int) -> dict[str, float]:
     """Median images/second of each step function over `rounds` interleaved passes."""
+    device = batches[0].device
     rates: dict[str, list[float]] = {name: [] for name in steps}
     for name, step in steps.items():  # warm-up
         for index in batches[:3]:
             step(index)
     for _ in range(rounds):
         for name, step in steps.items():
+            synchronize(device)
             start = time.perf_counter()
             for index in batches:
                 step(index)
+            synchronize(device)
             rates[name].append(sum(len(b) for b in batches) / (time.perf_counter() - start))
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
-def training(data, args) -> list[dict]:
+def working_steps(builders: dict[str, Callable[[], Step]], index: torch.Tensor, failures: dict[str, str]) -> dict[str, Step]:
+    """Build each implementation and take one step; one that fails is reported in `failures` and left out."""
+    steps = {}
+    for name, build in builders.items():
+        try:
+            step = build()
+            step(index)
+            steps[name] = step
+        except Exception as error:  # a peer library that cannot run here must not sink the other rows
+            failures[name] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            print(f"left out {name}: {failures[name]}", flush=True)
+    return steps
+
+
+def training(data, args, failures: dict[str, str]) -> list[dict]:
     rows = []
     n = len(data.split("train"))
     for batch in (100, 1000):
         generator = torch.Generator().manual_seed(batch)
         count = max(3, args.images // batch)
-        batches = [torch.randint(0, n, (batch,), generator=generator) for _ in range(count)]
-        steps = {
-            "pytorch, analytic KL": pytorch_step(data, True),
-            "pyrovae elbo-analytic": pyrovae_step(data, "diagonal", "elbo-analytic", batch),
-            "pytorch, sampled KL": pytorch_step(data, True, kl="sampled"),
-            "pyrovae elbo": pyrovae_step(data, "diagonal", "elbo", batch),
-            "pytorch, analytic KL, default Adam": pytorch_step(data, False),
-            "pytorch, analytic KL, log-variance encoder": pytorch_step(data, True, "logvar"),
-            "plain Pyro SVI": plain_pyro_step(data, "diagonal"),
-            "pytorch iaf": pytorch_iaf_step(data),
-            "pyrovae iaf": pyrovae_step(data, "iaf", "elbo", batch),
-            "plain Pyro SVI iaf": plain_pyro_step(data, "iaf"),
+        batches = [torch.randint(0, n, (batch,), generator=generator).to(data.device) for _ in range(count)]
+        builders = {
+            "pytorch, analytic KL": lambda: pytorch_step(data, True),
+            "pyrovae elbo-analytic": lambda: pyrovae_step(data, "diagonal", "elbo-analytic", batch),
+            "pytorch, sampled KL": lambda: pytorch_step(data, True, kl="sampled"),
+            "pyrovae elbo": lambda: pyrovae_step(data, "diagonal", "elbo", batch),
+            "pytorch, analytic KL, default Adam": lambda: pytorch_step(data, False),
+            "pytorch, analytic KL, log-variance encoder": lambda: pytorch_step(data, True, "logvar"),
+            "plain Pyro SVI": lambda: plain_pyro_step(data, "diagonal"),
+            "pytorch iaf": lambda: pytorch_iaf_step(data),
+            "pyrovae iaf": lambda: pyrovae_step(data, "iaf", "elbo", batch),
+            "plain Pyro SVI iaf": lambda: plain_pyro_step(data, "iaf"),
         }
         if not args.no_pythae:
-            steps["pythae"] = pythae_step(data)
-            steps["pythae VAE_IAF"] = pythae_step(data, iaf=True)
+            builders["pythae"] = lambda: pythae_step(data)
+            builders["pythae VAE_IAF"] = lambda: pythae_step(data, iaf=True)
+        steps = working_steps(builders, batches[0], failures)
         rates = interleave(steps, batches, args.rounds)
         for name, rate in rates.items():
             peer = PEERS.get(name, "pytorch, analytic KL")
+            if peer not in rates:
+                continue
             rows.append({"part": "train", "batch": batch, "implementation": name, "images_per_second": rate,
                          "peer": peer, "ratio": rate / rates[peer]})
             print(json.dumps(rows[-1]), flush=True)
@@ -201,8 +232,8 @@ PEERS = {"pyrovae elbo": "pytorch, sampled KL", "pytorch, sampled KL": "pytorch,
 
 def evaluation(data, args) -> list[dict]:
     """pyrovae's evaluate against a hand-written vectorized estimator on the same networks."""
-    model = VAE((784,), 50, (200, 200), "tanh")
-    guide = build_guide("diagonal", model, data.batch("train", torch.arange(8)))
+    model = VAE((784,), 50, (200, 200), "tanh").to(data.device)
+    guide = build_guide("diagonal", model, data.batch("train", torch.arange(8))).to(data.device)
     head = guide.heads["z"]
 
     def encode(x):
@@ -210,16 +241,20 @@ def evaluation(data, args) -> list[dict]:
         return loc, softplus(raw) + guide.min_scale
 
     x = data.batch("valid", torch.arange(args.eval_images))
+    # the hand-written estimator holds as many floats at once as pyrovae's evaluate does by default
+    max_elements = default_max_elements(data.device)
     runs = {
         "pyrovae evaluate": lambda: evaluate(model, guide, x.split(500), num_samples=args.samples),
-        "pytorch estimator": lambda: peers.importance_sampled_log_likelihood(encode, model.decoder, x, num_samples=args.samples),
+        "pytorch estimator": lambda: peers.importance_sampled_log_likelihood(encode, model.decoder, x, num_samples=args.samples, max_elements=max_elements),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():
         for _ in range(args.eval_rounds):
             for name, run in runs.items():
+                synchronize(data.device)
                 start = time.perf_counter()
                 run()
+                synchronize(data.device)
                 times[name].append(time.perf_counter() - start)
     base = statistics.median(times["pytorch estimator"])
     rows = []
@@ -231,15 +266,16 @@ def evaluation(data, args) -> list[dict]:
     return rows
 
 
-def peak_memory_of_evaluation(args) -> float:
-    """Peak resident MB of a fresh process that evaluates IS-K on `eval_images` images."""
+def peak_memory_of_evaluation(args, gpu: bool = False) -> float:
+    """Peak resident MB of a fresh process that evaluates IS-K on `eval_images` images; with
+    `gpu`, the peak GPU memory torch allocated in it instead."""
+    report = "print(torch.cuda.max_memory_allocated() / 2**20)" if gpu else "from pyrovae.experiment import _peak_memory_mb; print(_peak_memory_mb())"
     code = (
         "import torch; from pyrovae.models import VAE; from pyrovae.guides import build_guide; "
         "from pyrovae.evaluate import evaluate; from pyrovae.data import load_dataset; "
         f"torch.set_num_threads({args.threads}); d = load_dataset('binarized-mnist', {args.data_dir!r}); "
-        f"x = d.batch('valid', torch.arange({args.eval_images})); m = VAE((784,), 50); g = build_guide('diagonal', m, x); "
-        f"evaluate(m, g, x.split(500), num_samples={args.samples}); "
-        "from pyrovae.experiment import _peak_memory_mb; print(_peak_memory_mb())"
+        f"x = d.batch('valid', torch.arange({args.eval_images}), device={args.device!r}); m = VAE((784,), 50).to(x.device); "
+        f"g = build_guide('diagonal', m, x).to(x.device); evaluate(m, g, x.split(500), num_samples={args.samples}); {report}"
     )
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
 
@@ -248,7 +284,7 @@ def peak_memory_of_fit(args) -> float:
     """Peak resident MB of `pyrovae fit` on binarized MNIST, as the run's metrics.json reports it."""
     with tempfile.TemporaryDirectory() as out:
         subprocess.run([sys.executable, "-m", "pyrovae", "fit", "--dataset", "binarized-mnist", "--data-dir", args.data_dir, "--epochs", "1",
-                        "--eval-samples", "0", "--quiet", "--threads", str(args.threads), "--out", f"{out}/run"], check=True, capture_output=True)
+                        "--device", args.device, "--eval-samples", "0", "--quiet", "--threads", str(args.threads), "--out", f"{out}/run"], check=True, capture_output=True)
         return json.loads(Path(f"{out}/run/metrics.json").read_text())["peak_memory_mb"]
 
 
@@ -267,6 +303,10 @@ def markdown(result: dict) -> str:
     lines.append("")
     lines.append(f"Peak resident memory of a process evaluating IS-{result['samples']} (chunked): {result['eval_peak_memory_mb']:.0f} MB; "
                  f"of `pyrovae fit` on binarized MNIST (50,000 images held as uint8, 1 epoch): {result['fit_peak_memory_mb']:.0f} MB.")
+    if "eval_peak_gpu_memory_mb" in result:
+        lines.append(f"Peak GPU memory allocated while evaluating: {result['eval_peak_gpu_memory_mb']:.0f} MB.")
+    for name, why in result.get("left_out", {}).items():
+        lines.append(f"Left out: {name} ({why}).")
     return "\n".join(lines) + "\n"
 
 
@@ -280,15 +320,22 @@ def main() -> None:
     parser.add_argument("--eval-rounds", type=int, default=3)
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--no-pythae", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where every implementation runs")
+    parser.add_argument("--out", help="results name (default: throughput, or throughput_cuda on a GPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(0)
-    data = load_dataset("binarized-mnist", args.data_dir)
-    rows = training(data, args) + evaluation(data, args)
-    result = {"benchmark": "throughput", "machine": machine(), "rounds": args.rounds, "images": args.images, "samples": args.samples,
+    device = torch.device(args.device)
+    data = load_dataset("binarized-mnist", args.data_dir).to(device)
+    failures: dict[str, str] = {}
+    rows = training(data, args, failures) + evaluation(data, args)
+    result = {"benchmark": "throughput", "machine": machine(device), "device": str(device), "rounds": args.rounds, "images": args.images,
+              "samples": args.samples, "eval_images": args.eval_images,
               "eval_peak_memory_mb": peak_memory_of_evaluation(args), "fit_peak_memory_mb": peak_memory_of_fit(args), "rows": rows,
-              "process_peak_memory_mb": _peak_memory_mb()}
-    write_results("throughput", result, markdown(result))
+              "process_peak_memory_mb": _peak_memory_mb(), "left_out": failures}
+    if device.type == "cuda":
+        result["eval_peak_gpu_memory_mb"] = peak_memory_of_evaluation(args, gpu=True)
+    write_results(args.out or ("throughput" if device.type == "cpu" else f"throughput_{device.type}"), result, markdown(result))
 
 
 if __name__ == "__main__":

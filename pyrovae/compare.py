@@ -169,7 +169,7 @@ def _train_for(method: Any, experiment: Any, budget: float | None, steps: int | 
         for index in minibatches(n, method.settings.batch_size, generator):
             start = time.perf_counter()
             x = data.batch("train", index, generator).to(experiment.device)
-            loss = method.step(x, index.to(experiment.device))
+            loss = float(method.step(x, index.to(experiment.device)))  # waits for the step: the clock is honest on a GPU
             seconds, done = seconds + time.perf_counter() - start, done + 1
             if not math.isfinite(loss):
                 raise PyrovaeError(f"{method.name}: the loss became {loss} at step {done}")

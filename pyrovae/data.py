@@ -27,7 +27,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +80,27 @@ class Dataset:
         Binary rows become {0, 1}, grayscale ``uint8`` rows ``x / 255``, and with dynamic
         binarization each pixel is drawn from ``Bernoulli(x / 255)`` using ``generator``.
         """
-        x = self.split(split).x[torch.as_tensor(index, dtype=torch.long).cpu()]
+        rows = self.split(split).x
+        x = rows[torch.as_tensor(index, dtype=torch.long).to(rows.device)]
         scale = x.dtype == torch.uint8 and (self.kind == "grayscale" or self.dynamic_binarization)
         x = x.float() / 255.0 if scale else x.float()
-        if self.dynamic_binarization:
+        if self.dynamic_binarization and x.device.type == "cpu":
             x = torch.bernoulli(x, generator=generator)
+        elif self.dynamic_binarization:  # the generator is the CPU's: draw there, compare here
+            x = (torch.rand(x.shape, generator=generator).to(x.device) < x).float()
         return x.to(device) if device is not None else x
+
+    @property
+    def device(self) -> torch.device:
+        """Where the training rows are held."""
+        return next(iter(self.splits.values())).x.device
+
+    def to(self, device: torch.device | str) -> Dataset:
+        """The same data set with its rows (``x``, kept compact) on ``device``."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return replace(self, splits={name: replace(part, x=part.x.to(device)) for name, part in self.splits.items()})
 
     def mask(self, split: str, index: torch.Tensor,
              device: torch.device | str | None = None) -> torch.Tensor | None:
@@ -110,10 +125,13 @@ _resolve_dir = data_dir  # load_dataset's argument shadows the function name
 
 
 def minibatches(num_examples: int, batch_size: int, generator: torch.Generator, shuffle: bool = True,
-                drop_last: bool = False) -> Iterator[torch.Tensor]:
-    """Yields ``int64`` index tensors covering ``range(num_examples)`` once (one epoch)."""
+                drop_last: bool = False, device: torch.device | str | None = None) -> Iterator[torch.Tensor]:
+    """Yields ``int64`` index tensors covering ``range(num_examples)`` once (one epoch).
+
+    The order is drawn by ``generator`` (on the CPU) and moved to ``device`` once per epoch."""
     _require(batch_size >= 1, f"batch size must be a positive integer, got {batch_size}")
     order = torch.randperm(num_examples, generator=generator) if shuffle else torch.arange(num_examples)
+    order = order.to(device) if device is not None else order
     stop = num_examples - num_examples % batch_size if drop_last else num_examples
     for start in range(0, stop, batch_size):
         yield order[start : start + batch_size]

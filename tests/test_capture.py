@@ -21,7 +21,7 @@ def _train(guide_name: str, objective: str, capture_on: bool, steps: int = 6) ->
     guide = build_guide(guide_name, model, x, hidden=(16,))
     method = AmortizedVI(model, guide, TrainSettings(objective, 2 if objective == "iwae" else 1, 1e-2, 20, capture=capture_on), len(x))
     pyro.set_rng_seed(3)
-    losses = [method.step(x[i % 2 * 20:][:20], torch.arange(20) + i % 2 * 20) for i in range(steps)]
+    losses = [float(method.step(x[i % 2 * 20:][:20], torch.arange(20) + i % 2 * 20)) for i in range(steps)]
     return method, losses
 
 

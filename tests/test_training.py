@@ -69,3 +69,23 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     experiment.method.step = step
     kept = run.load_checkpoint()
     assert kept["step"] == good["step"] and len(kept["history"]) == 1
+
+
+def test_a_non_finite_loss_read_later_still_names_its_step():
+    """Losses stay on the device and are read in groups; the error names the step that went bad."""
+    experiment = build(Config(epochs=0, **SMALL))
+    losses = iter([torch.tensor(1.0)] * 6 + [torch.tensor(math.inf)] + [torch.tensor(1.0)] * 1000)
+    experiment.method.step = lambda *a, **k: next(losses)
+    with pytest.raises(PyrovaeError, match="loss became inf at epoch 1, step 7:"):
+        train(experiment.method, experiment.data, 1, progress=False)
+
+
+def test_the_epoch_loss_is_the_mean_over_examples_of_the_step_losses():
+    experiment = build(Config(epochs=0, **SMALL))
+    n, batch = len(experiment.data.split("train")), experiment.method.settings.batch_size
+    values = iter(torch.arange(1000, dtype=torch.float32))
+    experiment.method.step = lambda *a, **k: next(values)
+    history = train(experiment.method, experiment.data, 1, progress=False)
+    sizes = [min(batch, n - start) for start in range(0, n, batch)]
+    expected = sum(i * size for i, size in enumerate(sizes)) / n
+    assert history.rows[0]["train_loss"] == pytest.approx(expected)

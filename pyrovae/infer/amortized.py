@@ -54,10 +54,11 @@ class AmortizedVI(InferenceMethod):
         total = factor * self.objective.differentiable_loss(model, guide, x, **kwargs)
         return total / (self.num_examples if index is not None else len(x))
 
-    def step(self, x: torch.Tensor, index: torch.Tensor, beta: float = 1.0) -> float:
+    def step(self, x: torch.Tensor, index: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
         """One Adam step. The loss at full KL weight is replayed from a captured graph
         (`pyrovae.capture`) where the program allows it, from the first step on, so that a
-        resumed run takes exactly the steps an uninterrupted one takes."""
+        resumed run takes exactly the steps an uninterrupted one takes. The loss comes back as
+        a tensor on the device: reading it would make the host wait for the step."""
         self.optimizer.zero_grad(set_to_none=True)
         replay = self.captured is not None and beta == 1.0
         if replay and not self._validated:
@@ -66,7 +67,7 @@ class AmortizedVI(InferenceMethod):
             loss = self.captured(x, index) if replay else self.loss(x, index, beta)
         loss.backward()
         self.optimizer.step()
-        return loss.item()
+        return loss.detach()
 
     def check_program(self, x: torch.Tensor, index: torch.Tensor) -> None:
         """Pyro's shape and support checks, in one eager pass that leaves the random state as it was."""

@@ -48,8 +48,9 @@ class InferenceMethod:
         self._validated = False
         self._index_keys: tuple[str, ...] | None = None
 
-    def step(self, x: torch.Tensor, index: torch.Tensor, beta: float = 1.0) -> float:
-        """One update on a minibatch; returns the minibatch loss in nats per example."""
+    def step(self, x: torch.Tensor, index: torch.Tensor, beta: float = 1.0) -> float | torch.Tensor:
+        """One update on a minibatch; returns the minibatch loss in nats per example, as a float
+        or as a 0-dim tensor left on the device (the training loop reads those in groups)."""
         raise NotImplementedError
 
     def minibatch_kwargs(self, x: torch.Tensor, index: torch.Tensor | None) -> tuple[dict[str, Any], float]:

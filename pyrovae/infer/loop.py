@@ -40,6 +40,19 @@ class History:
         return max(scored, key=lambda r: r["valid_elbo"]) if scored else None
 
 
+# On a GPU, reading a loss waits for every queued kernel: losses are read in groups, so that
+# the host queues the next steps while the device works. A non-finite loss is still reported
+# with its own step number, at most READ_EVERY steps later.
+READ_EVERY = 50
+
+
+def _read(losses: list[Any]) -> list[float]:
+    """Floats of losses that may be 0-dim tensors on a device: one transfer for all of them."""
+    if all(torch.is_tensor(loss) for loss in losses):
+        return torch.stack([loss.detach().reshape(()).double() for loss in losses]).tolist()
+    return [float(loss) for loss in losses]
+
+
 def warmup_beta(step: int, warmup_steps: int) -> float:
     """KL weight ramping linearly from 1/warmup_steps to 1 (sec. 2.8: KL annealing)."""
     return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
@@ -86,24 +99,41 @@ def train(
         method.load_state_dict(checkpoint["method"])
         generator.set_state(checkpoint["generator"])
         torch.set_rng_state(checkpoint["torch_rng"])
+        if "cuda_rng" in checkpoint and torch.device(device).type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
         history = History(checkpoint["history"], checkpoint.get("stopped_early", False))
         best_state, step = checkpoint.get("best_state"), checkpoint["step"]
     bar = tqdm(total=(epochs - history.epochs) * steps_per_epoch, disable=None if progress else True, unit="batch", dynamic_ncols=True, leave=False)
     running = None
+    train_data = data.to(device)  # the rows travel once; a step gathers its batch where it runs
     while history.epochs < epochs and not history.stopped_early:
         epoch = history.epochs
         start, total, seen = time.perf_counter(), 0.0, 0
-        for index in minibatches(num, batch_size, generator):
-            x = data.batch("train", index, generator).to(device)
-            loss = method.step(x, index.to(device), warmup_beta(step, int(warmup_epochs * steps_per_epoch)))
-            if not math.isfinite(loss):
-                bar.close()
-                kept = f"; the last good checkpoint (epoch {epoch}) is kept in {run.path}" if run and run.checkpoint.exists() else ""
-                raise PyrovaeError(f"the loss became {loss} at epoch {epoch + 1}, step {step + 1}: lower --lr or check the data{kept}")
-            total, seen, step = total + loss * len(index), seen + len(index), step + 1
-            running = loss if running is None else 0.95 * running + 0.05 * loss
+        pending: list[tuple[Any, int]] = []  # losses not read yet: reading one waits for the device
+
+        def read_losses() -> None:
+            nonlocal total, seen, running
+            values = _read([loss for loss, _ in pending])
+            for i, (value, (_, size)) in enumerate(zip(values, pending)):
+                if not math.isfinite(value):
+                    bar.close()
+                    kept = f"; the last good checkpoint (epoch {epoch}) is kept in {run.path}" if run and run.checkpoint.exists() else ""
+                    at = step - len(pending) + i + 1
+                    raise PyrovaeError(f"the loss became {value} at epoch {epoch + 1}, step {at}: lower --lr or check the data{kept}")
+                total, seen = total + value * size, seen + size
+                running = value if running is None else 0.95 * running + 0.05 * value
             bar.set_postfix(epoch=epoch + 1, loss=f"{running:.2f}")
+            pending.clear()
+
+        for index in minibatches(num, batch_size, generator, device=train_data.device):
+            x = train_data.batch("train", index, generator)
+            pending.append((method.step(x, index, warmup_beta(step, int(warmup_epochs * steps_per_epoch))), len(index)))
+            step += 1
             bar.update()
+            if len(pending) == READ_EVERY:
+                read_losses()
+        if pending:
+            read_losses()
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / seen, "seconds": time.perf_counter() - start}
         if validate is not None:
             row["valid_elbo"] = validate()
@@ -121,6 +151,7 @@ def train(
                     "method": method.state_dict(),
                     "generator": generator.get_state(),
                     "torch_rng": torch.get_rng_state(),
+                    **({"cuda_rng": torch.cuda.get_rng_state(device)} if torch.device(device).type == "cuda" else {}),
                     "history": history.rows,
                     "stopped_early": history.stopped_early,
                     "best_state": best_state,
