@@ -208,8 +208,18 @@ def simplify(graph: fx.GraphModule) -> None:
         seen[key] = node
     _drop_surrogate(g)
     _standardized_draws(g)
-    _negate_after_sum(g)
-    _constants_after_sum(g)
+    for _ in range(8):  # each rewrite can make room for another: repeat until none applies
+        before = str(g)
+        _negate_after_sum(g)
+        _constants_after_sum(g)
+        _factors_after_sum(graph)
+        _common_factors(graph)
+        _merge_factors(graph)
+        _nested_sums(g)
+        _constants_outward(g)
+        g.eliminate_dead_code()
+        if str(g) == before:
+            break
     _fuse_randn(g)
     _fuse_linear(g)
     g.eliminate_dead_code()
@@ -344,22 +354,149 @@ def _constants_after_sum(g: fx.Graph) -> None:
     """sum(x - c, dims) -> sum(x, dims) - c n, c a number, n the elements summed per output: the
     normalizing constant of a log-density is subtracted once per example, not once per element."""
     for node in list(g.nodes):
-        if node.op != "call_function" or node.target is not aten.sum.dim_IntList or len(node.args) != 2 or node.kwargs:
+        if node.op != "call_function" or node.kwargs or not (
+                (node.target is aten.sum.dim_IntList and len(node.args) == 2) or (node.target is aten.sum.default and len(node.args) == 1)):
             continue
-        inner, dims = node.args
+        inner = node.args[0]
         if not (isinstance(inner, fx.Node) and inner.target is aten.sub.Tensor and len(inner.users) == 1
                 and isinstance(inner.args[1], (int, float)) and _shape(inner) == _shape(inner.args[0])):
             continue
         shape = _shape(inner)
+        dims = node.args[1] if len(node.args) == 2 else range(len(shape))
         count = 1
         for d in dims:
             count *= shape[d]
         with g.inserting_before(node):
-            total = g.call_function(aten.sum.dim_IntList, (inner.args[0], dims))
+            total = g.call_function(node.target, (inner.args[0], *node.args[1:]))
             shifted = g.call_function(aten.sub.Tensor, (total, inner.args[1] * count))
         total.meta, shifted.meta = dict(node.meta), dict(node.meta)
         node.replace_all_uses_with(shifted)
         g.erase_node(node)
+
+
+def _factor(graph: fx.GraphModule, node: Any) -> tuple[fx.Node, float] | None:
+    """(x, k) where `node` computes x * k for a number k: a product or quotient by a number or a
+    0-dim constant, or a negation."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.kwargs:
+        return None
+    if node.target is aten.neg.default:
+        return node.args[0], -1.0
+    if node.target not in (aten.mul.Tensor, aten.div.Tensor) or len(node.args) != 2 or not isinstance(node.args[0], fx.Node):
+        return None
+    x, k = node.args
+    if isinstance(k, fx.Node) and k.op == "get_attr":  # a constant tensor of one repeated number
+        value = getattr(graph, k.target)
+        uniform = torch.is_tensor(value) and value.dtype.is_floating_point and value.numel() > 0 and bool((value == value.flatten()[0]).all())
+        k = value.flatten()[0].item() if uniform else None
+    if not isinstance(k, (int, float)) or isinstance(k, bool) or k == 0 or _shape(x) != _shape(node):
+        return None
+    return x, (float(k) if node.target is aten.mul.Tensor else 1.0 / k)
+
+
+def _replace(g: fx.Graph, node: fx.Node, target: Any, args: tuple) -> fx.Node:
+    with g.inserting_before(node):
+        new = g.call_function(target, args)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    g.erase_node(node)
+    return new
+
+
+def _factors_after_sum(graph: fx.GraphModule) -> None:
+    """sum(x * k) -> sum(x) * k: a data set's scale multiplies one number per example, or one in
+    all, instead of every term."""
+    g = graph.graph
+    for node in list(g.nodes):
+        if node.op == "call_function" and node.target in (aten.sum.dim_IntList, aten.sum.default) and not node.kwargs:
+            inner = node.args[0]
+            factor = _factor(graph, inner)
+            if factor is not None and len(inner.users) == 1 and inner.meta["val"].dtype == node.meta["val"].dtype:
+                with g.inserting_before(node):
+                    total = g.call_function(node.target, (factor[0], *node.args[1:]))
+                total.meta = dict(node.meta)
+                _replace(g, node, aten.mul.Tensor, (total, factor[1]))
+
+
+def _common_factors(graph: fx.GraphModule) -> None:
+    """x * k + y * k -> (x + y) * k (and likewise for -): the terms of a bound share its scale."""
+    g = graph.graph
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target not in (aten.add.Tensor, aten.sub.Tensor) or len(node.args) != 2 or node.kwargs:
+            continue
+        left, right = (_factor(graph, a) for a in node.args)
+        if left is None or right is None or left[1] != right[1] or any(len(a.users) != 1 for a in node.args):
+            continue
+        if _shape(left[0]) != _shape(node) or _shape(right[0]) != _shape(node):
+            continue
+        with g.inserting_before(node):
+            combined = g.call_function(node.target, (left[0], right[0]))
+        combined.meta = dict(node.meta)
+        _replace(g, node, aten.mul.Tensor, (combined, left[1]))
+
+
+def _nested_sums(g: fx.Graph) -> None:
+    """sum(sum(x, dims)) -> sum(x): the total of per-example totals in one reduction."""
+    for node in list(g.nodes):
+        if node.op == "call_function" and node.target is aten.sum.default and len(node.args) == 1 and not node.kwargs:
+            inner = node.args[0]
+            if isinstance(inner, fx.Node) and inner.target is aten.sum.dim_IntList and len(inner.users) == 1 and not inner.kwargs \
+                    and len(inner.args) == 2 and inner.meta["val"].dtype == node.meta["val"].dtype:
+                _replace(g, node, aten.sum.default, (inner.args[0],))
+
+
+def _offset(node: Any) -> tuple[Any, float]:
+    """(x, c) with `node` = x + c for a number c (c = 0 where `node` adds none)."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target in (aten.add.Tensor, aten.sub.Tensor) \
+            and len(node.args) == 2 and not node.kwargs and isinstance(node.args[1], (int, float)) and not isinstance(node.args[1], bool) \
+            and len(node.users) == 1 and _shape(node.args[0]) == _shape(node):
+        return node.args[0], float(node.args[1]) * (1 if node.target is aten.add.Tensor else -1)
+    return node, 0.0
+
+
+def _constants_outward(g: fx.Graph) -> None:
+    """(x + a) + (y + b) -> (x + y) + (a + b), and likewise for -: a bound's normalizing constants
+    meet in one number, which is dropped when they cancel."""
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target not in (aten.add.Tensor, aten.sub.Tensor) or len(node.args) != 2 or node.kwargs:
+            continue
+        if not all(isinstance(a, fx.Node) for a in node.args):
+            continue
+        (x, a), (y, b) = (_offset(arg) for arg in node.args)
+        if a == 0.0 and b == 0.0 or _shape(x) != _shape(node) or _shape(y) != _shape(node):
+            continue
+        c = a + b if node.target is aten.add.Tensor else a - b
+        with g.inserting_before(node):
+            combined = g.call_function(node.target, (x, y))
+        combined.meta = dict(node.meta)
+        if c == 0.0:
+            node.replace_all_uses_with(combined)
+            g.erase_node(node)
+        else:
+            _replace(g, node, aten.add.Tensor, (combined, c))
+
+
+def _merge_factors(graph: fx.GraphModule) -> None:
+    """(x * a) * b -> x * (a b), with negations and divisions by numbers read as factors; a
+    factor of 1 goes. Chains of scalings (to the data set, per example, of the loss) become one."""
+    g = graph.graph
+    for node in list(g.nodes):
+        outer = _factor(graph, node)
+        if outer is None:
+            continue
+        x, k = outer
+        inner = _factor(graph, x)
+        while inner is not None and len(x.users) == 1 and x.meta["val"].dtype == node.meta["val"].dtype:
+            x, k = inner[0], k * inner[1]
+            inner = _factor(graph, x)
+        if x is outer[0] and not (node.target is aten.div.Tensor and k != -1.0):
+            continue  # nothing merged, and nothing gained by rewriting
+        if k == 1.0 and x.meta["val"].dtype == node.meta["val"].dtype:
+            node.replace_all_uses_with(x)
+            g.erase_node(node)
+        elif k == -1.0:
+            _replace(g, node, aten.neg.default, (x,))
+        else:
+            _replace(g, node, aten.mul.Tensor, (x, k))
 
 
 def _fuse_randn(g: fx.Graph) -> None:

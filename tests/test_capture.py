@@ -122,3 +122,31 @@ def test_simplify_keeps_value_and_gradient_of_each_rewrite():
     (got,) = torch.autograd.grad(graph(w, x), w)
     assert torch.allclose(graph(w, x), f(w, x))
     assert torch.allclose(got, expected)
+
+
+def test_scalings_and_constants_are_gathered_into_one_factor_and_one_number():
+    """A bound's chain of scalings (to the data set, per example, of the loss) and its cancelling
+    normalizing constants: the rewrites leave one multiplication and keep value and gradient."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    half = torch.full((3, 4), 2.0)
+
+    def f(w, x):
+        z = torch.tanh(x @ w)
+        log_p = ((-z.pow(2)) / half).sum(-1) - 3.7  # a standard normal's log-density, constant apart
+        log_q = (-0.5 * x.pow(2).sum(-1, keepdim=True) * z).sum(-1) - 3.7
+        return -((log_p * 500.0).sum() - (log_q * 500.0).sum()) / 50000
+
+    w, x = torch.randn(2, 4, requires_grad=True), torch.randn(3, 2)
+    graph = make_fx(f)(w.detach(), x)
+    capture.simplify(graph)
+    targets = [n.target for n in graph.graph.nodes if n.op == "call_function"]
+    aten = torch.ops.aten
+    assert aten.div.Tensor not in targets and aten.neg.default not in targets
+    scalings = [n for n in graph.graph.nodes if n.target is aten.mul.Tensor and isinstance(n.args[1], float)]
+    assert len(scalings) == 3  # -0.5 * ..., the half-square, and one scale for the whole loss
+    assert not any(n.op == "call_function" and 3.7 * 3 in n.args for n in graph.graph.nodes)  # the constants cancelled
+    (expected,) = torch.autograd.grad(f(w, x), w)
+    (got,) = torch.autograd.grad(graph(w, x), w)
+    assert torch.allclose(graph(w, x), f(w, x), atol=1e-6)
+    assert torch.allclose(got, expected, atol=1e-6)
