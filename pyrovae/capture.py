@@ -43,17 +43,20 @@ _SHAPE_OPS = {aten.view.default, aten.expand.default, aten._unsafe_view.default,
 
 
 class CapturedLoss:
-    """`loss(x, index)` of `modules`' program, captured per (shape, dtype, device) of its inputs.
+    """`loss(x, index, *static)` of `modules`' program, captured per (shape, dtype, device) of its
+    tensor inputs and per value of the `static` arguments (numbers the program's structure depends
+    on, such as a sample count).
 
     Calls with inputs of a new signature capture a graph first; `refused` says, per signature,
-    why a program runs eagerly instead.
+    why a program runs eagerly instead. The loss may also be a tensor of any shape (evaluation
+    captures per-sample log-weights).
 
     Args:
         loss: the eager loss; reads its networks' tensors from `modules`.
         modules: every module whose parameters and buffers the loss reads.
     """
 
-    def __init__(self, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], modules: nn.Module) -> None:
+    def __init__(self, loss: Callable[..., torch.Tensor], modules: nn.Module) -> None:
         self.loss = loss
         self.program = _Program(loss, modules)
         self.graphs: dict[tuple, fx.GraphModule | None] = {}
@@ -66,22 +69,22 @@ class CapturedLoss:
             self._tensors = [*self.program.parameters(), *self.program.buffers()]
         return self._tensors
 
-    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        key = (x.shape, x.dtype, x.device, index.shape, torch.is_grad_enabled())
+    def __call__(self, x: torch.Tensor, index: torch.Tensor, *static: Any) -> torch.Tensor:
+        key = (x.shape, x.dtype, x.device, index.shape, torch.is_grad_enabled(), static)
         if key not in self.graphs:
             try:
-                self.graphs[key] = self.capture(x, index)
+                self.graphs[key] = self.capture(x, index, *static)
             except _Refused as reason:
                 self.graphs[key], self.refused[key] = None, str(reason)
         graph = self.graphs[key]
-        return self.loss(x, index) if graph is None else graph(self.tensors(), x, index)
+        return self.loss(x, index, *static) if graph is None else graph(self.tensors(), x, index)
 
-    def capture(self, x: torch.Tensor, index: torch.Tensor) -> fx.GraphModule:
+    def capture(self, x: torch.Tensor, index: torch.Tensor, *static: Any) -> fx.GraphModule:
         """The cleaned-up graph of one call, checked against the program (value and gradients)."""
         names = [n for n, _ in self.program.named_parameters()] + [n for n, _ in self.program.named_buffers()]
 
         def program(tensors: list[torch.Tensor], x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(self.program, dict(zip(names, tensors)), (x, index), tie_weights=True)
+            return torch.func.functional_call(self.program, dict(zip(names, tensors)), (x, index, *static), tie_weights=True)
 
         try:  # tracing draws random numbers: the run must not see that
             with same_randomness(x.device), _pyro_elbos_traceable(), pyro.validation_enabled(False), warnings.catch_warnings(), _ParamSites() as params:
@@ -94,21 +97,21 @@ class CapturedLoss:
         if any(torch.is_tensor(v) and v.requires_grad for v in _constants(graph)):
             raise _Refused("the program reads a parameter its modules do not hold")
         simplify(graph)
-        self.check(graph, x, index)
+        self.check(graph, x, index, *static)
         return graph
 
-    def check(self, graph: fx.GraphModule, x: torch.Tensor, index: torch.Tensor) -> None:
+    def check(self, graph: fx.GraphModule, x: torch.Tensor, index: torch.Tensor, *static: Any) -> None:
         """The graph and the program, from the same random state, give the same loss and gradients."""
-        trained = [t for t in self.tensors() if t.requires_grad]
+        trained = [t for t in self.tensors() if t.requires_grad] if torch.is_grad_enabled() else []
         results = []
-        for run in (lambda: self.loss(x, index), lambda: graph(self.tensors(), x, index)):
-            with same_randomness(x.device), torch.enable_grad():
+        for run in (lambda: self.loss(x, index, *static), lambda: graph(self.tensors(), x, index)):
+            with same_randomness(x.device):
                 loss = run()
                 grads = torch.autograd.grad(loss, trained, allow_unused=True) if loss.requires_grad else ()
             results.append((loss.detach(), [torch.zeros_like(t) if g is None else g for t, g in zip(trained, grads)]))
         (loss, grads), (graph_loss, graph_grads) = results
-        if not torch.allclose(loss, graph_loss, rtol=1e-4, atol=1e-4):
-            raise _Refused(f"the graph's loss {graph_loss.item():.6g} differs from the program's {loss.item():.6g}")
+        if loss.shape != graph_loss.shape or not torch.allclose(loss, graph_loss, rtol=1e-4, atol=1e-4):
+            raise _Refused(f"the graph's loss {graph_loss.sum().item():.6g} differs from the program's {loss.sum().item():.6g}")
         if not all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(grads, graph_grads)):
             raise _Refused("the graph's gradients differ from the program's")
 
@@ -144,8 +147,8 @@ class _Program(nn.Module):
         self.modules_ = modules
         self._loss = loss
 
-    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return self._loss(x, index)
+    def forward(self, x: torch.Tensor, index: torch.Tensor, *static: Any) -> torch.Tensor:
+        return self._loss(x, index, *static)
 
 
 @contextlib.contextmanager

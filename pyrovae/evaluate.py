@@ -8,11 +8,14 @@ K up to thousands. Works on every Pyro program whose sites sit in a ``"data"`` p
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
+from torch import nn
 
+from pyrovae.capture import CapturedLoss
 from pyrovae.errors import PyrovaeError
 from pyrovae.importance import log_weights
 from pyrovae.sites import inspect_model
@@ -64,6 +67,7 @@ def evaluate(
     iwae_k: int | None = None,
     max_elements: int | None = None,
     progress: Callable[[int], None] | None = None,
+    capture: bool | None = None,
 ) -> Evaluation:
     """Score each example of `x` with `num_samples` draws from the guide.
 
@@ -75,6 +79,9 @@ def evaluate(
         max_elements: bound on samples x examples x data size held at once (memory cap); by
             default `default_max_elements` of the data's device.
         progress: called with the number of examples finished after each chunk.
+        capture: replay the log-weights from a captured graph (`pyrovae.capture`, checked against
+            the program); by default when the model and guide are modules and the evaluation
+            takes at least `CAPTURE_FROM_PASSES` vectorized passes.
     """
     if num_samples < 1:
         raise PyrovaeError(f"--samples must be at least 1, got {num_samples}")
@@ -95,12 +102,17 @@ def evaluate(
         num_samples, iwae_k = 1, (1 if iwae_k else None)
     # the floats one sample costs: the data size, or what the model declares (e.g. a PixelCNN's activations)
     width = getattr(model, "elements_per_sample", None) or math.prod(batches[0].shape[1:]) or 1
+    plans = [chunk_sizes(len(batch), num_samples, width, max_elements, iwae_k or 1) for batch in batches]
+    if capture is None:
+        passes = sum(math.ceil(len(b) / step) * math.ceil(num_samples / samples) for b, (step, samples) in zip(batches, plans))
+        capture = passes >= CAPTURE_FROM_PASSES
+    weigh = _captured_log_weights(model, guide, nesting) if capture else None
+    weigh = weigh or (lambda x, k: log_weights(model, guide, k, nesting, x).values)
     elbos, lls, iwaes = [], [], []
-    for batch in batches:
-        step, samples = chunk_sizes(len(batch), num_samples, width, max_elements, iwae_k or 1)
+    for batch, (step, samples) in zip(batches, plans):
         for start in range(0, len(batch), step):
             chunk = batch[start : start + step]
-            elbo, ll, iwae = _score_chunk(model, guide, chunk, num_samples, samples, nesting, iwae_k)
+            elbo, ll, iwae = _score_chunk(weigh, chunk, num_samples, samples, iwae_k)
             elbos.append(elbo), lls.append(ll), iwaes.append(iwae)
             if progress:
                 progress(len(chunk))
@@ -113,12 +125,33 @@ def evaluate(
     )
 
 
-def _score_chunk(model, guide, x, num_samples, per_pass, nesting, iwae_k):
+# Capturing costs a trace and a checked eager pass: worth it for the long evaluations only.
+CAPTURE_FROM_PASSES = 32
+_captured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _captured_log_weights(model: Callable, guide: Callable, nesting: int) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
+    """`(x, k) -> log w (k, B)` replayed from graphs captured per shape (kept with the guide across
+    calls: parameters are graph inputs), or None for programs that are not modules."""
+    if not (isinstance(model, nn.Module) and isinstance(guide, nn.Module)):
+        return None
+    per_model = _captured.setdefault(guide, {})
+    if id(model) not in per_model or per_model[id(model)][0]() is not model:
+        def weights(x: torch.Tensor, index: torch.Tensor, k: int, modes: tuple[bool, bool]) -> torch.Tensor:
+            return log_weights(model, guide, k, nesting, x).values
+
+        per_model[id(model)] = (weakref.ref(model), CapturedLoss(weights, nn.ModuleList([model, guide])))
+    captured = per_model[id(model)][1]
+    none = torch.empty(0, dtype=torch.long)
+    return lambda x, k: captured(x, none.to(x.device), k, (model.training, guide.training))
+
+
+def _score_chunk(weigh, x, num_samples, per_pass, iwae_k):
     lse_parts, total, iwae_total = [], 0.0, 0.0
     done = 0
     while done < num_samples:
         k = min(per_pass, num_samples - done)
-        w = log_weights(model, guide, k, nesting, x).values  # (k, B)
+        w = weigh(x, k)  # (k, B)
         if not torch.isfinite(w).all():
             raise PyrovaeError("non-finite importance weights: the guide puts mass where the model has none, or the parameters diverged")
         lse_parts.append(torch.logsumexp(w, 0))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -150,3 +152,21 @@ def test_scalings_and_constants_are_gathered_into_one_factor_and_one_number():
     (got,) = torch.autograd.grad(graph(w, x), w)
     assert torch.allclose(graph(w, x), f(w, x), atol=1e-6)
     assert torch.allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("guide_name", ["diagonal", "iaf"])
+def test_captured_evaluation_gives_the_programs_figures(guide_name):
+    evaluation = importlib.import_module("pyrovae.evaluate")  # `pyrovae.evaluate` the function shadows the module
+    x = torch.bernoulli(torch.full((30, 12), 0.4))
+    model = VAE((12,), 3, (8,))
+    guide = build_guide(guide_name, model, x, hidden=(8,))
+    results = []
+    for capture_on in (False, True, True):  # the second captured call replays the kept graphs
+        pyro.set_rng_seed(5)
+        results.append(evaluation.evaluate(model, guide, x.split(10), num_samples=64, iwae_k=8, max_elements=10 * 12 * 16, capture=capture_on))
+    captured = evaluation._captured[guide][id(model)][1]
+    assert captured.graphs and all(g is not None for g in captured.graphs.values()), captured.refused
+    for result in results[1:]:
+        assert torch.allclose(result.log_likelihood, results[0].log_likelihood, atol=1e-4)
+        assert torch.allclose(result.elbo, results[0].elbo, atol=1e-4)
+        assert torch.allclose(result.iwae, results[0].iwae, atol=1e-4)

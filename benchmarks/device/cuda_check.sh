@@ -18,7 +18,7 @@ echo "tests rc=$?"; tail -3 "$OUT/tests.log"
 python3 benchmarks/throughput.py --device "$DEVICE" --data-dir .devdata --rounds 1 --images 500 --eval-images 20 --samples 50 --out smoke > "$OUT/smoke.log" 2>&1 \
     || { tail -30 "$OUT/smoke.log"; exit 1; }
 rm -f benchmarks/results/smoke.*
-python3 benchmarks/throughput.py --device "$DEVICE" --data-dir .devdata ${THROUGHPUT_ARGS:---rounds 5 --images 20000 --eval-images 10000 --eval-rounds 2 --samples 5000} \
+python3 benchmarks/throughput.py --device "$DEVICE" --data-dir .devdata ${THROUGHPUT_ARGS:---rounds 5 --images 20000 --eval-images 10000 --eval-rounds 3 --samples 5000} \
     > "$OUT/throughput.log" 2>&1; echo "throughput rc=$?"
 grep -v '^{' "$OUT/throughput.log" | tail -40
 cp benchmarks/results/throughput_"$DEVICE".* "$OUT/" 2>/dev/null || true
