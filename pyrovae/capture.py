@@ -106,7 +106,10 @@ class CapturedLoss:
         results = []
         for run in (lambda: self.loss(x, index, *static), lambda: graph(self.tensors(), x, index)):
             with same_randomness(x.device):
-                loss = run()
+                try:
+                    loss = run()
+                except Exception as error:  # the program ran eagerly before: the graph is at fault
+                    raise _Refused(f"the graph failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
                 grads = torch.autograd.grad(loss, trained, allow_unused=True) if loss.requires_grad else ()
             results.append((loss.detach(), [torch.zeros_like(t) if g is None else g for t, g in zip(trained, grads)]))
         (loss, grads), (graph_loss, graph_grads) = results
@@ -226,6 +229,7 @@ def simplify(graph: fx.GraphModule) -> None:
     _fuse_randn(g)
     _fuse_linear(g)
     g.eliminate_dead_code()
+    _public_callables(g)
     graph.recompile()
 
 
@@ -528,6 +532,27 @@ def _fuse_linear(g: fx.Graph) -> None:
                 new.meta = dict(node.meta)
                 node.replace_all_uses_with(new)
                 g.erase_node(node)
+
+
+# The same ATen operations through torch's public bindings, which skip the Python frame of an
+# OpOverload call (about 1 us per operation: a tenth of a small layer's time on a CPU).
+_PUBLIC = {
+    aten.mm.default: torch.mm, aten.addmm.default: torch.addmm, aten.linear.default: torch._C._nn.linear,
+    aten.tanh.default: torch.tanh, aten.sigmoid.default: torch.sigmoid, aten.relu.default: torch.relu,
+    aten.exp.default: torch.exp, aten.log.default: torch.log, aten.neg.default: torch.neg,
+    aten.add.Tensor: torch.add, aten.sub.Tensor: torch.sub, aten.mul.Tensor: torch.mul, aten.div.Tensor: torch.div,
+    aten.pow.Tensor_Scalar: torch.pow, aten.sum.default: torch.sum, aten.sum.dim_IntList: torch.sum,
+    aten.softplus.default: torch._C._nn.softplus, aten.randn.default: torch.randn, aten.t.default: torch.t,
+    aten.binary_cross_entropy_with_logits.default: torch.binary_cross_entropy_with_logits,
+}
+
+
+def _public_callables(g: fx.Graph) -> None:
+    """Call each operation of `_PUBLIC` through its public binding (the check that follows a
+    capture covers this too)."""
+    for node in g.nodes:
+        if node.op == "call_function" and node.target in _PUBLIC:
+            node.target = _PUBLIC[node.target]
 
 
 def _hashable(value: Any) -> Any:

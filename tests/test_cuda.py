@@ -58,8 +58,8 @@ def test_gpu_evaluation_agrees_with_cpu_evaluation():
 def test_fit_resume_and_evaluate_from_the_command_line_on_the_gpu(tmp_path):
     run = str(tmp_path / "run")
     common = ["--dataset", "digits", "--latent", "4", "--hidden", "32", "--device", "cuda", "--quiet"]
-    assert main(["fit", *common, "--epochs", "1", "--eval-samples", "0", "--out", run]) == 0
-    assert main(["fit", *common, "--epochs", "2", "--eval-samples", "100", "--out", run, "--resume"]) == 0
+    assert main(["fit", *common, "--epochs", "1", "--eval-samples", "100", "--out", run]) == 0
+    assert main(["fit", *common, "--epochs", "2", "--out", run, "--resume"]) == 0  # resuming keeps the run's settings
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and metrics["log_likelihood"] >= metrics["elbo"] - 1.0
 
