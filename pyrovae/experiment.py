@@ -142,6 +142,8 @@ def build(config: Config) -> Experiment:
         raise PyrovaeError(f"unknown likelihood {likelihood!r}: choose from {', '.join(LIKELIHOODS)}")
     model = _construct(model_cls, f"model {config.model!r}", dict(data_shape=data.event_shape, latent=config.latent, hidden=config.hidden, activation=config.activation, likelihood=likelihood), _chosen(config), config.model_options).to(device)
     _check_data(data, model)
+    if hasattr(model, "init_from_data"):
+        model.init_from_data(data.batch("train", torch.arange(min(len(data.split("train")), 10000)), torch.Generator().manual_seed(0)))
     example = train_x.to(device)
     num_train = len(data.split("train"))
     guide = build_guide(config.guide, model, example, hidden=config.hidden, activation=config.activation, num_examples=num_train, **config.guide_options).to(device)

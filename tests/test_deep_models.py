@@ -309,3 +309,28 @@ def test_top_down_guide_with_iaf_steps_per_layer():
     # the transformed q is scored consistently: ELBO below the IS estimate of the same draws
     result = evaluate(model, guide, x, num_samples=64)
     assert torch.isfinite(result.elbo).all() and (result.elbo <= result.log_likelihood).all()
+
+
+@pytest.mark.parametrize("make", [lambda: VAE((12,), 3, (8,)), lambda: Hierarchical((12,), 4, (8,), layers=2)])
+def test_the_decoder_starts_at_the_data_marginal(make):
+    """init_from_data: with the output layer's weights zeroed, p(x|z) is exactly the pixel means."""
+    model = make()
+    x = torch.bernoulli(torch.linspace(0.05, 0.95, 12).expand(400, 12))
+    model.init_from_data(x)
+    output = [m for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        output.weight.zero_()
+    probs = torch.sigmoid(model.decoder(torch.randn(5, model.latent)))
+    assert torch.allclose(probs, x.mean(0).clamp(1e-3, 1 - 1e-3).expand(5, 12), atol=1e-5)
+
+
+def test_fit_starts_bernoulli_decoders_at_the_marginal_and_leaves_others_alone():
+    from pyrovae.experiment import Config, build
+
+    experiment = build(Config(dataset="digits", hidden=(16,), latent=2, likelihood="bernoulli", epochs=0, eval_samples=0))
+    output = [m for m in experiment.model.decoder.modules() if isinstance(m, torch.nn.Linear)][-1]
+    x = experiment.split("train")
+    assert torch.allclose(output.bias, torch.logit(x.mean(0).clamp(1e-3, 1 - 1e-3)), atol=1e-5)
+    gaussian = build(Config(dataset="digits", hidden=(16,), latent=2, likelihood="gaussian", epochs=0, eval_samples=0))
+    fresh = [m for m in gaussian.model.decoder.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert not torch.allclose(fresh.bias[:64], torch.logit(x.mean(0).clamp(1e-3, 1 - 1e-3)), atol=1e-2)
