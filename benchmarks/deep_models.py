@@ -54,12 +54,12 @@ FAMILIES: dict[str, tuple[dict[str, Any], str | None, str]] = {
     "hvae-top-down": (
         dict(model="hierarchical", guide="top-down", layers=2, warmup=1.0, model_options={"latents": [100, 50]}),
         None,
-        "ladder-VAE inference (precision-weighted), 1 epoch of KL warm-up, no batch norm: the posterior collapses within the first 50 steps (ELBO = log p(x), a factorized-Bernoulli figure), warm-up or not; with q(z1|x) from the bottom-up term alone it trains",
+        "ladder-VAE inference (precision-weighted), 1 epoch of KL warm-up, no batch norm (paper: batch norm, 200 epochs of warm-up)",
     ),
     "hvae-top-down-free-bits": (
         dict(model="hierarchical", guide="top-down", layers=2, free_bits=4.0, model_options={"latents": [100, 50]}),
         None,
-        "the same with free bits (4 nats per layer, Kingma et al. 2016) instead of warm-up: the guide spends the 4 nats but the decoder still ignores z",
+        "the same with free bits (4 nats per layer, Kingma et al. 2016) instead of warm-up",
     ),
     "hvae-iwae": (
         dict(model="hierarchical", guide="bottom-up", layers=2, objective="iwae", model_options={"latents": [100, 50]}),

@@ -10,11 +10,11 @@ precision-weighted product of that term with the *model's* conditional p(z_i | z
 whose networks are shared with the generative model (not copied): the gradient of the guide
 reaches the model's top-down path, as in the LVAE.
 
-Known behaviour: on static binarized MNIST with tanh MLPs, no batch normalization and Adam
-1e-3, the precision-weighted top-down guide collapses within about 50 steps (the decoder
-ignores z, ELBO = log p(x) = -207 nats), with or without KL warm-up or free bits; with
-q(z_1|x) from the bottom-up term alone (no precision weighting) the same model trains.
-Sønderby et al. train with batch normalization and 200 epochs of warm-up.
+Training needs the decoder started at the data's marginal (`init_from_data`, which `fit`
+applies): from PyTorch's default initialization, on static binarized MNIST with tanh MLPs and
+Adam 1e-3, this guide collapsed within about 50 steps (the decoder ignored z, ELBO = log p(x)
+= -207 nats) with or without KL warm-up or free bits. Sønderby et al. train with batch
+normalization and 200 epochs of warm-up instead.
 
 Why `elbo-analytic` (Pyro's TraceMeanField_ELBO) is refused for `bottom-up`: it replaces each
 site's log q(z_i|.) - log p(z_i|.) by KL(q(z_i|.) || p(z_i|.)) with the *other* sites held at
