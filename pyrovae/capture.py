@@ -397,6 +397,8 @@ def _factor(graph: fx.GraphModule, node: Any) -> tuple[fx.Node, float] | None:
         k = value.flatten()[0].item() if uniform else None
     if not isinstance(k, (int, float)) or isinstance(k, bool) or k == 0 or _shape(x) != _shape(node):
         return None
+    if x.meta.get("val") is None or x.meta["val"].dtype != node.meta["val"].dtype:
+        return None  # a constant of another dtype promoted the product
     return x, (float(k) if node.target is aten.mul.Tensor else 1.0 / k)
 
 
