@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (see the README's "GPU" section): install what its image lacks
-# (wheels carried in .whl, data in .devdata), run the CUDA tests, the throughput benchmark with
-# --device cuda, and copy everything to $OUT.  DEVICE=cpu runs the same steps here, as a dry run.
+# One call on a lent GPU machine (the README's throughput section has its figures): install what
+# its image lacks, run the CUDA tests and the throughput benchmark with --device cuda, and copy
+# everything to $OUT.  DEVICE=cpu runs the same steps here, as a dry run.
+#
+# Prepare here (both folders are git-ignored through .git/info/exclude and travel with `carry`):
+#   for p in pyro-ppl==1.9.2 pyro-api==0.1.2 pythae==0.1.2 pydantic==2.14.4 pydantic_core==2.50.5 \
+#            annotated-types typing-inspection; do
+#       python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#           --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "$p"; done
+#   mkdir -p .devdata && cp -r ../shared/data/binarized_mnist .devdata/
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-/tmp/cuda_check}
