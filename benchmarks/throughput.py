@@ -46,18 +46,22 @@ from pyrovae.models import VAE  # noqa: E402
 Step = Callable[[torch.Tensor], None]
 
 
-def pyrovae_step(data, guide: str, objective: str, batch: int) -> Step:
-    x = data.batch("train", torch.arange(8))
+def burda_vae(data, guide: str) -> tuple[VAE, torch.nn.Module]:
+    """The Burda et al. MLP VAE (784-200-200-50 tanh) and a pyrovae guide for it, on the data's device."""
     model = VAE((784,), 50, (200, 200), "tanh").to(data.device)
-    method = AmortizedVI(model, build_guide(guide, model, x).to(data.device), TrainSettings(objective, 1, 1e-3, batch), len(data.split("train")))
+    return model, build_guide(guide, model, data.batch("train", torch.arange(8))).to(data.device)
+
+
+def pyrovae_step(data, guide: str, objective: str, batch: int) -> Step:
+    model, q = burda_vae(data, guide)
+    method = AmortizedVI(model, q, TrainSettings(objective, 1, 1e-3, batch), len(data.split("train")))
     return lambda index: method.step(data.batch("train", index), index)
 
 
 def plain_pyro_step(data, guide: str) -> Step:
     """Pyro's own VAE example loop: SVI(Trace_ELBO) with pyro.optim.Adam on the same modules."""
-    x = data.batch("train", torch.arange(8))
-    model = VAE((784,), 50, (200, 200), "tanh").to(data.device)
-    svi = pyro.infer.SVI(model, build_guide(guide, model, x).to(data.device), pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
+    model, q = burda_vae(data, guide)
+    svi = pyro.infer.SVI(model, q, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
     return lambda index: svi.step(data.batch("train", index))
 
 
@@ -89,9 +93,7 @@ def pytorch_iaf_step(data) -> Step:
     (or, for `stable=True` guides, z <- s z + (1 - s) m with s = sigmoid(logit + 2)), the order
     reversed between steps; log q = log N(z0) - sum of the steps' log-scales.
     """
-    x = data.batch("train", torch.arange(8))
-    model = VAE((784,), 50, (200, 200), "tanh").to(data.device)
-    guide = build_guide("iaf", model, x).to(data.device)
+    model, guide = burda_vae(data, "iaf")
     head = guide.heads["z"]
     optimizer = torch.optim.Adam([*model.parameters(), *guide.parameters()], lr=1e-3, fused=True)
     half_log_2pi = 0.5 * math.log(2 * math.pi)
@@ -232,8 +234,7 @@ PEERS = {"pyrovae elbo": "pytorch, sampled KL", "pytorch, sampled KL": "pytorch,
 
 def evaluation(data, args) -> list[dict]:
     """pyrovae's evaluate against a hand-written vectorized estimator on the same networks."""
-    model = VAE((784,), 50, (200, 200), "tanh").to(data.device)
-    guide = build_guide("diagonal", model, data.batch("train", torch.arange(8))).to(data.device)
+    model, guide = burda_vae(data, "diagonal")
     head = guide.heads["z"]
 
     def encode(x):

@@ -216,7 +216,6 @@ def simplify(graph: fx.GraphModule) -> None:
     _standardized_draws(g)
     for _ in range(8):  # each rewrite can make room for another: repeat until none applies
         before = str(g)
-        _negate_after_sum(g)
         _constants_after_sum(g)
         _factors_after_sum(graph)
         _common_factors(graph)
@@ -334,27 +333,7 @@ def _standardized_draws(g: fx.Graph) -> None:
             eps, scale = scale, eps
         if scale is not var.args[0] or not isinstance(eps, fx.Node) or _shape(eps) != _shape(div):
             continue
-        with g.inserting_before(div):
-            eps_squared = g.call_function(aten.pow.Tensor_Scalar, (eps, 2))
-            half = g.call_function(aten.mul.Tensor, (eps_squared, -0.5))
-        eps_squared.meta, half.meta = dict(div.meta), dict(div.meta)
-        div.replace_all_uses_with(half)
-        g.erase_node(div)
-
-
-def _negate_after_sum(g: fx.Graph) -> None:
-    """sum(-x) -> -sum(x): exact in floating point, and negates the reduced tensor, not the big one
-    (a Bernoulli log-likelihood is minus a cross-entropy over every pixel)."""
-    for node in list(g.nodes):
-        if node.op == "call_function" and node.target in (aten.sum.dim_IntList, aten.sum.default):
-            inner = node.args[0]
-            if isinstance(inner, fx.Node) and inner.target is aten.neg.default and len(inner.users) == 1:
-                with g.inserting_before(node):
-                    total = g.call_function(node.target, (inner.args[0], *node.args[1:]), dict(node.kwargs))
-                    negated = g.call_function(aten.neg.default, (total,))
-                total.meta, negated.meta = dict(node.meta), dict(node.meta)
-                node.replace_all_uses_with(negated)
-                g.erase_node(node)
+        _replace(g, div, aten.mul.Tensor, (_insert(g, div, aten.pow.Tensor_Scalar, (eps, 2)), -0.5))
 
 
 def _constants_after_sum(g: fx.Graph) -> None:
@@ -373,12 +352,8 @@ def _constants_after_sum(g: fx.Graph) -> None:
         count = 1
         for d in dims:
             count *= shape[d]
-        with g.inserting_before(node):
-            total = g.call_function(node.target, (inner.args[0], *node.args[1:]))
-            shifted = g.call_function(aten.sub.Tensor, (total, inner.args[1] * count))
-        total.meta, shifted.meta = dict(node.meta), dict(node.meta)
-        node.replace_all_uses_with(shifted)
-        g.erase_node(node)
+        total = _insert(g, node, node.target, (inner.args[0], *node.args[1:]))
+        _replace(g, node, aten.sub.Tensor, (total, inner.args[1] * count))
 
 
 def _factor(graph: fx.GraphModule, node: Any) -> tuple[fx.Node, float] | None:
@@ -402,28 +377,45 @@ def _factor(graph: fx.GraphModule, node: Any) -> tuple[fx.Node, float] | None:
     return x, (float(k) if node.target is aten.mul.Tensor else 1.0 / k)
 
 
-def _replace(g: fx.Graph, node: fx.Node, target: Any, args: tuple) -> fx.Node:
+def _insert(g: fx.Graph, node: fx.Node, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+    """A new call before `node`, with `node`'s metadata (its value's shape and dtype)."""
     with g.inserting_before(node):
-        new = g.call_function(target, args)
+        new = g.call_function(target, args, kwargs or {})
     new.meta = dict(node.meta)
+    return new
+
+
+def _replace(g: fx.Graph, node: fx.Node, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+    """`node` replaced by a call of `target`."""
+    new = _insert(g, node, target, args, kwargs)
     node.replace_all_uses_with(new)
     g.erase_node(node)
     return new
 
 
+def _scale(g: fx.Graph, node: fx.Node, x: fx.Node, k: float) -> None:
+    """`node` replaced by x * k: x itself for k = 1, a negation for k = -1."""
+    if k == 1.0 and x.meta["val"].dtype == node.meta["val"].dtype:
+        node.replace_all_uses_with(x)
+        g.erase_node(node)
+    elif k == -1.0:
+        _replace(g, node, aten.neg.default, (x,))
+    else:
+        _replace(g, node, aten.mul.Tensor, (x, k))
+
+
 def _factors_after_sum(graph: fx.GraphModule) -> None:
-    """sum(x * k) -> sum(x) * k: a data set's scale multiplies one number per example, or one in
-    all, instead of every term."""
+    """sum(x * k) -> sum(x) * k, sum(-x) -> -sum(x): a data set's scale multiplies one number per
+    example, or one in all, instead of every term (a Bernoulli log-likelihood is minus a
+    cross-entropy over every pixel)."""
     g = graph.graph
     for node in list(g.nodes):
-        if node.op == "call_function" and node.target in (aten.sum.dim_IntList, aten.sum.default) and not node.kwargs:
+        if node.op == "call_function" and node.target in (aten.sum.dim_IntList, aten.sum.default):
             inner = node.args[0]
             factor = _factor(graph, inner)
             if factor is not None and len(inner.users) == 1 and inner.meta["val"].dtype == node.meta["val"].dtype:
-                with g.inserting_before(node):
-                    total = g.call_function(node.target, (factor[0], *node.args[1:]))
-                total.meta = dict(node.meta)
-                _replace(g, node, aten.mul.Tensor, (total, factor[1]))
+                total = _insert(g, node, node.target, (factor[0], *node.args[1:]), dict(node.kwargs))
+                _scale(g, node, total, factor[1])
 
 
 def _common_factors(graph: fx.GraphModule) -> None:
@@ -437,10 +429,7 @@ def _common_factors(graph: fx.GraphModule) -> None:
             continue
         if _shape(left[0]) != _shape(node) or _shape(right[0]) != _shape(node):
             continue
-        with g.inserting_before(node):
-            combined = g.call_function(node.target, (left[0], right[0]))
-        combined.meta = dict(node.meta)
-        _replace(g, node, aten.mul.Tensor, (combined, left[1]))
+        _scale(g, node, _insert(g, node, node.target, (left[0], right[0])), left[1])
 
 
 def _nested_sums(g: fx.Graph) -> None:
@@ -474,9 +463,7 @@ def _constants_outward(g: fx.Graph) -> None:
         if a == 0.0 and b == 0.0 or _shape(x) != _shape(node) or _shape(y) != _shape(node):
             continue
         c = a + b if node.target is aten.add.Tensor else a - b
-        with g.inserting_before(node):
-            combined = g.call_function(node.target, (x, y))
-        combined.meta = dict(node.meta)
+        combined = _insert(g, node, node.target, (x, y))
         if c == 0.0:
             node.replace_all_uses_with(combined)
             g.erase_node(node)
@@ -499,13 +486,7 @@ def _merge_factors(graph: fx.GraphModule) -> None:
             inner = _factor(graph, x)
         if x is outer[0] and not (node.target is aten.div.Tensor and k != -1.0):
             continue  # nothing merged, and nothing gained by rewriting
-        if k == 1.0 and x.meta["val"].dtype == node.meta["val"].dtype:
-            node.replace_all_uses_with(x)
-            g.erase_node(node)
-        elif k == -1.0:
-            _replace(g, node, aten.neg.default, (x,))
-        else:
-            _replace(g, node, aten.mul.Tensor, (x, k))
+        _scale(g, node, x, k)
 
 
 def _fuse_randn(g: fx.Graph) -> None:
@@ -515,11 +496,7 @@ def _fuse_randn(g: fx.Graph) -> None:
             empty = node.args[0]
             if isinstance(empty, fx.Node) and empty.target is aten.empty.memory_format and len(empty.users) == 1:
                 kwargs = {k: v for k, v in empty.kwargs.items() if k in ("dtype", "layout", "device", "pin_memory")}
-                with g.inserting_before(node):
-                    new = g.call_function(aten.randn.default, empty.args, kwargs)
-                new.meta = dict(node.meta)
-                node.replace_all_uses_with(new)
-                g.erase_node(node)
+                _replace(g, node, aten.randn.default, empty.args, kwargs)
                 g.erase_node(empty)
 
 
@@ -529,11 +506,7 @@ def _fuse_linear(g: fx.Graph) -> None:
         if node.op == "call_function" and node.target is aten.addmm.default and not node.kwargs:
             bias, x, wt = node.args
             if isinstance(wt, fx.Node) and wt.target is aten.t.default:
-                with g.inserting_before(node):
-                    new = g.call_function(aten.linear.default, (x, wt.args[0], bias))
-                new.meta = dict(node.meta)
-                node.replace_all_uses_with(new)
-                g.erase_node(node)
+                _replace(g, node, aten.linear.default, (x, wt.args[0], bias))
 
 
 # The same ATen operations through torch's public bindings, which skip the Python frame of an

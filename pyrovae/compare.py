@@ -63,10 +63,7 @@ def heldout_scores(model: Callable, x: torch.Tensor, sites: Any, settings: Propo
         q = fit_local(model, xb, sites, settings.steps, settings.lr, settings.covariance, init=init, particles=settings.particles)
         q.eval()
         parts.append(evaluate(model, q, xb, num_samples=settings.samples))
-    return Evaluation(
-        elbo=torch.cat([p.elbo for p in parts]), log_likelihood=torch.cat([p.log_likelihood for p in parts]),
-        iwae=None, num_samples=settings.samples, iwae_k=None,
-    )
+    return Evaluation.concat(parts)
 
 
 def finetuned_scores(model: Callable, guide: nn.Module, x: torch.Tensor, settings: ProposalSettings, lr: float = 1e-3) -> Evaluation:
@@ -92,10 +89,7 @@ def finetuned_scores(model: Callable, guide: nn.Module, x: torch.Tensor, setting
                 optimizer.step()
                 schedule.step()
             parts.append(evaluate(model, q.eval(), xi, num_samples=settings.samples))
-    return Evaluation(
-        elbo=torch.cat([p.elbo for p in parts]), log_likelihood=torch.cat([p.log_likelihood for p in parts]),
-        iwae=None, num_samples=settings.samples, iwae_k=None,
-    )
+    return Evaluation.concat(parts)
 
 
 def gap_decomposition(model: Callable, guide: Callable, x: torch.Tensor, settings: ProposalSettings = ProposalSettings(steps=200, samples=1000), qstar: str = "local") -> dict[str, float]:

@@ -8,7 +8,6 @@ K up to thousands. Works on every Pyro program whose sites sit in a ``"data"`` p
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -32,6 +31,12 @@ class Evaluation:
     iwae: torch.Tensor | None
     num_samples: int
     iwae_k: int | None
+
+    @classmethod
+    def concat(cls, parts: list[Evaluation]) -> Evaluation:
+        """One evaluation of the examples of `parts`, in order (IWAE bounds dropped)."""
+        return cls(elbo=torch.cat([p.elbo for p in parts]), log_likelihood=torch.cat([p.log_likelihood for p in parts]),
+                   iwae=None, num_samples=parts[0].num_samples, iwae_k=None)
 
     def summary(self) -> dict[str, float | int | None]:
         return {
@@ -127,23 +132,25 @@ def evaluate(
 
 # Capturing costs a trace and a checked eager pass: worth it for the long evaluations only.
 CAPTURE_FROM_PASSES = 32
-_captured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The graphs of the last (model, guide) pair, kept across calls (parameters are graph inputs).
+# One pair only: the captured program holds its modules, so a longer cache would keep them alive.
+_captured: dict[tuple[int, int], CapturedLoss] = {}
 
 
 def _captured_log_weights(model: Callable, guide: Callable, nesting: int) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
-    """`(x, k) -> log w (k, B)` replayed from graphs captured per shape (kept with the guide across
-    calls: parameters are graph inputs), or None for programs that are not modules."""
+    """`(x, k) -> log w (k, B)` replayed from graphs captured per shape, or None for programs
+    that are not modules."""
     if not (isinstance(model, nn.Module) and isinstance(guide, nn.Module)):
         return None
-    per_model = _captured.setdefault(guide, {})
-    if id(model) not in per_model or per_model[id(model)][0]() is not model:
+    key = (id(model), id(guide))
+    if key not in _captured:  # ids are safe: the kept program holds both modules alive
         def weights(x: torch.Tensor, index: torch.Tensor, k: int, modes: tuple[bool, bool]) -> torch.Tensor:
             return log_weights(model, guide, k, nesting, x).values
 
-        per_model[id(model)] = (weakref.ref(model), CapturedLoss(weights, nn.ModuleList([model, guide])))
-    captured = per_model[id(model)][1]
-    none = torch.empty(0, dtype=torch.long)
-    return lambda x, k: captured(x, none.to(x.device), k, (model.training, guide.training))
+        _captured.clear()
+        _captured[key] = CapturedLoss(weights, nn.ModuleList([model, guide]))
+    captured = _captured[key]
+    return lambda x, k: captured(x, x.new_empty(0, dtype=torch.long), k, (model.training, guide.training))
 
 
 def _score_chunk(weigh, x, num_samples, per_pass, iwae_k):

@@ -163,7 +163,7 @@ def test_captured_evaluation_gives_the_programs_figures(guide_name):
     for capture_on in (False, True, True):  # the second captured call replays the kept graphs
         pyro.set_rng_seed(5)
         results.append(evaluation.evaluate(model, guide, x.split(10), num_samples=64, iwae_k=8, max_elements=10 * 12 * 16, capture=capture_on))
-    captured = evaluation._captured[guide][id(model)][1]
+    captured = evaluation._captured[(id(model), id(guide))]
     assert captured.graphs and all(g is not None for g in captured.graphs.values()), captured.refused
     for result in results[1:]:
         assert torch.allclose(result.log_likelihood, results[0].log_likelihood, atol=1e-4)
