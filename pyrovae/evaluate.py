@@ -144,13 +144,13 @@ def _captured_log_weights(model: Callable, guide: Callable, nesting: int) -> Cal
         return None
     key = (id(model), id(guide))
     if key not in _captured:  # ids are safe: the kept program holds both modules alive
-        def weights(x: torch.Tensor, index: torch.Tensor, k: int, modes: tuple[bool, bool]) -> torch.Tensor:
+        def weights(x: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
             return log_weights(model, guide, k, nesting, x).values
 
         _captured.clear()
         _captured[key] = CapturedLoss(weights, nn.ModuleList([model, guide]))
     captured = _captured[key]
-    return lambda x, k: captured(x, x.new_empty(0, dtype=torch.long), k, (model.training, guide.training))
+    return lambda x, k: captured(x, x.new_empty(0, dtype=torch.long), k)
 
 
 def _score_chunk(weigh, x, num_samples, per_pass, iwae_k):

@@ -41,7 +41,7 @@ def test_captured_training_is_the_programs_training(guide_name, objective):
 
 def test_the_surrogate_bookkeeping_and_no_ops_are_simplified_away():
     method, _ = _train("diagonal", "elbo", True, steps=3)
-    graph = next(g for g in method.captured.graphs.values() if g is not None)
+    graph = next(g.module for g in method.captured.graphs.values() if g is not None)
     targets = [n.target for n in graph.graph.nodes if n.op == "call_function"]
     assert torch.ops.aten.detach.default not in targets  # loss + (s - detach(s)) became s
     assert torch.ops.aten.lift_fresh_copy.default not in targets

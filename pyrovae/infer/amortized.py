@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pyrovae.capture import CapturedLoss, same_randomness
+from pyrovae.capture import CapturedLoss
 from pyrovae.errors import PyrovaeError
 from pyrovae.handlers import scale_latents
 from pyrovae.infer.base import InferenceMethod, TrainSettings, adam, unique_parameters
@@ -56,23 +56,16 @@ class AmortizedVI(InferenceMethod):
 
     def step(self, x: torch.Tensor, index: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
         """One Adam step. The loss at full KL weight is replayed from a captured graph
-        (`pyrovae.capture`) where the program allows it, from the first step on, so that a
-        resumed run takes exactly the steps an uninterrupted one takes. The loss comes back as
-        a tensor on the device: reading it would make the host wait for the step."""
+        (`pyrovae.capture`) where the program allows it; the steps that capture or check a
+        graph are the program's own, so the first step runs Pyro's shape and support checks.
+        The loss comes back as a tensor on the device: reading it would make the host wait."""
         self.optimizer.zero_grad(set_to_none=True)
         replay = self.captured is not None and beta == 1.0
-        if replay and not self._validated:
-            self.check_program(x, index)
         with self.fast_path():
             loss = self.captured(x, index) if replay else self.loss(x, index, beta)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
-
-    def check_program(self, x: torch.Tensor, index: torch.Tensor) -> None:
-        """Pyro's shape and support checks, in one eager pass that leaves the random state as it was."""
-        with same_randomness(x.device), self.fast_path(), torch.no_grad():
-            self.loss(x, index)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "optimizer": self.optimizer.state_dict()}
