@@ -267,28 +267,33 @@ def _check_mutations(graph: fx.GraphModule, requires_grad: list[bool]) -> None:
 class _Fingerprint:
     """What a graph bakes in of the modules, read every call: each module's mode and plain
     attributes, and the identity, shape, dtype, device and `requires_grad` of its tensors. The
-    module tree is walked again only when a module's children change."""
+    module tree is walked again only when a module gains or loses an attribute or a child."""
 
     def __init__(self, root: nn.Module) -> None:
         self.root = root
         self._walk()
 
     def _walk(self) -> None:
-        self.modules = list(self.root.modules())
-        self.children = [tuple(map(id, m._modules.values())) for m in self.modules]
+        self.entries = []
+        for module in self.root.modules():
+            state = module.__dict__
+            own = tuple(sorted(state.keys() - _MODULE_INTERNALS))
+            self.entries.append((state, len(state), own, tuple(map(id, state["_modules"].values()))))
+
+    def _changed(self) -> bool:
+        return any(len(state) != size or (children and tuple(map(id, state["_modules"].values())) != children)
+                   for state, size, _, children in self.entries)
 
     def __call__(self) -> tuple:
-        if any(tuple(map(id, m._modules.values())) != c for m, c in zip(self.modules, self.children)):
+        if self._changed():
             self._walk()
         parts: list[Any] = []
-        for module in self.modules:
-            state = module.__dict__
+        for state, _, own, _ in self.entries:
             parts.append(state["training"])
             for tensors in (state["_parameters"].values(), state["_buffers"].values()):
                 parts.extend((id(t), t.shape, t.dtype, t.device, t.requires_grad) for t in tensors if t is not None)
-            own = state.keys() - _MODULE_INTERNALS
             if own:
-                parts.extend((name, _plain(state[name])) for name in sorted(own))
+                parts.extend(_plain(state[name]) for name in own)
         return tuple(parts)
 
 
