@@ -54,37 +54,39 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="models, guides, objectives, inference methods and data sets")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("fit", help="train a model and write a run directory", parents=[threads])
-    p.add_argument("--model", default="vae")
-    p.add_argument("--guide", default="diagonal")
-    p.add_argument("--method", default="amortized")
-    p.add_argument("--objective", default="elbo", help="elbo, elbo-analytic or iwae")
-    p.add_argument("--particles", type=int, default=1, help="samples per example in the objective (K of iwae)")
-    p.add_argument("--dataset", default="digits", help="a registered data set, or a .npy/.npz/.pt file of your own")
-    p.add_argument("--data-option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="data set option, e.g. binarize=false (digits), binarize=dynamic (mnist)")
+    # No defaults here: a flag left out is None, Config holds the defaults, and --resume can tell
+    # the flags given (checked against the run's saved config) from those left out.
+    p = sub.add_parser("fit", help="train a model and write a run directory (defaults: `pyrovae.experiment.Config`)", parents=[threads])
+    p.add_argument("--model")
+    p.add_argument("--guide")
+    p.add_argument("--method")
+    p.add_argument("--objective", help="elbo, elbo-analytic or iwae")
+    p.add_argument("--particles", type=int, help="samples per example in the objective (K of iwae)")
+    p.add_argument("--dataset", help="a registered data set, or a .npy/.npz/.pt file of your own")
+    p.add_argument("--data-option", type=_option, action="append", metavar="KEY=VALUE", help="data set option, e.g. binarize=false (digits), binarize=dynamic (mnist)")
     p.add_argument("--data-dir", help="where data sets are read from and downloaded to (default: $PYROVAE_DATA or ~/.cache/pyrovae)")
     p.add_argument("--likelihood", help="bernoulli, continuous-bernoulli or gaussian (default: from the data)")
-    p.add_argument("--latent", type=int, default=50)
-    p.add_argument("--hidden", type=_sizes, default=(200, 200), help="hidden sizes, e.g. 200,200")
-    p.add_argument("--activation", default="tanh")
+    p.add_argument("--latent", type=int)
+    p.add_argument("--hidden", type=_sizes, help="hidden sizes, e.g. 200,200")
+    p.add_argument("--activation")
     p.add_argument("--layers", type=int, help="stochastic layers (hierarchical models)")
-    p.add_argument("--prior", default="standard", help="prior on z: standard, or a learned prior the model offers")
-    p.add_argument("--decoder", default="mlp", help="decoder family the model offers (mlp, ...)")
-    p.add_argument("--free-bits", type=float, default=0.0, help="free bits per latent site, nats (Kingma et al. 2016)")
-    p.add_argument("--model-option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="any other model constructor option")
-    p.add_argument("--guide-option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="guide option, e.g. flow_steps=4")
-    p.add_argument("--method-option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. variant=rws, covariance=full")
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=float, default=0.0, help="epochs of linear KL warm-up")
+    p.add_argument("--prior", help="prior on z: standard, or a learned prior the model offers")
+    p.add_argument("--decoder", help="decoder family the model offers (mlp, ...)")
+    p.add_argument("--free-bits", type=float, help="free bits per latent site, nats (Kingma et al. 2016)")
+    p.add_argument("--model-option", type=_option, action="append", metavar="KEY=VALUE", help="any other model constructor option")
+    p.add_argument("--guide-option", type=_option, action="append", metavar="KEY=VALUE", help="guide option, e.g. flow_steps=4")
+    p.add_argument("--method-option", type=_option, action="append", metavar="KEY=VALUE", help="method option, e.g. variant=rws, covariance=full")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup", type=float, help="epochs of linear KL warm-up")
     p.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement")
-    p.add_argument("--eval-samples", type=int, default=1000, help="importance samples for the final log p(x) (0 skips it)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--eager", action="store_true", help="run the Pyro program every step (no captured graph; for debugging)")
+    p.add_argument("--eval-samples", type=int, help="importance samples for the final log p(x) (0 skips it)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device")
+    p.add_argument("--eager", action="store_true", default=None, help="run the Pyro program every step (no captured graph; for debugging)")
     p.add_argument("--out", help="run directory (default: runs/MODEL-GUIDE-DATASET-TIME)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped (to --epochs)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped, with its saved settings (only --epochs, --eval-samples, --device and --data-dir may differ)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("evaluate", help="ELBO and importance-sampled log p(x) of a run", parents=[threads])
@@ -137,23 +139,33 @@ def _list(args: argparse.Namespace) -> None:
             print(f"  {e['name'].ljust(width)}  {e['description']}{shapes}")
 
 
+def _pairs(pairs: list[tuple[str, Any]] | None) -> dict[str, Any] | None:
+    return None if pairs is None else dict(pairs)
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The Config fields set by the flags the user gave (a flag left out is None)."""
+    fields = dict(
+        model=args.model, guide=args.guide, method=args.method, objective=args.objective, dataset=args.dataset,
+        dataset_options=_pairs(args.data_option), data_dir=args.data_dir, likelihood=args.likelihood, latent=args.latent,
+        hidden=args.hidden, activation=args.activation, layers=args.layers, prior=args.prior, decoder=args.decoder,
+        free_bits=args.free_bits, model_options=_pairs(args.model_option), guide_options=_pairs(args.guide_option),
+        method_options=_pairs(args.method_option), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        particles=args.particles, warmup=args.warmup, patience=args.patience, seed=args.seed,
+        eval_samples=args.eval_samples, device=args.device, capture=None if args.eager is None else not args.eager,
+    )
+    return {name: value for name, value in fields.items() if value is not None}
+
+
 def _fit(args: argparse.Namespace) -> None:
     from pyrovae.experiment import Config, fit
 
-    if args.eval_samples < 0:
-        raise PyrovaeError(f"--eval-samples must be >= 0, got {args.eval_samples}")
-    config = Config(
-        model=args.model, guide=args.guide, method=args.method, objective=args.objective, dataset=args.dataset,
-        dataset_options=dict(args.data_option), data_dir=args.data_dir, likelihood=args.likelihood, latent=args.latent,
-        hidden=args.hidden, activation=args.activation, layers=args.layers, prior=args.prior, decoder=args.decoder,
-        free_bits=args.free_bits, model_options=dict(args.model_option), guide_options=dict(args.guide_option), method_options=dict(args.method_option), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        particles=args.particles, warmup=args.warmup, patience=args.patience, seed=args.seed,
-        eval_samples=args.eval_samples, device=args.device, capture=not args.eager,
-    )
+    given = _given(args)
+    config = Config(**given)
     if args.resume and not args.out:
         raise PyrovaeError("--resume needs --out RUN, the run directory to continue")
-    out = args.out or f"runs/{args.model}-{args.guide}-{Path(args.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    _, metrics = fit(config, out, resume=args.resume, progress=not args.quiet)
+    out = args.out or f"runs/{config.model}-{config.guide}-{Path(config.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _, metrics = fit(config, out, resume=args.resume, progress=not args.quiet, given=given)
     rows = [
         ("run", out), ("model / guide", f"{metrics['model']} / {metrics['guide']}"), ("method / objective", f"{metrics['method']} / {metrics['objective']}"),
         ("epochs", metrics["epochs"]), ("train seconds", metrics["train_seconds"]), ("examples / second", metrics["examples_per_second"]),

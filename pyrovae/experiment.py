@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import resource
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 from torch import nn
@@ -18,9 +21,10 @@ from pyrovae.errors import PyrovaeError
 from pyrovae.evaluate import Evaluation, evaluate
 from pyrovae.guides import build_guide
 from pyrovae.infer import History, TrainSettings, train
+from pyrovae.infer.loop import restore
 from pyrovae.nets import LIKELIHOODS
 from pyrovae.registry import METHODS, MODELS
-from pyrovae.run import RunDir
+from pyrovae.run import RunDir, is_integer, is_number
 from pyrovae.sites import call_kwargs, inspect_model
 
 __all__ = ["Config", "Experiment", "build", "fit", "load", "evaluate_run"]
@@ -65,11 +69,48 @@ class Config:
         return {**dataclasses.asdict(self), "hidden": list(self.hidden), "pyrovae": pyrovae.__version__}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        config = cls(**{k: v for k, v in data.items() if k in names})
-        config.hidden = tuple(config.hidden)
-        return config
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "Config":
+        """A config from a saved run's settings: every field present, each of its annotated type."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in data if k not in names and k not in SAVED_EXTRAS]
+        missing = [k for k in names if k not in data]
+        if unknown or missing:
+            what = f'unknown setting "{unknown[0]}"' if unknown else f'"{missing[0]}" is missing (a run saves every setting)'
+            raise PyrovaeError(f"{source}: {what}: retrain the run, or restore its config.json")
+        settings = {k: data[k] for k in names}
+        check_types(settings, source)
+        return cls(**{**settings, "hidden": tuple(settings["hidden"])})
+
+
+SAVED_EXTRAS = ("format", "pyrovae")  # written beside the settings in config.json
+
+
+def _kind(hint: Any) -> tuple[Callable[[Any], bool], str]:
+    """(accepts, description) for a Config annotation: str, int, float, bool, tuple[int, ...], dict, X | None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        accepts, text = _kind(inner)
+        return (lambda v: v is None or accepts(v)), f"{text} or null"
+    if typing.get_origin(hint) is tuple:
+        return (lambda v: isinstance(v, (list, tuple)) and all(is_integer(s) and s > 0 for s in v)), "a list of positive integers"
+    if hint is dict or typing.get_origin(hint) is dict:
+        return (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v)), "an object of named options"
+    kinds: dict[Any, tuple[Callable[[Any], bool], str]] = {
+        str: (lambda v: isinstance(v, str), "a string"),
+        bool: (lambda v: isinstance(v, bool), "true or false"),
+        int: (is_integer, "an integer"),
+        float: (is_number, "a number"),
+    }
+    return kinds[hint]
+
+
+def check_types(settings: dict[str, Any], source: str = "config") -> None:
+    """Refuse, in one line, a setting that is not of the type its Config field is annotated with."""
+    hints = typing.get_type_hints(Config)
+    for name, value in settings.items():
+        accepts, text = _kind(hints[name])
+        if not accepts(value):
+            raise PyrovaeError(f'{source}: "{name}" must be {text}, got {json.dumps(value, default=repr)}')
 
 
 @dataclass
@@ -128,10 +169,13 @@ def _check_data(data: Dataset, model: nn.Module, chunk: int = 10000) -> None:
 
 def build(config: Config) -> Experiment:
     """Load the data, build model, guide and method, and check that they fit together."""
+    check_types({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
     if config.epochs < 0:
         raise PyrovaeError(f"--epochs must be >= 0, got {config.epochs}")
     if config.lr <= 0:
         raise PyrovaeError(f"--lr must be positive, got {config.lr}")
+    if config.eval_samples < 0:
+        raise PyrovaeError(f"--eval-samples must be >= 0, got {config.eval_samples}")
     model_cls, method_cls = MODELS.get(config.model), METHODS.get(config.method)
     device = _device(config.device)
     torch.manual_seed(config.seed)
@@ -185,20 +229,86 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def fit(config: Config, out: str | Path | None = None, resume: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> tuple[Experiment, dict[str, Any]]:
+# Settings `--resume` may change: the epochs to train to and the final evaluation's samples (both
+# saved as the run's new settings), and where the run is and its data are (not saved).
+RESUMABLE = ("epochs", "eval_samples", "device", "data_dir")
+SAVED_ON_RESUME = ("epochs", "eval_samples")
+FLAGS = {"dataset_options": "--data-option", "model_options": "--model-option", "guide_options": "--guide-option", "method_options": "--method-option", "capture": "--eager"}
+
+
+def _flag(name: str, value: Any) -> str:
+    """How the command line sets `name` to `value`."""
+    if name == "capture":
+        return "--eager" if not value else "captured training (no --eager)"
+    shown = value if isinstance(value, str) else ",".join(map(str, value)) if name == "hidden" else json.dumps(_plain(value))
+    return f"{FLAGS.get(name, '--' + name.replace('_', '-'))} {shown}"
+
+
+def _plain(value: Any) -> Any:
+    """JSON's view of a setting, the form config.json keeps: tuples are lists."""
+    return json.loads(json.dumps(value, default=repr))
+
+
+def _given(config: Config) -> set[str]:
+    """The fields of `config` set away from Config's defaults."""
+    defaults = Config()
+    return {f.name for f in dataclasses.fields(Config) if _plain(getattr(config, f.name)) != _plain(getattr(defaults, f.name))}
+
+
+def saved_config(run: RunDir) -> Config:
+    """A run's config.json, checked against Config's fields and types."""
+    return Config.from_dict(run.config(), str(run.path / "config.json"))
+
+
+def _resumed(run: RunDir, config: Config, given: Collection[str] | None, log: Callable[[str], None]) -> tuple[Config, bool]:
+    """The saved config with the RESUMABLE settings the caller gave applied (and reported), and
+    whether config.json must be rewritten; any other given setting must equal the saved one."""
+    saved = saved_config(run)
+    given = _given(config) if given is None else set(given)
+    changed = [f.name for f in dataclasses.fields(Config) if f.name in given and _plain(getattr(config, f.name)) != _plain(getattr(saved, f.name))]
+    for name in changed:
+        if name not in RESUMABLE:
+            raise PyrovaeError(
+                f"{_flag(name, getattr(config, name))} differs from the run's saved {_flag(name, getattr(saved, name))}: "
+                f"drop it to continue {run.path} as it was started, or start a new run with another --out"
+            )
+    if changed:
+        log(f"resuming {run.path} with " + ", ".join(f"{_flag(n, getattr(config, n))} (was {_flag(n, getattr(saved, n))})" for n in changed))
+    resumed = dataclasses.replace(saved, **{n: getattr(config, n) for n in changed})
+    return resumed, any(n in SAVED_ON_RESUME for n in changed)
+
+
+def fit(
+    config: Config, out: str | Path | None = None, resume: bool = False, progress: bool = True,
+    log: Callable[[str], None] = print, given: Collection[str] | None = None,
+) -> tuple[Experiment, dict[str, Any]]:
     """Train as `config` says; with `out`, write the run directory (config, checkpoint, metrics, plots).
 
     Everything is validated before anything is written, so bad input leaves no files behind.
+    With `resume`, the run in `out` continues from its checkpoint (or from the start when it was
+    stopped before its first one), with its saved config: `given` names the fields of `config`
+    the caller set (default: those away from Config's defaults); those in RESUMABLE are applied
+    and reported through `log`, any other must equal the saved value. Temporary files a killed
+    process left in the run directory are removed.
     """
     run = RunDir(out) if out is not None else None
+    checkpoint, rewrite = None, False
     if resume:
         if run is None:
             raise PyrovaeError("--resume needs the run directory (--out)")
-        saved = run.config()
-        config = Config.from_dict({**saved, "epochs": config.epochs or saved["epochs"], "device": config.device, "data_dir": config.data_dir or saved.get("data_dir")})
+        config, rewrite = _resumed(run, config, given, log)
+        checkpoint = run.load_checkpoint() if run.checkpoint.exists() else None
     experiment = build(config)
     if run is not None and not resume:
         run.create(config.to_dict())
+    elif run is not None:
+        if checkpoint is not None:
+            restore(experiment.method, checkpoint["method"], run)  # a mismatch is refused before anything is written
+        run.remove_temporary()
+        if rewrite:
+            run.save_config(config.to_dict())
+        if checkpoint is None:
+            log(f"{run.path} has no checkpoint yet (it was stopped before its first one): training it from the start")
     scorable = getattr(experiment.guide, "gives_elbo", True) or not experiment.method.trains_guide
     has_valid = "valid" in experiment.data.splits and scorable
 
@@ -211,7 +321,7 @@ def fit(config: Config, out: str | Path | None = None, resume: bool = False, pro
 
     history = train(
         experiment.method, experiment.data, config.epochs, seed=config.seed, warmup_epochs=config.warmup,
-        patience=config.patience, run=run, resume=resume, validate=validate if has_valid else None,
+        patience=config.patience, run=run, resume=checkpoint is not None, checkpoint=checkpoint, validate=validate if has_valid else None,
         device=experiment.device, progress=progress,
     )
     metrics = _metrics(experiment, history)
@@ -248,10 +358,10 @@ def _metrics(experiment: Experiment, history: History) -> dict[str, Any]:
 def load(path: str | Path, data_dir: str | None = None, device: str | None = None) -> Experiment:
     """Rebuild a trained run from its directory."""
     run = RunDir(path)
-    saved = run.config()
-    config = Config.from_dict({**saved, **({"data_dir": data_dir} if data_dir else {}), **({"device": device} if device else {})})
+    config = dataclasses.replace(saved_config(run), **({"data_dir": data_dir} if data_dir else {}), **({"device": device} if device else {}))
+    checkpoint = run.load_checkpoint()
     experiment = build(config)
-    experiment.method.load_state_dict(run.load_checkpoint()["method"])
+    restore(experiment.method, checkpoint["method"], run)
     return experiment
 
 

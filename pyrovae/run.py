@@ -1,21 +1,27 @@
-"""A run directory: config.json, an atomically written checkpoint, metrics and plots."""
+"""A run directory: config.json, an atomically written checkpoint, metrics and plots.
+
+Checkpoints are read with `torch.load(weights_only=True)`: a checkpoint holds tensors, numbers,
+strings, lists and dicts only, so opening a run directory never runs code from it.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from pyrovae.errors import PyrovaeError
 
-__all__ = ["RUN_FORMAT", "RunDir", "atomic_write"]
+__all__ = ["RUN_FORMAT", "RunDir", "atomic_write", "is_integer", "is_number", "one_line"]
 
 RUN_FORMAT = 1
 CHECKPOINT = "checkpoint.pt"
+TEMPORARY = ".*.tmp"  # what atomic_write leaves behind when its process is killed
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -29,6 +35,69 @@ def atomic_write(path: Path, write: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An error's message on one line, at most `limit` characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_integer(value: Any) -> bool:
+    """An int that is not a bool (JSON's and pickle's integers)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_rng_state(value: Any) -> bool:
+    """A CPU generator's state: a byte tensor of the size torch writes."""
+    return torch.is_tensor(value) and value.dtype == torch.uint8 and value.shape == torch.Generator().get_state().shape
+
+
+def _is_history(value: Any) -> bool:
+    """Epoch rows: dicts with an integer epoch and numbers for train_loss, seconds and the rest."""
+    return isinstance(value, list) and all(
+        isinstance(row, dict) and is_integer(row.get("epoch")) and is_number(row.get("train_loss")) and is_number(row.get("seconds"))
+        and all(isinstance(k, str) and (v is None or is_number(v)) for k, v in row.items())
+        for row in value
+    )
+
+
+# entry: (check, what it must be, required)
+CHECKPOINT_ENTRIES: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
+    "method": (lambda v: isinstance(v, dict), "a dict of state dicts", True),
+    "generator": (_is_rng_state, "a random generator's state", True),
+    "torch_rng": (_is_rng_state, "a random generator's state", True),
+    "history": (_is_history, "a list of epoch rows", True),
+    "step": (lambda v: is_integer(v) and v >= 0, "a step count", True),
+    "cuda_rng": (lambda v: torch.is_tensor(v) and v.dtype == torch.uint8, "a random generator's state", False),
+    "stopped_early": (lambda v: isinstance(v, bool), "true or false", False),
+    "best_state": (lambda v: v is None or isinstance(v, dict), "a dict of state dicts or None", False),
+}
+
+
+def _got(value: Any) -> str:
+    """What a wrong entry holds instead, where its type says more than the entry's name."""
+    if torch.is_tensor(value):
+        return f" (got a {value.dtype} tensor of shape {list(value.shape)})"
+    return "" if isinstance(value, (list, dict)) else f" (got a {type(value).__name__})"
+
+
+def checkpoint_problem(state: Any) -> str | None:
+    """What is wrong with a loaded checkpoint's structure, or None when nothing is."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a dict"
+    for key, (check, what, required) in CHECKPOINT_ENTRIES.items():
+        if key not in state:
+            if required:
+                return f"it has no {key!r} entry"
+        elif not check(state[key]):
+            return f"its {key!r} entry is not {what}{_got(state[key])}"
+    return None
 
 
 class RunDir:
@@ -45,18 +114,31 @@ class RunDir:
         return (self.path / "config.json").exists()
 
     def create(self, config: dict[str, Any]) -> None:
-        """Start a new run; refuses to overwrite one."""
+        """Start a new run; refuses to overwrite one. Temporary files of a killed start are removed."""
         if self.exists():
             raise PyrovaeError(f"{self.path} already holds a run: pass --resume to continue it, or choose another --out")
+        self.remove_temporary()
         if self.path.exists() and any(self.path.iterdir()):
             raise PyrovaeError(f"{self.path} exists and is not empty: choose another --out")
+        self.save_config(config)
+
+    def save_config(self, config: dict[str, Any]) -> None:
         self.write_json("config.json", {"format": RUN_FORMAT, **config})
+
+    def remove_temporary(self) -> list[Path]:
+        """Remove the temporary files a killed process left (atomic_write's `.NAME.*.tmp`)."""
+        stale = [p for p in self.path.glob(TEMPORARY) if p.is_file()] if self.path.is_dir() else []
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
 
     def config(self) -> dict[str, Any]:
         """The run's config, refusing directories that are not runs of this format."""
         if not self.exists():
-            raise PyrovaeError(f"{self.path} is not a pyrovae run directory (no config.json)")
+            raise PyrovaeError(f"{self.path} is not a pyrovae run directory (no config.json): start the run without --resume")
         config = self.read_json("config.json")
+        if not isinstance(config, dict):
+            raise PyrovaeError(f"{self.path / 'config.json'} holds a {type(config).__name__}, not a run's settings")
         if config.get("format") != RUN_FORMAT:
             raise PyrovaeError(
                 f"{self.path} was written by another pyrovae version (run format {config.get('format')!r}, "
@@ -64,11 +146,11 @@ class RunDir:
             )
         return config
 
-    def read_json(self, name: str) -> dict[str, Any]:
+    def read_json(self, name: str) -> Any:
         try:
             return json.loads((self.path / name).read_text())
         except (OSError, ValueError) as error:
-            raise PyrovaeError(f"cannot read {self.path / name}: {error}") from error
+            raise PyrovaeError(f"cannot read {self.path / name}: {one_line(error)}") from error
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         text = json.dumps(data, indent=2, sort_keys=False) + "\n"
@@ -78,9 +160,21 @@ class RunDir:
         atomic_write(self.checkpoint, lambda tmp: torch.save(state, tmp))
 
     def load_checkpoint(self) -> dict[str, Any]:
+        """The checkpoint, loaded without running code and checked entry by entry."""
         if not self.checkpoint.exists():
             raise PyrovaeError(f"{self.path} has no checkpoint yet: train it first")
         try:
-            return torch.load(self.checkpoint, map_location="cpu", weights_only=False)
+            state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            if "weights only load failed" not in str(error).lower():
+                raise PyrovaeError(f"the checkpoint {self.checkpoint} is corrupt (UnpicklingError): retrain the run") from error
+            raise PyrovaeError(
+                f"the checkpoint {self.checkpoint} holds Python objects, not only tensors, numbers and containers; "
+                "it was not loaded, since loading it could run code: retrain the run"
+            ) from error
         except Exception as error:
             raise PyrovaeError(f"the checkpoint {self.checkpoint} is corrupt ({type(error).__name__}): retrain the run") from error
+        problem = checkpoint_problem(state)
+        if problem:
+            raise PyrovaeError(f"{self.checkpoint} is not a pyrovae checkpoint: {problem}: retrain the run")
+        return state

@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 from pyrovae.data import Dataset, minibatches
 from pyrovae.errors import PyrovaeError
 from pyrovae.infer.base import InferenceMethod
-from pyrovae.run import RunDir
+from pyrovae.run import RunDir, one_line
 
-__all__ = ["History", "train"]
+__all__ = ["History", "restore", "train"]
 
 
 @dataclass
@@ -58,6 +58,31 @@ def warmup_beta(step: int, warmup_steps: int) -> float:
     return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
 
 
+def restore(method: InferenceMethod, state: dict[str, Any], run: RunDir) -> None:
+    """Load a checkpoint's method state, refusing in one line one that another architecture wrote."""
+    try:
+        method.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as error:
+        detail = f"it has no {error.args[0]!r} state" if isinstance(error, KeyError) else one_line(error)
+        raise PyrovaeError(f"the checkpoint does not match config.json in {run.path} (was config.json edited?): {detail}") from error
+
+
+def _save(run: RunDir, method: InferenceMethod, generator: torch.Generator, history: History, best_state: Any, step: int, device: torch.device | str) -> None:
+    """Everything a resume needs to continue bit for bit; plain tensors, numbers, lists and dicts only."""
+    run.save_checkpoint(
+        {
+            "method": method.state_dict(),
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state(device)} if torch.device(device).type == "cuda" else {}),
+            "history": history.rows,
+            "stopped_early": history.stopped_early,
+            "best_state": best_state,
+            "step": step,
+        }
+    )
+
+
 def train(
     method: InferenceMethod,
     data: Dataset,
@@ -68,6 +93,7 @@ def train(
     patience: int | None = None,
     run: RunDir | None = None,
     resume: bool = False,
+    checkpoint: dict[str, Any] | None = None,
     validate: Callable[[], float] | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
@@ -80,7 +106,9 @@ def train(
         patience: stop when the validation ELBO has not improved for this many epochs, and
             keep the best state (needs `validate`).
         run: where the checkpoint goes after every epoch (atomically).
-        resume: continue the run's checkpoint exactly where it stopped.
+        resume: continue the run's checkpoint exactly where it stopped; otherwise the run gets
+            the epoch-0 checkpoint first, so that it can be resumed from its first step on.
+        checkpoint: the run's checkpoint when the caller has loaded it already.
         validate: returns the validation ELBO (nats per example, higher is better).
     """
     train_split = data.split("train")
@@ -95,14 +123,16 @@ def train(
     if resume:
         if run is None:
             raise PyrovaeError("resuming needs a run directory")
-        checkpoint = run.load_checkpoint()
-        method.load_state_dict(checkpoint["method"])
+        checkpoint = run.load_checkpoint() if checkpoint is None else checkpoint
+        restore(method, checkpoint["method"], run)
         generator.set_state(checkpoint["generator"])
         torch.set_rng_state(checkpoint["torch_rng"])
         if "cuda_rng" in checkpoint and torch.device(device).type == "cuda":
             torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
         history = History(checkpoint["history"], checkpoint.get("stopped_early", False))
         best_state, step = checkpoint.get("best_state"), checkpoint["step"]
+    elif run is not None:
+        _save(run, method, generator, history, best_state, step, device)  # epoch 0: a run always has a checkpoint
     bar = tqdm(total=(epochs - history.epochs) * steps_per_epoch, disable=None if progress else True, unit="batch", dynamic_ncols=True, leave=False)
     running = None
     train_data = data.to(device)  # the rows travel once; a step gathers its batch where it runs
@@ -146,17 +176,6 @@ def train(
                 history.stopped_early = True
                 method.load_state_dict(best_state)
         if run is not None:
-            run.save_checkpoint(
-                {
-                    "method": method.state_dict(),
-                    "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    **({"cuda_rng": torch.cuda.get_rng_state(device)} if torch.device(device).type == "cuda" else {}),
-                    "history": history.rows,
-                    "stopped_early": history.stopped_early,
-                    "best_state": best_state,
-                    "step": step,
-                }
-            )
+            _save(run, method, generator, history, best_state, step, device)
     bar.close()
     return history
