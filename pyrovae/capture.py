@@ -145,8 +145,9 @@ class CapturedLoss:
         if self.captures > 4 * self.max_graphs:
             self._refuse(key, f"the key changed {self.captures - 1} times (the modules' state changes from call to call)")
             return self.loss(x, index, *static)
-        named = [*self.program.named_parameters(), *self.program.named_buffers()]
-        names, tensors = [n for n, _ in named], [t for _, t in named]
+        named = [*self.program.named_parameters(remove_duplicate=False), *self.program.named_buffers(remove_duplicate=False)]
+        unique = {id(t): t for _, t in named}  # a tensor shared by two modules is one input
+        tensors, names = list(unique.values()), {n: list(unique).index(id(t)) for n, t in named}
         try:
             graph = self.trace(names, tensors, x, index, static)
         except _Refused as reason:
@@ -156,11 +157,13 @@ class CapturedLoss:
         self._keep(key, entry)
         return self._checked(key, entry, x, index, static)
 
-    def trace(self, names: list[str], tensors: list[torch.Tensor], x: torch.Tensor, index: torch.Tensor, static: tuple) -> fx.GraphModule:
+    def trace(self, names: dict[str, int], tensors: list[torch.Tensor], x: torch.Tensor, index: torch.Tensor, static: tuple) -> fx.GraphModule:
         """The functionalized, simplified graph of one call, traced on copies of the tensors with
-        the random and module state put back afterwards."""
+        the random and module state put back afterwards. `names` gives each parameter's and
+        buffer's name, shared ones included, its position in `tensors`."""
         def program(tensors: list[torch.Tensor], x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(self.program, dict(zip(names, tensors)), (x, index, *static), tie_weights=True)
+            swapped = {name: tensors[i] for name, i in names.items()}
+            return torch.func.functional_call(self.program, swapped, (x, index, *static), tie_weights=False)
 
         copies = [t.detach().clone() for t in tensors]
         state = _ModuleState(self.program)
@@ -311,13 +314,15 @@ def _plain(value: Any) -> Any:
 
 
 class _ModuleState:
-    """The modules' buffers and plain attributes now, to put back after a run that must leave no trace."""
+    """The modules' tensors, buffer values and plain attributes now, to put back after a run
+    that must leave no trace."""
 
     def __init__(self, program: nn.Module) -> None:
         self.buffers = [b for b in program.buffers()]
         self.saved = [b.detach().clone() for b in self.buffers]
         self.modules = list(program.modules())
         self.attributes = [self._attributes(m) for m in self.modules]
+        self.tensors = [(dict(m._parameters), dict(m._buffers)) for m in self.modules]  # which tensor each module holds
 
     @staticmethod
     def _attributes(module: nn.Module) -> dict[str, Any]:
@@ -327,6 +332,8 @@ class _ModuleState:
         return [b.detach().clone() for b in self.buffers]
 
     def restore(self) -> None:
+        for module, (parameters, buffers) in zip(self.modules, self.tensors):
+            module._parameters.update(parameters), module._buffers.update(buffers)
         with torch.no_grad():
             for buffer, saved in zip(self.buffers, self.saved):
                 buffer.copy_(saved)
