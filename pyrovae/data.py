@@ -3,6 +3,11 @@
 Images are stored flat and compact (``uint8``); :meth:`Dataset.batch` turns rows into ``float32``
 model input. Splits are fixed: a loader returns the same rows for a split every time.
 
+A data directory (:func:`data_dir`) is only read, except for the downloads it is asked to hold:
+a read-only or shared one that already holds the files works, and one that lacks them is
+refused in one line before anything is fetched. Converted files (binarized MNIST, bit-packed)
+go to :func:`cache_dir`, named by a hash of their source's path, size and modification time.
+
 References:
     Larochelle & Murray, *The Neural Autoregressive Distribution Estimator*, AISTATS 2011,
     Section 4 (static binarized MNIST, 50k/10k/10k).
@@ -14,12 +19,14 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import http.client
 import inspect
 import json
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -37,7 +44,7 @@ import torch
 from pyrovae.errors import PyrovaeError
 from pyrovae.registry import DATASETS
 
-__all__ = ["Split", "Dataset", "load_dataset", "data_dir", "minibatches"]
+__all__ = ["Split", "Dataset", "load_dataset", "data_dir", "cache_dir", "minibatches"]
 
 SPLITS = ("train", "valid", "test")
 _TIMEOUT = 60.0
@@ -124,6 +131,25 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
 _resolve_dir = data_dir  # load_dataset's argument shadows the function name
 
 
+def cache_dir() -> Path:
+    """Returns where converted data sets are cached: ``$PYROVAE_CACHE``, else the user cache directory.
+
+    The user cache directory is ``$XDG_CACHE_HOME/pyrovae`` (``~/.cache/pyrovae``) on Linux,
+    ``~/Library/Caches/pyrovae`` on macOS and ``%LOCALAPPDATA%\\pyrovae\\Cache`` on Windows. Only
+    derived files go there (a cache entry is named by its source, so deleting any is safe);
+    nothing is ever written into a data directory except the downloads asked of it.
+    """
+    env = os.environ.get("PYROVAE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / "pyrovae" / "Cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "pyrovae"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "pyrovae"
+
+
 def minibatches(num_examples: int, batch_size: int, generator: torch.Generator, shuffle: bool = True,
                 drop_last: bool = False, device: torch.device | str | None = None) -> Iterator[torch.Tensor]:
     """Yields ``int64`` index tensors covering ``range(num_examples)`` once (one epoch).
@@ -186,31 +212,70 @@ def _read_bytes(path: Path, where: str) -> bytes:
         raise PyrovaeError(f"cannot read {where} ({_first_line(err)}); delete or replace it") from None
 
 
-def _save_cache(path: Path, array: np.ndarray) -> None:
-    """Writes ``array`` to ``path`` atomically; a read-only directory only costs speed."""
+_CACHE_FORMAT = 1  # bump when a cached array's layout changes: old entries are then ignored
+
+
+def _cache_entry(dataset: str, stem: str, source: Path) -> tuple[Path, str]:
+    """The cache file of ``source``'s conversion, and the prefix its older entries share.
+
+    The name holds a hash of the resolved source path (two data directories never share an
+    entry) and one of its size, modification time and inode (a changed source misses).
+    """
+    st = source.stat()
+    where = hashlib.sha256(os.fsencode(source.resolve())).hexdigest()[:16]
+    what = hashlib.sha256(f"{_CACHE_FORMAT}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}".encode()).hexdigest()[:16]
+    prefix = f"{stem}-{where}-"
+    return cache_dir() / dataset / f"{prefix}{what}.npy", prefix
+
+
+def _load_cache(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The cached array at ``path`` if it has ``dtype`` and ``shape``; ``None`` if missing or damaged."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None  # missing or corrupt: convert the source again
+    return array if array.dtype == dtype and array.shape == shape else None
+
+
+def _save_cache(path: Path, array: np.ndarray, stale_prefix: str | None = None) -> None:
+    """Writes ``array`` to ``path`` atomically and removes entries of older versions of its source
+    (names starting with ``stale_prefix``); an unwritable cache only costs speed."""
     tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         with os.fdopen(fd, "wb") as f:
             np.save(f, array, allow_pickle=False)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+        for old in path.parent.glob(f"{stale_prefix}*.npy") if stale_prefix else ():
+            if old != path:
+                old.unlink(missing_ok=True)
     except OSError as err:
-        warnings.warn(f"could not write cache {path}: {_first_line(err)}", stacklevel=3)
+        warnings.warn(f"could not write cache {path} (set PYROVAE_CACHE to a writable directory): "
+                      f"{_first_line(err)}", stacklevel=3)
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
 @contextmanager
-def _target_dir(path: Path) -> Iterator[Path]:
-    """Creates ``path`` for downloads; removes what it created if the block fails and left it empty."""
+def _target_dir(path: Path, missing: str) -> Iterator[Path]:
+    """Creates ``path`` for downloads; removes what it created if the block fails and left it empty.
+
+    A data directory that exists but cannot be written is refused before any download, naming
+    the ``missing`` files: it may be read-only or shared, and is never used as scratch space.
+    """
     created = [p for p in (path, *path.parents) if not p.exists()]
+    existing = path.parents[len(created) - 1] if created else path
+    if existing.is_dir() and not os.access(existing, os.W_OK):
+        raise PyrovaeError(f"data directory {existing} is read-only and lacks {missing}; place the files in "
+                           f"{path}, or pass a writable --data-dir or set PYROVAE_DATA to download them")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise PyrovaeError(f"cannot create data directory {path} ({_first_line(err)}); "
-                           "pass a writable --data-dir or set PYROVAE_DATA") from None
+        raise PyrovaeError(f"cannot create data directory {path} ({_first_line(err)}) to download {missing}; "
+                           "place the files there, or pass a writable --data-dir or set PYROVAE_DATA") from None
     try:
         yield path
     except BaseException:
@@ -331,23 +396,25 @@ def _parse_amat(rows: int, path: Path, where: str | None = None) -> np.ndarray:
     return x
 
 
+def _bmnist_cached(source: Path, split: str, parsed: np.ndarray | None = None) -> np.ndarray:
+    """The split converted from ``source``: from the cache when it holds this version of the
+    source, else parsed (or ``parsed``, when the caller just did) and cached, bit-packed."""
+    rows, stem = _BMNIST_ROWS[split], f"binarized_mnist_{split}"
+    entry, prefix = _cache_entry("binarized-mnist", stem, source)
+    if parsed is None:
+        if (packed := _load_cache(entry, np.dtype(np.uint8), (rows, 98))) is not None:
+            return np.unpackbits(packed, axis=1)
+        parsed = _parse_amat(rows, source)
+    _save_cache(entry, np.packbits(parsed, axis=1), prefix)
+    return parsed
+
+
 def _bmnist_local(directory: Path, split: str) -> np.ndarray | None:
-    """Loads a split from ``directory``: the ``.npy`` cache if fresh, else the ``.amat`` (re-cached)."""
-    stem, rows = f"binarized_mnist_{split}", _BMNIST_ROWS[split]
-    cache = directory / f"{stem}.npy"
-    sources = [p for p in (directory / f"{stem}.amat", directory / f"{stem}.amat.gz") if p.is_file()]
-    if cache.is_file() and (not sources or cache.stat().st_mtime >= max(s.stat().st_mtime for s in sources)):
-        try:
-            packed = np.load(cache, allow_pickle=False)
-            if packed.dtype == np.uint8 and packed.shape == (rows, 98):
-                return np.unpackbits(packed, axis=1)
-        except (OSError, ValueError, EOFError):
-            pass  # stale or corrupt cache: parse the source again
-    if not sources:
-        return None
-    x = _parse_amat(rows, sources[0])
-    _save_cache(cache, np.packbits(x, axis=1))
-    return x
+    """Loads a split from the ``.amat`` (or ``.amat.gz``) in ``directory``, through the cache;
+    ``None`` if neither is there. Only reads ``directory``."""
+    stem = f"binarized_mnist_{split}"
+    source = next((p for p in (directory / f"{stem}.amat", directory / f"{stem}.amat.gz") if p.is_file()), None)
+    return None if source is None else _bmnist_cached(source, split)
 
 
 @DATASETS.register("binarized-mnist", "static binarized MNIST (Larochelle & Murray), 50k/10k/10k, downloaded")
@@ -361,12 +428,14 @@ def _load_binarized_mnist(data_dir: Path, base_url: str | None = None) -> Datase
                 break
     if "train" not in arrays or "valid" not in arrays:
         url, _ = _base_url(base_url, "PYROVAE_BINARIZED_MNIST_URL", _BMNIST_URL)
-        with _target_dir(sub):
+        missing = ", ".join(f"binarized_mnist_{s}.amat[.gz]" for s in ("train", "valid") if s not in arrays)
+        with _target_dir(sub, missing):
             for split in (s for s in SPLITS if s not in arrays):
                 stem, rows = f"binarized_mnist_{split}", _BMNIST_ROWS[split]
                 candidates = [(url + stem + ext, sub / (stem + ext)) for ext in (".amat", ".amat.gz")]
                 try:
-                    arrays[split], _ = _download(candidates, functools.partial(_parse_amat, rows))
+                    x, dest = _download(candidates, functools.partial(_parse_amat, rows))
+                    arrays[split] = _bmnist_cached(dest, split, x)
                 except _FetchError as err:
                     if split == "test":  # the test split is often withheld
                         continue
@@ -374,7 +443,6 @@ def _load_binarized_mnist(data_dir: Path, base_url: str | None = None) -> Datase
                         f"could not download binarized-MNIST {split} split from {url} ({err}); place "
                         f"binarized_mnist_{{train,valid}}.amat (or .amat.gz) in {sub}, or set base_url "
                         "/ PYROVAE_BINARIZED_MNIST_URL") from None
-                _save_cache(sub / f"{stem}.npy", np.packbits(arrays[split], axis=1))
     splits = {k: Split(torch.from_numpy(arrays[k])) for k in SPLITS if k in arrays}
     return Dataset("binarized-mnist", splits, (784,), "binary", (28, 28))
 
@@ -436,7 +504,7 @@ def _load_mnist(data_dir: Path, binarize: str | None = None, base_url: str | Non
         url, chosen = _base_url(base_url, "PYROVAE_MNIST_URL", _MNIST_URL)
         bases = [url] if chosen else list(dict.fromkeys([url, *_torchvision_mnist_mirrors()]))
         reasons = []
-        with _target_dir(raw):
+        with _target_dir(raw, "train-*/t10k-*-ubyte[.gz]"):
             for split, (images, labels, count) in _MNIST_FILES.items():
                 try:
                     pair = []
@@ -514,7 +582,7 @@ def _load_jsb_chorales(data_dir: Path, base_url: str | None = None) -> Dataset:
     else:
         url, _ = _base_url(base_url, "PYROVAE_JSB_URL", _JSB_URL)
         name = _JSB_FILES[0]
-        with _target_dir(sub):
+        with _target_dir(sub, name):
             try:
                 splits, _ = _download([(url + name, sub / name)], _parse_jsb)
             except _FetchError as err:

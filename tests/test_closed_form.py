@@ -1,7 +1,9 @@
 """The linear-Gaussian model has exact log p(x) and p(z|x): every bound is checked against them."""
 
+import io
 import math
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -9,8 +11,10 @@ import torch
 from torch import nn
 
 from pyrovae import evaluate
+from pyrovae.evaluate import chunk_sizes
 from pyrovae.guides import ExactPosterior, build_guide
 from pyrovae.handlers import scale_latents
+from pyrovae.importance import log_weights
 from pyrovae.infer import AmortizedVI, TrainSettings
 from pyrovae.models import LinearGaussian
 from pyrovae.sites import data_plate
@@ -27,6 +31,25 @@ class FixedGaussian(nn.Module):
         with data_plate(x, index, size):
             rows = index if index is not None else slice(None)
             pyro.sample("z", dist.Normal(self.loc[rows], self.scale[rows]).to_event(1))
+
+
+class ShiftedPosterior(nn.Module):
+    """An amortized, deliberately imperfect q(z|x): the exact posterior's mean (affine in x) shifted
+    by `shift`, its marginal scales widened by `widen`, correlations dropped (any chunk of examples)."""
+
+    def __init__(self, model: LinearGaussian, shift: float = 0.3, widen: float = 1.4) -> None:
+        super().__init__()
+        with torch.no_grad():
+            inverse = torch.linalg.inv(model.weight.T @ model.weight + model.noise**2 * torch.eye(model.latent))
+            self.register_buffer("gain", model.weight @ inverse.T)  # mean = (x - b) @ gain
+            self.register_buffer("offset", model.bias.clone())
+            self.register_buffer("scale", (model.noise**2 * inverse).diagonal().sqrt() * widen)
+        self.shift = shift
+
+    def forward(self, x, index=None, size=None):
+        with data_plate(x, index, size):
+            loc = (x.reshape(len(x), -1) - self.offset) @ self.gain + self.shift
+            pyro.sample("z", dist.Normal(loc, self.scale.expand_as(loc)).to_event(1))
 
 
 @pytest.fixture
@@ -85,6 +108,60 @@ def test_exact_posterior_makes_the_elbo_tight(setup):
     exact = model.log_marginal(x)
     assert torch.allclose(result.elbo, exact, atol=1e-4)
     assert torch.allclose(result.log_likelihood, exact, atol=1e-4)
+
+
+# A memory cap of 4 examples x 60 samples a pass: K = 1000 samples take 17 passes, the last of 40.
+CAP = 5 * 64 * 4
+
+
+@pytest.mark.parametrize("capture", [False, True], ids=["eager", "captured"])
+def test_every_pass_of_the_samples_counts(setup, capture):
+    """K split over many passes: with the exact posterior every log-weight is log p(x), so the
+    ELBO, the IWAE-10 bound and IS log p(x) are exactly log p(x) only if every pass is summed
+    and normalized by K; with the imperfect proposal the IS estimate is within Monte Carlo error
+    of log p(x), per example."""
+    model, x, _ = setup
+    assert chunk_sizes(len(x), 1000, 5, CAP, 10) == (4, 60)
+    exact = model.log_marginal(x)
+    tight = evaluate(model, build_guide("exact", model, x), x, num_samples=1000, iwae_k=10, max_elements=CAP, capture=capture)
+    for value in (tight.elbo, tight.log_likelihood, tight.iwae):
+        assert torch.allclose(value, exact, atol=1e-4, rtol=0)
+    guide = ShiftedPosterior(model)
+    pyro.set_rng_seed(0)
+    result = evaluate(model, guide, x, num_samples=1000, iwae_k=10, max_elements=CAP, capture=capture)
+    with torch.no_grad():  # many fresh draws: the size of K draws' Monte Carlo error (delta method)
+        w = log_weights(model, guide, 20_000, 1, x).values
+    ratio = (w - w.max(0).values).exp()
+    se = ratio.std(0) / ratio.mean(0) / math.sqrt(1000)
+    assert ((result.log_likelihood - exact).abs() < 6 * se + 1e-3).all(), (result.log_likelihood - exact) / se
+    elbo_se = w.std(0) / math.sqrt(1000)  # and the ELBO is the mean log-weight over all K samples
+    assert ((result.elbo - w.mean(0)).abs() < 6 * elbo_se * math.sqrt(1 + 1000 / 20_000)).all()
+
+
+@pytest.mark.parametrize("holds_model", [False, True], ids=["own-tensors", "guide-holds-the-model"])
+def test_captured_evaluation_returns_ordinary_tensors(setup, holds_model):
+    """The captured path gives the eager path's numbers on the same draws, as plain tensors a user
+    can read (NumPy view, list, saved copy), and leaves the model's parameters as they were, also
+    when the guide holds the model as a submodule (shared parameters) and capture is refused."""
+    model, x, _ = setup
+    guide = ShiftedPosterior(model)
+    if holds_model:
+        guide.model = model
+    before = [p.detach().clone() for p in model.parameters()]
+    pyro.set_rng_seed(0)
+    eager = evaluate(model, guide, x, num_samples=1000, max_elements=CAP, capture=False)
+    pyro.set_rng_seed(0)
+    captured = evaluate(model, guide, x, num_samples=1000, max_elements=CAP, capture=True)
+    for ours, reference in ((captured.elbo, eager.elbo), (captured.log_likelihood, eager.log_likelihood)):
+        assert torch.allclose(ours, reference, atol=1e-4)  # same draws, same numbers
+        assert np.allclose(ours.numpy(), reference.numpy(), atol=1e-4)
+        assert np.allclose(ours.tolist(), reference.tolist(), atol=1e-4)
+        buffer = io.BytesIO()
+        torch.save(ours, buffer)
+        buffer.seek(0)
+        assert torch.allclose(torch.load(buffer), reference, atol=1e-4)
+    for parameter, value in zip(model.parameters(), before):
+        assert np.array_equal(parameter.detach().numpy(), value.numpy())
 
 
 def test_iwae_bound_sits_between_elbo_and_log_likelihood(setup):

@@ -9,6 +9,8 @@ import json
 import os
 import pickle
 import shutil
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ import pytest
 import torch
 
 import pyrovae.data
-from pyrovae.data import Dataset, data_dir, load_dataset, minibatches
+from pyrovae.data import Dataset, cache_dir, data_dir, load_dataset, minibatches
 from pyrovae.errors import PyrovaeError
 
 SHARED = Path(
@@ -37,10 +39,12 @@ def shared(*parts: str) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No download reaches the internet; data and cache directories are fresh and apart."""
     for var in ("PYROVAE_BINARIZED_MNIST_URL", "PYROVAE_MNIST_URL", "PYROVAE_JSB_URL"):
         monkeypatch.setenv(var, DEAD_URL)
     monkeypatch.setenv("PYROVAE_DATA", str(tmp_path / "default-data"))
+    monkeypatch.setenv("PYROVAE_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
 @contextmanager
@@ -76,6 +80,28 @@ def leftovers(root: Path) -> list[str]:
 
 def sorted_rows(x: np.ndarray) -> list[tuple]:
     return sorted(map(tuple, x.tolist()))
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every path under ``root`` (itself included) with its mode, size and modification time."""
+    return {str(p): (p.lstat().st_mode, p.lstat().st_size, p.lstat().st_mtime_ns) for p in [root, *root.rglob("*")]}
+
+
+def cache_entries(stem: str = "") -> list[Path]:
+    return sorted((cache_dir() / "binarized-mnist").glob(f"{stem}*.npy"))
+
+
+def count_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records the file name of every ``.amat`` parse from now on."""
+    calls: list[str] = []
+    real = pyrovae.data._parse_amat
+
+    def parse(rows: int, path: Path, *args: object) -> np.ndarray:
+        calls.append(path.name)
+        return real(rows, path, *args)
+
+    monkeypatch.setattr(pyrovae.data, "_parse_amat", parse)
+    return calls
 
 
 # ----------------------------------------------------------------------------- digits
@@ -132,14 +158,22 @@ def test_missing_split_and_unknown_names_and_options() -> None:
 
 
 @pytest.fixture(scope="module")
-def bmnist(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Dataset]:
+def bmnist_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cache directory the ``bmnist`` fixture's first load filled."""
+    return tmp_path_factory.mktemp("bmnist-cache")
+
+
+@pytest.fixture(scope="module")
+def bmnist(tmp_path_factory: pytest.TempPathFactory, bmnist_cache: Path) -> tuple[Path, Dataset]:
     """binarized-MNIST parsed from symlinks to the shared .gz files (first load: parse + cache)."""
     root = tmp_path_factory.mktemp("bmnist")
     for split in ("train", "valid"):
         (root / f"binarized_mnist_{split}.amat.gz").symlink_to(
             shared("binarized_mnist", f"binarized_mnist_{split}.amat.gz").resolve()
         )
-    return root, load_dataset("binarized-mnist", root, base_url=DEAD_URL)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYROVAE_CACHE", str(bmnist_cache))
+        return root, load_dataset("binarized-mnist", root, base_url=DEAD_URL)
 
 
 def test_binarized_mnist_reads_the_canonical_files(bmnist: tuple[Path, Dataset]) -> None:
@@ -159,35 +193,123 @@ def test_binarized_mnist_reads_the_canonical_files(bmnist: tuple[Path, Dataset])
 
 
 def test_binarized_mnist_cache_is_fast_and_exact(
-    bmnist: tuple[Path, Dataset], monkeypatch: pytest.MonkeyPatch
+    bmnist: tuple[Path, Dataset], bmnist_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The first load cached both splits in the cache directory, none in the data directory;
+    the second reads them back without parsing."""
     root, ds = bmnist
+    monkeypatch.setenv("PYROVAE_CACHE", str(bmnist_cache))
+    assert sorted(p.name for p in root.iterdir()) == ["binarized_mnist_train.amat.gz", "binarized_mnist_valid.amat.gz"]
+    assert [p.name.split("-")[0] for p in cache_entries()] == ["binarized_mnist_train", "binarized_mnist_valid"]
     monkeypatch.setattr(pyrovae.data, "_parse_amat", lambda *args, **kwargs: pytest.fail("cache not used"))
-    assert (root / "binarized_mnist_train.npy").is_file() and (root / "binarized_mnist_valid.npy").is_file()
     start = time.perf_counter()
     again = load_dataset("binarized-mnist", root, base_url=DEAD_URL)
     assert time.perf_counter() - start < 1.0
     assert all(torch.equal(ds.split(k).x, again.split(k).x) for k in ("train", "valid"))
 
 
-def test_binarized_mnist_stale_or_corrupt_cache_is_reparsed(
-    bmnist: tuple[Path, Dataset], tmp_path: Path
+def test_binarized_mnist_cache_follows_its_source(
+    bmnist: tuple[Path, Dataset], bmnist_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Two data directories never share an entry; a changed source, or a damaged entry, is
+    parsed again, and the entry of the old version is removed."""
     root, ds = bmnist
+    monkeypatch.setenv("PYROVAE_CACHE", str(bmnist_cache))  # the train split is cached there already
+    text = gzip.decompress((root / "binarized_mnist_valid.amat.gz").read_bytes())
+    reversed_text = b"".join(text.splitlines(keepends=True)[::-1])
+    valid, flipped = ds.split("valid").x, ds.split("valid").x.flip(0)
+    dirs = {"a": (tmp_path / "a", text), "b": (tmp_path / "b", reversed_text)}
+    for directory, content in dirs.values():
+        directory.mkdir()
+        (directory / "binarized_mnist_train.amat.gz").symlink_to((root / "binarized_mnist_train.amat.gz").resolve())
+        (directory / "binarized_mnist_valid.amat").write_bytes(content)
+    parses = count_parses(monkeypatch)
+
+    def load(name: str) -> torch.Tensor:
+        return load_dataset("binarized-mnist", dirs[name][0], base_url=DEAD_URL).split("valid").x
+
+    assert torch.equal(load("a"), valid) and torch.equal(load("b"), flipped)  # same name, own entries
+    assert parses == ["binarized_mnist_valid.amat"] * 2  # train came from the cache: same source file
+    assert torch.equal(load("a"), valid) and torch.equal(load("b"), flipped) and len(parses) == 2
+    entries = cache_entries("binarized_mnist_valid")
+    assert len(entries) == 3  # the fixture's source, a's and b's
+
+    (dirs["a"][0] / "binarized_mnist_valid.amat").write_bytes(reversed_text)  # edited in place: same size
+    assert torch.equal(load("a"), flipped) and len(parses) == 3
+    assert len(cache_entries("binarized_mnist_valid")) == 3  # a's old entry replaced, not kept beside
+    (entry,) = set(cache_entries("binarized_mnist_valid")) - set(entries)
+
+    for damage in (lambda: entry.write_bytes(b"\x93NUMPY garbage"), lambda: np.save(entry, np.zeros((5, 98), np.uint8))):
+        damage()
+        assert torch.equal(load("a"), flipped) and np.array_equal(np.unpackbits(np.load(entry), axis=1), flipped.numpy())
+    assert len(parses) == 5 and torch.equal(load("b"), flipped) and len(parses) == 5
+
+
+def test_binarized_mnist_read_only_data_dir_is_never_written(
+    bmnist: tuple[Path, Dataset], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only data directory holding the files loads, through the cache, and is left as it was.
+
+    Tests may run as root, whom the mode bits do not stop: every file creation and rename is
+    watched as well, and none may target the data directory."""
+    root, ds = bmnist
+    data = tmp_path / "ro"
+    (data / "binarized_mnist").mkdir(parents=True)
     for split in ("train", "valid"):
-        (tmp_path / f"binarized_mnist_{split}.amat.gz").symlink_to(
-            (root / f"binarized_mnist_{split}.amat.gz").resolve()
-        )
-    np.save(tmp_path / "binarized_mnist_train.npy", np.zeros((5, 98), np.uint8))  # wrong shape
-    stale = tmp_path / "binarized_mnist_valid.npy"
-    np.save(stale, np.zeros((10000, 98), np.uint8))  # well-formed but older than its source
-    os.utime(stale, (0, 0))
-    again = load_dataset("binarized-mnist", tmp_path, base_url=DEAD_URL)
-    assert all(torch.equal(ds.split(k).x, again.split(k).x) for k in ("train", "valid"))
-    assert np.load(stale).shape == (10000, 98) and np.load(stale).any()  # rewritten
-    stale.write_bytes(b"\x93NUMPY garbage")
-    again = load_dataset("binarized-mnist", tmp_path, base_url=DEAD_URL)
-    assert torch.equal(ds.split("valid").x, again.split("valid").x) and np.load(stale).any()
+        shutil.copy(root / f"binarized_mnist_{split}.amat.gz", data / "binarized_mnist")
+        (data / "binarized_mnist" / f"binarized_mnist_{split}.amat.gz").chmod(0o444)
+    for directory in (data / "binarized_mnist", data):
+        directory.chmod(0o555)
+    before = snapshot(data)
+    targets: list[str] = []
+    mkstemp, replace, mkdir = tempfile.mkstemp, os.replace, Path.mkdir
+    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, **k: (targets.append(str(k.get("dir"))), mkstemp(*a, **k))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (targets.append(str(dst)), replace(src, dst))[1])
+    monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: (targets.append(str(self)), mkdir(self, *a, **k))[1])
+    parses = count_parses(monkeypatch)
+    try:
+        for _ in range(2):
+            got = load_dataset("binarized-mnist", data, base_url=DEAD_URL)
+            assert all(torch.equal(ds.split(k).x, got.split(k).x) for k in ("train", "valid"))
+    finally:
+        for directory in (data, data / "binarized_mnist"):
+            directory.chmod(0o755)
+    assert snapshot(data) == before | {str(p): (0o40755, *before[str(p)][1:]) for p in (data, data / "binarized_mnist")}
+    assert targets and not [t for t in targets if Path(t).is_relative_to(data)]
+    assert all(Path(t).is_relative_to(cache_dir()) for t in targets)
+    assert len(parses) == 2 and len(cache_entries()) == 2  # parsed once, then read from the cache
+
+
+@pytest.mark.parametrize(
+    "name, lacks", [("binarized-mnist", "binarized_mnist_train.amat[.gz]"), ("mnist", "t10k-*"), ("jsb-chorales", "jsb-chorales-quarter.json")]
+)
+def test_read_only_data_dir_without_the_files_is_refused_before_downloading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, lacks: str
+) -> None:
+    """One line naming the directory and the files it lacks; nothing fetched, nothing written."""
+    data = tmp_path / "ro"
+    data.mkdir()
+    data.chmod(0o555)
+    access = os.access  # root passes any mode bits: report the directory read-only as a user sees it
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == data and mode & os.W_OK else access(p, mode, **k))
+    requests: list[str] = []
+    with serve(shared("binarized_mnist"), requests) as url, pytest.raises(PyrovaeError) as err:
+        load_dataset(name, data, base_url=url)
+    message = str(err.value)
+    assert "read-only" in message and str(data) in message and lacks in message and "\n" not in message
+    assert requests == [] and list(data.iterdir()) == []
+
+
+def test_binarized_mnist_unwritable_cache_only_costs_speed(bmnist: tuple[Path, Dataset], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache that cannot be created warns once per split, and the data are still right."""
+    root, ds = bmnist
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setenv("PYROVAE_CACHE", str(tmp_path / "file" / "cache"))
+    with pytest.warns(UserWarning, match="could not write cache .*PYROVAE_CACHE"):
+        got = load_dataset("binarized-mnist", root, base_url=DEAD_URL)
+    assert all(torch.equal(ds.split(k).x, got.split(k).x) for k in ("train", "valid"))
+    assert sorted(p.name for p in root.iterdir()) == ["binarized_mnist_train.amat.gz", "binarized_mnist_valid.amat.gz"]
 
 
 def test_binarized_mnist_accepts_plain_amat_in_subfolder(
@@ -201,10 +323,10 @@ def test_binarized_mnist_accepts_plain_amat_in_subfolder(
         open(sub / "binarized_mnist_valid.amat", "wb") as dst,
     ):
         shutil.copyfileobj(src, dst)
-    shutil.copy(root / "binarized_mnist_train.npy", sub)  # a cache alone is enough for train
-    again = load_dataset("binarized-mnist", tmp_path, base_url=DEAD_URL)
+    (tmp_path / "binarized_mnist_train.amat.gz").symlink_to((root / "binarized_mnist_train.amat.gz").resolve())
+    again = load_dataset("binarized-mnist", tmp_path, base_url=DEAD_URL)  # train from the top folder
     assert all(torch.equal(ds.split(k).x, again.split(k).x) for k in ("train", "valid"))
-    assert (sub / "binarized_mnist_valid.npy").is_file()
+    assert [p.name for p in sub.iterdir()] == ["binarized_mnist_valid.amat"]
 
 
 def test_binarized_mnist_download_is_atomic_and_test_split_optional(
@@ -215,13 +337,9 @@ def test_binarized_mnist_download_is_atomic_and_test_split_optional(
     with serve(shared("binarized_mnist"), requests) as url:
         got = load_dataset("binarized-mnist", tmp_path, base_url=url)
     sub = tmp_path / "binarized_mnist"
-    assert sorted(p.name for p in sub.iterdir()) == [
-        "binarized_mnist_train.amat.gz",
-        "binarized_mnist_train.npy",
-        "binarized_mnist_valid.amat.gz",
-        "binarized_mnist_valid.npy",
-    ]
-    assert leftovers(tmp_path) == []
+    assert sorted(p.name for p in sub.iterdir()) == ["binarized_mnist_train.amat.gz", "binarized_mnist_valid.amat.gz"]
+    assert [p.name.split("-")[0] for p in cache_entries()] == ["binarized_mnist_train", "binarized_mnist_valid"]
+    assert leftovers(tmp_path) == [] and leftovers(cache_dir()) == []
     assert list(got.splits) == ["train", "valid"]  # 404 for test: no test split
     assert "/binarized_mnist_test.amat" in requests and "/binarized_mnist_test.amat.gz" in requests
     assert requests.index("/binarized_mnist_train.amat") < requests.index("/binarized_mnist_train.amat.gz")
@@ -269,7 +387,8 @@ def test_binarized_mnist_corrupt_file_is_rejected(tmp_path: Path, lines: list[st
     with pytest.raises(PyrovaeError, match="corrupt") as err:
         load_dataset("binarized-mnist", tmp_path, base_url=DEAD_URL)
     assert "binarized_mnist_train.amat" in str(err.value) and problem in str(err.value)
-    assert not (tmp_path / "binarized_mnist_train.npy").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["binarized_mnist_train.amat", "binarized_mnist_valid.amat"]
+    assert cache_entries("binarized_mnist_train") == []
 
 
 def test_binarized_mnist_truncated_gzip_is_rejected(tmp_path: Path) -> None:
@@ -513,6 +632,24 @@ def test_data_dir_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     monkeypatch.delenv("PYROVAE_DATA")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert data_dir() == tmp_path / ".cache" / "pyrovae"
+
+
+def test_cache_dir_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """$PYROVAE_CACHE, else the platform's user cache directory (XDG on Linux: absolute paths only)."""
+    monkeypatch.setenv("PYROVAE_CACHE", str(tmp_path / "env"))
+    assert cache_dir() == tmp_path / "env"
+    monkeypatch.delenv("PYROVAE_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "pyrovae"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/xdg")
+    assert cache_dir() == tmp_path / ".cache" / "pyrovae"
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert cache_dir() == tmp_path / "Library" / "Caches" / "pyrovae"
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "local"))
+    assert cache_dir() == tmp_path / "local" / "pyrovae" / "Cache"
 
 
 def test_minibatches_cover_every_index_once_and_are_reproducible() -> None:
