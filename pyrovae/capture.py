@@ -5,10 +5,10 @@ messenger stack, trace dictionaries, distribution objects and their argument che
 program whose structure is static (the same sites, shapes and plates every step, the case for
 every model pyrovae ships), the tensor operations are the same each step, so we record them
 once with `torch.fx`'s `make_fx` (ATen operations, random draws included, parameters and
-buffers as inputs), functionalize them (`torch.func.functionalize`: in-place operations become
-new tensors, and a buffer the program updates, such as batch norm's running statistics, is
-written back at the end), simplify the graph (`pyrovae.simplify`) and from then on call it.
-Pyro's `JitTrace_ELBO` did this with TorchScript, which torch deprecates; `torch.compile`
+buffers as inputs); a program with in-place operations is recorded functionalized
+(`torch.func.functionalize`: they become new tensors, and a buffer the program updates, such
+as batch norm's running statistics, is written back at the end). Then we simplify the graph
+(`pyrovae.simplify`) and from then on call it. Pyro's `JitTrace_ELBO` did this with TorchScript, which torch deprecates; `torch.compile`
 needs a C++ toolchain and tens of seconds per shape. A capture takes a fraction of a second.
 
 A graph is used only where it gives the program's numbers:
@@ -147,7 +147,8 @@ class CapturedLoss:
             return self.loss(x, index, *static)
         named = [*self.program.named_parameters(remove_duplicate=False), *self.program.named_buffers(remove_duplicate=False)]
         unique = {id(t): t for _, t in named}  # a tensor shared by two modules is one input
-        tensors, names = list(unique.values()), {n: list(unique).index(id(t)) for n, t in named}
+        position = {key: i for i, key in enumerate(unique)}
+        tensors, names = list(unique.values()), {n: position[id(t)] for n, t in named}
         try:
             graph = self.trace(names, tensors, x, index, static)
         except _Refused as reason:
@@ -165,27 +166,36 @@ class CapturedLoss:
             swapped = {name: tensors[i] for name, i in names.items()}
             return torch.func.functional_call(self.program, swapped, (x, index, *static), tie_weights=False)
 
+        graph, params = self._record(program, tensors, x, index, functional=False)
+        if _mutations(graph):  # in-place operations: record the program's functional form instead
+            graph, params = self._record(program, tensors, x, index, functional=True)
+            _check_mutations(graph, [t.requires_grad for t in tensors])
+        if params.names:
+            raise _Refused(f"the program reads Pyro's param store ({', '.join(sorted(params.names)[:3])}, ...): pyro.param/pyro.module values live outside its modules")
+        if any(torch.is_tensor(v) and v.requires_grad for v in _constants(graph)):
+            raise _Refused("the program reads a tensor that needs a gradient but is not a parameter of its modules")
+        try:
+            simplify(graph)
+        except Exception as error:  # a rewrite met a form it does not know: the graph is not used
+            raise _Refused(f"simplifying the graph failed: {_first_line(error)}") from error
+        return graph
+
+    def _record(self, program: Callable, tensors: list[torch.Tensor], x: torch.Tensor, index: torch.Tensor, functional: bool) -> tuple[fx.GraphModule, _ParamSites]:
+        """`program`'s ATen graph, recorded on copies of the tensors, functionalized if asked
+        (`torch.func.functionalize` also decomposes some fused kernels, such as
+        binary_cross_entropy_with_logits: programs without in-place operations keep them)."""
         copies = [t.detach().clone() for t in tensors]
         state = _ModuleState(self.program)
         try:
             with same_randomness(x.device), _pyro_elbos_traceable(), pyro.validation_enabled(False), \
                     warnings.catch_warnings(), _ParamSites() as params:
                 warnings.simplefilter("ignore")
-                graph = make_fx(torch.func.functionalize(program, remove="mutations"))(copies, x, index)
+                graph = make_fx(torch.func.functionalize(program, remove="mutations") if functional else program)(copies, x, index)
         except Exception as error:  # the tracer met something it cannot record
             raise _Refused(f"the tracer stopped: {_first_line(error)}") from error
         finally:
             state.restore()
-        if params.names:
-            raise _Refused(f"the program reads Pyro's param store ({', '.join(sorted(params.names)[:3])}, ...): pyro.param/pyro.module values live outside its modules")
-        if any(torch.is_tensor(v) and v.requires_grad for v in _constants(graph)):
-            raise _Refused("the program reads a tensor that needs a gradient but is not a parameter of its modules")
-        _check_mutations(graph, [t.requires_grad for t in tensors])
-        try:
-            simplify(graph)
-        except Exception as error:  # a rewrite met a form it does not know: the graph is not used
-            raise _Refused(f"simplifying the graph failed: {_first_line(error)}") from error
-        return graph
+        return graph, params
 
     def _checked(self, key: tuple, entry: _Graph, x: torch.Tensor, index: torch.Tensor, static: tuple) -> torch.Tensor:
         """The graph's loss for this call, after the program has run from the same random and
@@ -248,6 +258,24 @@ def _difference(loss: torch.Tensor, grads: list[torch.Tensor], graph_loss: Any, 
     if not all(_close(a, b, rtol=1e-3) for a, b in zip(grads, graph_grads)):
         return "the graph's gradients differ from the program's"
     return None
+
+
+_ALLOCATIONS = (aten.empty.memory_format, aten.empty_like.default, aten.new_empty.default, aten.empty_strided.default)
+
+
+def _mutations(graph: fx.GraphModule) -> list[fx.Node]:
+    """The in-place operations of a recorded graph, except a random draw into a fresh allocation
+    that nothing else reads (how `torch.randn` and Pyro's `rsample` record: `normal_(empty(...))`)."""
+    found = []
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload) or not node.target._schema.is_mutable:
+            continue
+        fresh = node.args[0] if node.args else None
+        draw = torch.Tag.nondeterministic_seeded in node.target.tags and isinstance(fresh, fx.Node) \
+            and fresh.target in _ALLOCATIONS and len(fresh.users) == 1
+        if not draw:
+            found.append(node)
+    return found
 
 
 def _check_mutations(graph: fx.GraphModule, requires_grad: list[bool]) -> None:

@@ -1,8 +1,9 @@
-"""Rewrites of a captured, functionalized ATen graph that keep its value and gradient.
+"""Rewrites of a captured ATen graph that keep its value and gradient.
 
-`simplify` runs on graphs that `pyrovae.capture` has functionalized: no operation in them
-mutates a tensor, except the `copy_` into an input (a buffer) that ends the graph. So a node's
-value is fixed by its inputs, and constants can be folded and duplicates merged, with two
+`simplify` runs on graphs that `pyrovae.capture` has recorded without mutations: no operation
+in them changes a tensor, except a random draw into a fresh allocation that nothing else reads
+and, in functionalized graphs, the `copy_` into an input (a buffer) that ends the graph. So a
+node's value is fixed by its inputs, and constants can be folded and duplicates merged, with two
 exceptions that no rewrite touches: random draws, and allocations whose contents are undefined
 (`empty`, `new_empty`) or that exist to be distinct (`clone`). Every rewrite states its
 preconditions (no keyword arguments it does not read, the dtypes and shapes it assumes, the
@@ -387,7 +388,7 @@ def _merge_factors(graph: fx.GraphModule) -> None:
 def _fuse_randn(g: fx.Graph) -> None:
     """normal(empty(shape)) -> randn(shape): one call, the same draws from the same generator."""
     for node in list(g.nodes):
-        if _call(node, aten.normal_functional.default, 1):
+        if _call(node, aten.normal_functional.default, 1) or _call(node, aten.normal_.default, 1):
             empty = node.args[0]
             if isinstance(empty, fx.Node) and empty.target is aten.empty.memory_format and len(empty.args) == 1 \
                     and len(empty.users) == 1 and set(empty.kwargs) <= {"dtype", "layout", "device", "pin_memory"}:
