@@ -169,3 +169,23 @@ def test_captured_evaluation_gives_the_programs_figures(guide_name):
         assert torch.allclose(result.log_likelihood, results[0].log_likelihood, atol=1e-4)
         assert torch.allclose(result.elbo, results[0].elbo, atol=1e-4)
         assert torch.allclose(result.iwae, results[0].iwae, atol=1e-4)
+
+
+def test_checks_follow_the_geometric_schedule():
+    due = [n for n in range(1, 5001) if capture.check_due(n)]
+    assert due == [1, 10, 100, 1000, 2000, 3000, 4000, 5000]
+
+
+def test_a_graph_that_goes_wrong_after_capture_is_dropped_at_its_next_check():
+    """A graph corrupted after it passed its capture check (as a stale graph would be) trains
+    for calls 2-9 at most: the check at call 10 drops it, says why, and that step is the program's."""
+    method, _ = _train("diagonal", "elbo", True, steps=1)
+    (entry,) = method.captured.graphs.values()
+    graph = entry.module
+    entry.module = lambda tensors, x, index: graph(tensors, x, index) * 2.0
+    x = torch.bernoulli(torch.rand(40, 30, generator=torch.Generator().manual_seed(1)))
+    losses = [float(method.step(x[:20], torch.arange(20))) for _ in range(9)]
+    eager = float(method.loss(x[:20], torch.arange(20)).detach())
+    assert entry.calls == 10 and not method.captured.graphs and method.captured.eager is not None
+    assert "differs" in method.captured.eager and "call 10" in method.captured.eager
+    assert losses[-1] == pytest.approx(eager, rel=0.2) and losses[-2] == pytest.approx(2 * eager, rel=0.2)
