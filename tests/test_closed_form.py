@@ -216,3 +216,21 @@ def test_amortized_guide_trains_towards_the_exact_bound(setup):
     exact = model.log_marginal(x).mean()
     assert after.elbo.mean() > before + 1.0
     assert after.elbo.mean() < exact  # a diagonal q cannot match a correlated posterior
+
+
+def test_log_weights_of_a_subsampled_plate_are_per_example():
+    """Scored on a minibatch of a larger data set (the plate subsampled by `index` of `size`),
+    each example's log-weights are those of the example alone: the plate's N/B scale comes out."""
+    from pyrovae.importance import log_weights
+    from pyrovae.models import VAE
+
+    torch.manual_seed(0)
+    x = torch.bernoulli(torch.full((6, 12), 0.4))
+    model = VAE((12,), 3, (8,))
+    guide = build_guide("diagonal", model, x, hidden=(8,))
+    pyro.set_rng_seed(1)
+    alone = log_weights(model, guide, 5, 1, x).values
+    pyro.set_rng_seed(1)
+    in_a_larger_set = log_weights(model, guide, 5, 1, x, index=torch.arange(6) + 20, size=60).values
+    assert alone.shape == in_a_larger_set.shape == (5, 6)
+    assert torch.allclose(alone, in_a_larger_set, atol=1e-5)
