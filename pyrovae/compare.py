@@ -1,11 +1,7 @@
-"""Fair comparison of inference methods, and the inference-gap decomposition.
-
-A decoder trained by any method is scored on held-out data by importance sampling with a
-proposal fitted per example, decoder frozen (`heldout_scores`): the score then measures the
-decoder, not whichever encoder the method happened to train (Kingma & Welling 2019, sec. 2.6
-for the estimator; appendix A.2 for the methods). `gap_decomposition` splits the amortized
-ELBO's shortfall into approximation and amortization gaps (Cremer, Li & Duvenaud 2018), and
-`compare` trains every method on the same data, decoder and budget and tabulates the results.
+"""Fair comparison of inference methods: `compare` trains every method on the same data,
+decoder and budget, scores each decoder on held-out data with `pyrovae.heldout` (a proposal
+fitted per example, decoder frozen) and tabulates the results (Kingma & Welling 2019,
+appendix A.2 for the methods); `run_gaps` decomposes a run's inference gaps.
 """
 
 from __future__ import annotations
@@ -17,112 +13,22 @@ import io
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pyro
 import torch
-from torch import nn
 
 from pyrovae.data import minibatches
 from pyrovae.errors import PyrovaeError
-from pyrovae.evaluate import Evaluation, chunk_sizes, evaluate
-from pyrovae.guides.local import LocalGaussian
-from pyrovae.infer.local import fit_local, frozen, model_sites
-from pyrovae.objectives import make_objective
+from pyrovae.evaluate import evaluate
+from pyrovae.experiment import Config, build, load
+from pyrovae.heldout import ProposalSettings, gap_decomposition, heldout_scores
+from pyrovae.infer.local import model_sites
 from pyrovae.registry import METHODS
-from pyrovae.run import atomic_write
+from pyrovae.run import RunDir, atomic_write
 
-__all__ = ["add_compare_parser", "compare", "gap_decomposition", "heldout_scores", "parse_method", "run_compare", "run_gaps"]
-
-
-@dataclass(frozen=True)
-class ProposalSettings:
-    """How held-out proposals are fitted and used: S steps, K importance samples per example."""
-
-    steps: int = 100
-    lr: float = 0.05
-    samples: int = 100
-    covariance: str = "diagonal"
-    particles: int = 1
-
-
-def heldout_scores(model: Callable, x: torch.Tensor, sites: Any, settings: ProposalSettings = ProposalSettings(), init: Callable | None = None, batch: int = 256) -> Evaluation:
-    """ELBO and IS log p(x) of each held-out example under a Gaussian fitted to it, decoder frozen.
-
-    Each batch gets its own `LocalGaussian` (one q_i per example, `fit_local`, started from
-    `init` if given), then `pyrovae.evaluate.evaluate` scores it with `settings.samples` draws.
-    The batch is kept within one of `evaluate`'s chunks, since the guide's rows are positions.
-    """
-    width = math.prod(x.shape[1:]) or 1
-    batch = min(batch, chunk_sizes(len(x), settings.samples, width, 2**23)[0])
-    parts = []
-    for start in range(0, len(x), batch):
-        xb = x[start : start + batch]
-        q = fit_local(model, xb, sites, settings.steps, settings.lr, settings.covariance, init=init, particles=settings.particles)
-        q.eval()
-        parts.append(evaluate(model, q, xb, num_samples=settings.samples))
-    return Evaluation.concat(parts)
-
-
-def finetuned_scores(model: Callable, guide: nn.Module, x: torch.Tensor, settings: ProposalSettings, lr: float = 1e-3) -> Evaluation:
-    """ELBO and IS log p(x) of each example under a copy of `guide` fitted to it alone, decoder frozen.
-
-    For a flow guide, the family is every distribution the guide's network can emit; a copy
-    whose parameters (encoder and flow alike) are optimized on one example for `settings.steps`
-    Adam steps, starting from the amortized ones, is the best member of that family we can
-    find for it (Cremer et al. fit the flow's parameters per example the same way).
-    """
-    nesting = model_sites(model, guide, x).max_plate_nesting
-    objective = make_objective("elbo", max(settings.particles, 1), nesting)
-    parts = []
-    with frozen(model):
-        for i in range(len(x)):
-            xi = x[i : i + 1]
-            q = copy.deepcopy(guide).train()
-            optimizer = torch.optim.Adam(q.parameters(), lr=lr)
-            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(settings.steps, 1))
-            for _ in range(settings.steps):
-                optimizer.zero_grad(set_to_none=True)
-                objective.differentiable_loss(model, q, xi).backward()
-                optimizer.step()
-                schedule.step()
-            parts.append(evaluate(model, q.eval(), xi, num_samples=settings.samples))
-    return Evaluation.concat(parts)
-
-
-def gap_decomposition(model: Callable, guide: Callable, x: torch.Tensor, settings: ProposalSettings = ProposalSettings(steps=200, samples=1000), qstar: str = "local") -> dict[str, float]:
-    """Inference gaps of an amortized guide on `x` (nats per example).
-
-    log p(x) is the larger of the IS estimates with q* and with q (both have K samples); L[q*] is the
-    ELBO of q*, the best member of the guide's family fitted per example starting from q(z|x);
-    L[q] is the amortized ELBO. approximation gap = log p(x) - L[q*], amortization gap =
-    L[q*] - L[q]; together they are log p(x) - L[q].
-
-    Args:
-        qstar: ``"local"``, a Gaussian per example (`settings.covariance`), for Gaussian guides;
-            ``"finetune"``, a copy of the guide fitted per example (`finetuned_scores`), for flows.
-
-    References:
-        Cremer, Li & Duvenaud (2018), Inference Suboptimality in VAEs, sec. 3.
-    """
-    sites = model_sites(model, guide, x)
-    if qstar not in ("local", "finetune"):
-        raise PyrovaeError(f"unknown q* family {qstar!r}: choose local or finetune")
-    fitted = heldout_scores(model, x, sites, settings, init=guide) if qstar == "local" else finetuned_scores(model, guide, x, settings)
-    amortized = evaluate(model, guide, x, num_samples=settings.samples)
-    log_px = torch.maximum(fitted.log_likelihood, amortized.log_likelihood)
-    l_qstar, l_q = fitted.elbo, amortized.elbo
-    return {
-        "examples": len(x), "samples": settings.samples, "proposal_steps": settings.steps,
-        "qstar": settings.covariance if qstar == "local" else "guide fine-tuned per example",
-        "log_px": log_px.mean().item(), "elbo_qstar": l_qstar.mean().item(), "elbo_q": l_q.mean().item(),
-        "approximation_gap": (log_px - l_qstar).mean().item(), "amortization_gap": (l_qstar - l_q).mean().item(),
-        "total_gap": (log_px - l_q).mean().item(),
-        "approximation_gap_se": (log_px - l_qstar).std().item() / math.sqrt(len(x)),
-        "amortization_gap_se": (l_qstar - l_q).std().item() / math.sqrt(len(x)),
-    }
+__all__ = ["ProposalSettings", "add_compare_parser", "compare", "gap_decomposition", "heldout_scores", "parse_method", "run_compare", "run_gaps"]
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
@@ -205,8 +111,6 @@ def compare(
     `checkpoint_examples` subset, cheaper proposals, against training seconds) into `out_dir`.
     A method spec may carry options: ``"wake-sleep:variant=rws"``.
     """
-    from pyrovae.experiment import Config, build
-
     if (budget_seconds is None) == (steps is None):
         raise PyrovaeError("give exactly one of a budget in seconds or a number of steps")
     specs = [parse_method(m) for m in methods]
@@ -291,9 +195,6 @@ def write_table(rows: list[dict[str, Any]], out: Path, setup: dict[str, Any]) ->
 
 def run_gaps(run: str | Path, split: str = "valid", examples: int = 200, settings: ProposalSettings = ProposalSettings(steps=200, samples=1000)) -> dict[str, Any]:
     """The gap decomposition of a trained run's amortized guide; also written to RUN/gaps.json."""
-    from pyrovae.experiment import load
-    from pyrovae.run import RunDir
-
     experiment = load(run)
     experiment.model.eval(), experiment.guide.eval()
     x = experiment.split(split)[:examples]

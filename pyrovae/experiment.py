@@ -16,11 +16,15 @@ import torch
 from torch import nn
 
 import pyrovae
+from pyrovae import plots
 from pyrovae.data import Dataset, load_dataset
+from pyrovae.diagnostics import active_units
 from pyrovae.errors import PyrovaeError
 from pyrovae.evaluate import Evaluation, evaluate
 from pyrovae.guides import build_guide
+from pyrovae.heldout import ProposalSettings, heldout_scores
 from pyrovae.infer import History, TrainSettings, train
+from pyrovae.infer.local import model_sites
 from pyrovae.infer.loop import restore
 from pyrovae.nets import LIKELIHOODS
 from pyrovae.registry import METHODS, MODELS
@@ -139,9 +143,6 @@ class Experiment:
         self.model.eval(), self.guide.eval()
         if self.method.trains_guide:
             return evaluate(self.model, self.guide, x.split(500), num_samples=num_samples)
-        from pyrovae.compare import ProposalSettings, heldout_scores
-        from pyrovae.infer.local import model_sites
-
         sites = model_sites(self.model, self.guide, x)
         return heldout_scores(self.model, x, sites, ProposalSettings(steps=proposal_steps, samples=num_samples))
 
@@ -327,8 +328,6 @@ def fit(
     metrics = _metrics(experiment, history)
     if run is not None:
         run.write_json("metrics.json", metrics)
-        from pyrovae import plots
-
         plots.write_run_plots(experiment, history, run.path)
     return experiment, metrics
 
@@ -373,8 +372,6 @@ def evaluate_run(path: str | Path, split: str = "valid", num_samples: int = 1000
     start = time.perf_counter()
     summary = experiment.evaluate(split, num_samples).summary()
     if experiment.method.trains_guide and getattr(experiment.guide, "gives_elbo", True) and inspect_model(experiment.model, experiment.split(split)[:2]).latents:
-        from pyrovae.diagnostics import active_units
-
         summary.update(active_units(experiment.model, experiment.guide, experiment.split(split)[:1000].split(500)).summary())
     config = experiment.config
     return {

@@ -307,10 +307,14 @@ class GenModel(nn.Module):
         self.body(x, pyro.plate("data", len(x)))
 
 
+def _data_plate(x: torch.Tensor, index: torch.Tensor | None, size: int | None) -> pyro.plate:
+    """The per-example plate, subsampled by `index` of `size` where given."""
+    return pyro.plate("data", len(x)) if index is None else pyro.plate("data", size, subsample=index)
+
+
 class GenModelIndexed(GenModel):
     def forward(self, x: torch.Tensor, index: torch.Tensor | None = None, size: int | None = None) -> None:
-        plate = pyro.plate("data", len(x)) if index is None else pyro.plate("data", size, subsample=index)
-        self.body(x, plate)
+        self.body(x, _data_plate(x, index, size))
 
 
 class GenGuide(nn.Module):
@@ -349,8 +353,7 @@ class GenGuide(nn.Module):
 
 class GenGuideIndexed(GenGuide):
     def forward(self, x: torch.Tensor, index: torch.Tensor | None = None, size: int | None = None) -> None:
-        plate = pyro.plate("data", len(x)) if index is None else pyro.plate("data", size, subsample=index)
-        self.body(x, plate)
+        self.body(x, _data_plate(x, index, size))
 
 
 def build(spec: Spec) -> tuple[GenModel, GenGuide]:
