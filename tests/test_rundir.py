@@ -274,7 +274,7 @@ for line in sys.stdin:
     request = json.loads(line)
     trigger, out = request["trigger"], request["out"]
     pattern = trigger.get("file")
-    seen = files(out, pattern) if pattern else None
+    seen, changes = (files(out, pattern) if pattern else None), 0
     start, fired = time.perf_counter(), None if pattern else time.perf_counter()
     pid = os.fork()
     if pid == 0:
@@ -292,8 +292,12 @@ for line in sys.stdin:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             break
-        if fired is None and files(out, pattern) != seen:
-            fired = time.perf_counter()
+        if fired is None:
+            now = files(out, pattern)
+            if now != seen:
+                seen, changes = now, changes + 1
+                if changes >= trigger.get("changes", 1):
+                    fired = time.perf_counter()
         if fired is not None and time.perf_counter() - fired >= trigger.get("after", 0.0):
             os.kill(pid, signal.SIGKILL)
             _, status = os.waitpid(pid, 0)
@@ -308,13 +312,17 @@ KILL_FLAGS = ["--dataset", "digits", "--latent", "2", "--hidden", "128,128", "--
 
 def _trigger(rng: random.Random, kind: str, seconds: float) -> dict:
     """Where to kill: anywhere, just after config.json, during a checkpoint's write, between
-    checkpoints, or while the plots and metrics are written."""
+    checkpoints, right after the next checkpoint, or while the plots and metrics are written.
+    Triggers on files, not on time, are what make every needed state reachable on a loaded
+    machine."""
     return {
         "anywhere": {"after": rng.uniform(0, seconds)},
         "early": {"after": rng.uniform(0, seconds / 4)},
         "after config": {"file": "config.json", "after": rng.uniform(0, 0.003)},
         "checkpoint write": {"file": ".checkpoint.pt.*.tmp"},
         "between checkpoints": {"file": "checkpoint.pt", "after": rng.uniform(0, 0.05)},
+        # the second checkpoint written by this attempt, killed at once: mid-training from a fresh run
+        "next checkpoint": {"file": "checkpoint.pt", "changes": 2},
         "plot write": {"file": ".*.png.*.tmp"},
     }[kind]
 
@@ -354,7 +362,7 @@ def test_runs_killed_at_random_moments_resume_bit_identical(tmp_path):
         _same_training(RunDir(tmp_path / "forked").load_checkpoint(), expected)
 
         rng, seconds = random.Random(0), plain["seconds"]
-        kinds = ["early", "after config", "checkpoint write", "between checkpoints", "anywhere", "plot write"]
+        kinds = ["early", "next checkpoint", "after config", "checkpoint write", "between checkpoints", "anywhere", "plot write"]
         kills, states, chain = 0, set(), 0
         needed = {"no checkpoint", "mid-training", "temporary file"}
         while (kills < 12 or not needed <= states) and chain < 12:
