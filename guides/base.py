@@ -18,7 +18,9 @@ from torch import nn
 from pyrovae.errors import PyrovaeError
 from pyrovae.nets import MLP, activation
 from pyrovae.registry import GUIDES
-from pyrovae.sites import ModelSites, call_kwargs, data_plate, inspect_model, register
+from pyrovae.batch import Data, as_batch
+from pyrovae.protocols import model_traits
+from pyrovae.sites import ModelSites, call_kwargs, inspect_model, primary, register
 
 __all__ = ["AmortizedGuide", "build_guide"]
 
@@ -64,13 +66,18 @@ class AmortizedGuide(nn.Module):
             trunk = MLP(math.prod(self.data_shape), hidden[:-1], hidden[-1], activation)
         self.trunk = nn.Sequential(trunk, _act(activation))
         self.heads = nn.ModuleDict(
-            {_key(name): self.make_head(name, shape) for name, shape in sites.latents.items()}
+            {_key(name): self.make_head(name, sites.real_shape(name)) for name in sites.latents}
         )
 
     @classmethod
     def supports(cls, model: Callable, sites: ModelSites) -> str | None:
-        """Why this guide cannot serve `model`, or None if it can."""
-        bad = {k: tuple(v) for k, v in sites.latents.items() if len(v) != 1}
+        """Why this guide cannot serve `model`, or None if it can: it serves real-valued sites, and
+        constrained continuous ones (positive, unit interval, simplex) through `biject_to`."""
+        discrete = sites.unservable()
+        if discrete:
+            what = ", ".join(f"{k!r} is {v}" for k, v in discrete.items())
+            return f"it serves continuous latents, but {what}: sample it in a guide of your own, or enumerate it (--objective elbo-enum)"
+        bad = {k: tuple(sites.real_shape(k)) for k in sites.latents if len(sites.real_shape(k)) != 1}
         if cls.vector_latents_only and bad:
             shapes = ", ".join(f"{k}{v}" for k, v in bad.items())
             return f"it needs vector latents (event dim 1), but the model has {shapes}"
@@ -84,14 +91,17 @@ class AmortizedGuide(nn.Module):
         raise NotImplementedError
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        x = x if x.is_floating_point() else x.float()  # counts and categories are data too
         return self.trunk(x.reshape(len(x), -1))
 
-    def forward(self, x: torch.Tensor, index: torch.Tensor | None = None, size: int | None = None, **_: Any) -> None:
+    def forward(self, *args: Any, index: torch.Tensor | None = None, size: int | None = None, **kwargs: Any) -> None:
+        """Takes the model's arguments; encodes the first data tensor among them."""
         register("guide", self)
+        x = primary(args, kwargs)
         features = self.encode(x)
-        with data_plate(x, index, size):
+        with self.sites.plate_for(x, index, size):
             for name in self.sites.latents:
-                pyro.sample(name, self.distribution(name, features))
+                pyro.sample(name, self.sites.constrain(name, self.distribution(name, features)))
 
 
 def _act(name: str) -> nn.Module:
@@ -103,18 +113,19 @@ def _key(site: str) -> str:
     return site.replace(".", "_")
 
 
-def build_guide(name: str, model: Callable, example: torch.Tensor, **options: Any) -> nn.Module:
+def build_guide(name: str, model: Callable, example: Data, plate: str | None = None, **options: Any) -> nn.Module:
     """The guide registered as `name`, built for `model` from a batch `example` of its data.
 
     `hidden`, `activation` and `num_examples` are offered to every guide and passed where
     taken; any other option must be one the guide takes.
     """
     guide_cls = GUIDES.get(name)
-    sites = inspect_model(model, example)
+    batch = as_batch(example)
+    sites = inspect_model(model, batch, plate=plate)
     reason = guide_cls.supports(model, sites)
     if reason:
         raise PyrovaeError(f"guide {name!r} cannot serve this model: {reason}")
-    data_shape = getattr(model, "data_shape", example.shape[1:])
+    data_shape = model_traits(model).data_shape or batch.primary.shape[1:]
     common = {k: options.pop(k) for k in ("hidden", "activation", "num_examples") if k in options}
     kwargs = call_kwargs(guide_cls.__init__, model=model, **common, **options)
     refused = [k for k in options if k not in kwargs]

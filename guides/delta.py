@@ -37,6 +37,6 @@ class DeltaGuide(AmortizedGuide):
         return nn.Linear(self.features, math.prod(shape))
 
     def distribution(self, name: str, features: torch.Tensor) -> dist.Distribution:
-        shape = self.sites.latents[name]
+        shape = self.sites.real_shape(name)
         value = self.heads[_key(name)](features)
         return dist.Delta(value.reshape(features.shape[:-1] + shape), event_dim=len(shape))

@@ -29,7 +29,7 @@ class DiagonalGaussian(AmortizedGuide):
         return nn.Linear(self.features, 2 * math.prod(shape))
 
     def distribution(self, name: str, features: torch.Tensor) -> dist.Distribution:
-        shape = self.sites.latents[name]
+        shape = self.sites.real_shape(name)
         loc, raw_scale = self.heads[_key(name)](features).chunk(2, dim=-1)
         scale = softplus(raw_scale) + self.min_scale
         batch = features.shape[:-1]

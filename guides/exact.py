@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pyrovae.registry import GUIDES
-from pyrovae.sites import ModelSites, data_plate
+from pyrovae.sites import ModelSites, primary
 
 __all__ = ["ExactPosterior"]
 
@@ -39,6 +39,7 @@ class ExactPosterior(nn.Module):
             return "it needs exactly one latent site"
         return None
 
-    def forward(self, x: torch.Tensor, index: torch.Tensor | None = None, size: int | None = None, **_: Any) -> None:
-        with data_plate(x, index, size):
+    def forward(self, *args: Any, index: torch.Tensor | None = None, size: int | None = None, **kwargs: Any) -> None:
+        x = primary(args, kwargs)
+        with self.sites.plate_for(x, index, size):
             pyro.sample(self.site, self.posterior(x))

@@ -121,7 +121,7 @@ class FlowGuide(AmortizedGuide):
     def flow(self, name: str, features: torch.Tensor) -> tuple[dist.Distribution, list[Transform]]:
         """The base q(z0|x) and the transforms conditioned on each example's context."""
         head = self.heads[_key(name)]
-        (dim,) = self.sites.latents[name]
+        (dim,) = self.sites.real_shape(name)
         out = head.encoder(features)
         loc, raw_scale, h = out.split([dim, dim, out.shape[-1] - 2 * dim], dim=-1)
         context = features if self.context_size is None else h

@@ -54,7 +54,7 @@ class FullGaussian(AmortizedGuide):
         return head
 
     def distribution(self, name: str, features: torch.Tensor) -> dist.Distribution:
-        (dim,) = self.sites.latents[name]
+        (dim,) = self.sites.real_shape(name)
         out = self.heads[_key(name)](features)
         loc, entries = out[..., :dim], out[..., dim:]
         rows, cols = torch.tril_indices(dim, dim, device=features.device)

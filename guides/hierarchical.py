@@ -43,7 +43,7 @@ from pyrovae.conv import ConvEncoder
 from pyrovae.errors import PyrovaeError
 from pyrovae.nets import MLP, activation as make_activation
 from pyrovae.registry import GUIDES
-from pyrovae.sites import ModelSites, data_plate, register
+from pyrovae.sites import ModelSites, primary, register
 
 __all__ = ["BottomUpGuide", "TopDownGuide", "layer_sizes"]
 
@@ -109,6 +109,7 @@ class BottomUpGuide(nn.Module):
 
     def __init__(self, sites: ModelSites, data_shape: Sequence[int], hidden: Sequence[int] = (200, 200), activation: str = "tanh", encoder: str = "mlp") -> None:
         super().__init__()
+        self.sites = sites
         sizes = layer_sizes(sites)
         if isinstance(sizes, str):
             raise PyrovaeError(sizes)
@@ -128,10 +129,11 @@ class BottomUpGuide(nn.Module):
         sizes = layer_sizes(sites)
         return sizes if isinstance(sizes, str) else None
 
-    def forward(self, x: torch.Tensor, index: torch.Tensor | None = None, size: int | None = None, **_: Any) -> None:
+    def forward(self, *args: Any, index: torch.Tensor | None = None, size: int | None = None, **kwargs: Any) -> None:
+        x = primary(args, kwargs)
         register("guide", self)
         loc, scale = self.first(self.trunk(x.reshape(len(x), -1)))
-        with data_plate(x, index, size):
+        with self.sites.plate_for(x, index, size):
             z = pyro.sample(self.names[0], dist.Normal(loc, scale).to_event(1))
             for name, net in zip(self.names[1:], self.up):
                 loc, scale = net(z)
@@ -168,6 +170,7 @@ class TopDownGuide(nn.Module):
         model: Any = None, encoder: str = "mlp", flow_steps: int = 0, flow_hidden: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        self.sites = sites
         reason = self.supports(model, sites)
         if reason:
             raise PyrovaeError(reason)
@@ -214,11 +217,12 @@ class TopDownGuide(nn.Module):
             return q
         return dist.TransformedDistribution(q, [step.condition(features) if hasattr(step, "condition") else step for step in steps])
 
-    def forward(self, x: torch.Tensor, index: torch.Tensor | None = None, size: int | None = None, **_: Any) -> None:
+    def forward(self, *args: Any, index: torch.Tensor | None = None, size: int | None = None, **kwargs: Any) -> None:
+        x = primary(args, kwargs)
         register("guide", self)
         terms = self.bottom_up(x)
         layers = len(self.sizes)
-        with data_plate(x, index, size):
+        with self.sites.plate_for(x, index, size):
             loc, scale, features = terms[-1]
             z = pyro.sample(f"z{layers}", self.layer(layers, loc, scale, features))
             for i in range(layers - 1, 0, -1):

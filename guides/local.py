@@ -16,12 +16,14 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from torch import nn
+from torch.distributions import biject_to
 from torch.distributions.transforms import ReshapeTransform
 from torch.nn.functional import softplus
 
 from pyrovae.errors import PyrovaeError
 from pyrovae.registry import GUIDES
-from pyrovae.sites import ModelSites, data_plate
+from pyrovae.batch import Data, as_batch
+from pyrovae.sites import ModelSites, is_real, primary
 
 __all__ = ["COVARIANCES", "LocalGaussian", "flatten", "inverse_softplus", "unflatten"]
 
@@ -91,8 +93,8 @@ class LocalGaussian(nn.Module):
         self.sites, self.covariance, self.num_examples = sites, covariance, num_examples
         self.loc = nn.ModuleDict()
         self.scale = nn.ModuleDict()
-        for name, shape in sites.latents.items():
-            d = math.prod(shape)
+        for name in sites.latents:
+            d = math.prod(sites.real_shape(name))
             self.loc[_key(name)] = _table(num_examples, d, torch.zeros(d))
             if covariance == "diagonal":
                 self.scale[_key(name)] = _table(num_examples, d, inverse_softplus(torch.full((d,), init_scale)))
@@ -102,11 +104,16 @@ class LocalGaussian(nn.Module):
 
     @classmethod
     def supports(cls, model: Callable, sites: ModelSites) -> str | None:
+        """Gaussians (or points) on the reals, carried onto constrained supports by `biject_to`."""
+        discrete = sites.unservable()
+        if discrete:
+            what = ", ".join(f"{k!r} is {v}" for k, v in discrete.items())
+            return f"it serves continuous latents, but {what}"
         return None
 
     def distribution(self, name: str, rows: torch.Tensor) -> dist.Distribution:
-        """q(z_name | x_rows) for the examples `rows`."""
-        shape = self.sites.latents[name]
+        """q(z_name | x_rows) for the examples `rows`, on the site's real (unconstrained) shape."""
+        shape = self.sites.real_shape(name)
         loc = self.loc[_key(name)](rows)
         if self.covariance == "point":
             return dist.Delta(loc.reshape(rows.shape + shape), event_dim=len(shape))
@@ -128,11 +135,12 @@ class LocalGaussian(nn.Module):
         # guides/full.py, where the same preconditioner is the `correlation_scale` option).
         return CORRELATION_SCALE * raw.tril(-1) + torch.diag_embed(diag)
 
-    def forward(self, x: torch.Tensor, index: torch.Tensor | None = None, size: int | None = None, rows: torch.Tensor | None = None, **_: Any) -> None:
+    def forward(self, *args: Any, index: torch.Tensor | None = None, size: int | None = None, rows: torch.Tensor | None = None, **kwargs: Any) -> None:
+        x = primary(args, kwargs)
         rows = rows if rows is not None else index if index is not None else torch.arange(len(x), device=x.device)
-        with data_plate(x, index, size):
+        with self.sites.plate_for(x, index, size):
             for name in self.sites.latents:
-                pyro.sample(name, self.distribution(name, rows))
+                pyro.sample(name, self.sites.constrain(name, self.distribution(name, rows)))
 
     @torch.no_grad()
     def set_rows(
@@ -159,22 +167,27 @@ class LocalGaussian(nn.Module):
             self.scale[_key(name)].weight[rows] = raw.to(self.scale[_key(name)].weight)
 
     @torch.no_grad()
-    def initialize_from(self, guide: Callable, x: torch.Tensor, rows: torch.Tensor | None = None, **kwargs: Any) -> None:
+    def initialize_from(self, guide: Callable, x: Data, rows: torch.Tensor | None = None, **kwargs: Any) -> None:
         """Start `rows` from an amortized guide's q(z|x) (semi-amortized, Kim et al. 2018).
 
         Each site's mean and standard deviation are read off the guide's distribution (or
         estimated from 64 draws where it has no closed form); a full-covariance table takes the
         guide's Cholesky factor where it has one, so q* starts exactly at q.
         """
-        rows = rows if rows is not None else torch.arange(len(x), device=x.device)
-        trace = poutine.trace(guide).get_trace(x, **kwargs)
+        batch = as_batch(x)
+        rows = rows if rows is not None else torch.arange(len(batch), device=batch.device)
+        trace = batch.call(poutine.trace(guide).get_trace, **kwargs)
         loc, scale, tril = {}, {}, {}
         for name in self.sites.latents:
             fn = trace.nodes[name]["fn"]
+            support = self.sites.supports.get(name)
             try:
+                if support is not None and not is_real(support):
+                    raise NotImplementedError  # the moments wanted are the unconstrained value's
                 loc[name], scale[name] = fn.mean, fn.stddev
             except NotImplementedError:
                 draws = fn.sample((64,))
+                draws = draws if support is None or is_real(support) else biject_to(support).inv(draws)
                 loc[name], scale[name] = draws.mean(0), draws.std(0)
             if hasattr(fn, "scale_tril"):
                 tril[name] = fn.scale_tril.expand(loc[name].shape + loc[name].shape[-1:])

@@ -44,5 +44,5 @@ class NoGuide(nn.Module):
             return f"it samples nothing, but the model has latent sites {sites.describe()}"
         return None
 
-    def forward(self, x: torch.Tensor, index: torch.Tensor | None = None, size: int | None = None, **_: Any) -> None:
+    def forward(self, *args: Any, index: torch.Tensor | None = None, size: int | None = None, **kwargs: Any) -> None:
         return None

@@ -61,7 +61,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from pyrovae.simplify import simplify
 
-__all__ = ["CapturedLoss", "same_randomness", "simplify", "check_due"]
+__all__ = ["CapturedLoss", "check_due", "leaves_no_trace", "same_randomness", "simplify"]
 
 logger = logging.getLogger("pyrovae")
 aten = torch.ops.aten
@@ -411,6 +411,19 @@ def same_randomness(device: torch.device | str) -> Iterator[None]:
     state = _RandomState(device)
     try:
         yield
+    finally:
+        state.restore()
+
+
+@contextlib.contextmanager
+def leaves_no_trace(modules: nn.Module, device: torch.device | str) -> Iterator[None]:
+    """Run a program for what it declares, not for its effects: the modules' buffers (batch-norm
+    statistics), tensors and plain attributes (a call counter) and the random generators are
+    put back as they were when the block ends."""
+    state = _ModuleState(modules)
+    try:
+        with same_randomness(device):
+            yield
     finally:
         state.restore()
 

@@ -41,12 +41,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from pyrovae.batch import Batch
 from pyrovae.errors import PyrovaeError
 from pyrovae.registry import DATASETS
 
 __all__ = ["Split", "Dataset", "load_dataset", "data_dir", "cache_dir", "minibatches"]
 
 SPLITS = ("train", "valid", "test")
+FIELDS = ("x", "y", "lengths", "mask")
 _TIMEOUT = 60.0
 _CUSTOM_SUFFIXES = (".npy", ".npz", ".pt", ".pth")
 
@@ -73,6 +75,7 @@ class Dataset:
     kind: str
     image_shape: tuple[int, int] | None = None
     dynamic_binarization: bool = False
+    fields: tuple[str, ...] = ("x",)  # what `batch` gives a model, in order (see `with_fields`)
 
     def split(self, name: str) -> Split:
         """Returns the split ``name``, or raises naming the splits this data set has."""
@@ -80,13 +83,43 @@ class Dataset:
         _require(name in self.splits, f"data set {self.name!r} has no {name!r} split; choose from: {have}")
         return self.splits[name]
 
+    def with_fields(self, fields: str | tuple[str, ...]) -> Dataset:
+        """The same data set giving ``fields`` (of ``x``, ``y``, ``lengths``, ``mask``) as a
+        model's positional arguments: ``("x", "y")`` for ``model(xs, ys)``, ``("x", "mask")`` for
+        padded sequences."""
+        names = tuple(f.strip() for f in fields.split(",")) if isinstance(fields, str) else tuple(fields)
+        unknown = [f for f in names if f not in FIELDS]
+        _require(bool(names) and not unknown, f"unknown data field(s) {', '.join(map(repr, unknown)) or 'none given'}: choose from {', '.join(FIELDS)}")
+        _require(len(set(names)) == len(names), f"data fields repeat: {','.join(names)}")
+        if "y" in names:
+            missing = [k for k, part in self.splits.items() if part.y is None]
+            _require(not missing, f"data set {self.name!r} has no labels (y) in its {', '.join(missing)} split(s)")
+        if "lengths" in names or "mask" in names:
+            _require(self.kind == "sequence", f"data set {self.name!r} holds no sequences: it has no lengths or mask")
+        return replace(self, fields=names)
+
     def batch(self, split: str, index: torch.Tensor, generator: torch.Generator | None = None,
-              device: torch.device | str | None = None) -> torch.Tensor:
-        """Returns the ``float32`` model input for rows ``index`` of ``split``.
+              device: torch.device | str | None = None) -> torch.Tensor | Batch:
+        """Returns the model input for rows ``index`` of ``split``: the ``float32`` rows, or with
+        several `fields` a `pyrovae.batch.Batch` of them in order.
 
         Binary rows become {0, 1}, grayscale ``uint8`` rows ``x / 255``, and with dynamic
         binarization each pixel is drawn from ``Bernoulli(x / 255)`` using ``generator``.
+        Labels are ``int64``; masks ``bool`` ``(B, T_max)``; lengths ``int64``.
         """
+        x = self._rows(split, index, generator, device)
+        if self.fields == ("x",):
+            return x
+        part, rows = self.split(split), torch.as_tensor(index, dtype=torch.long)
+        values = {
+            "x": lambda: x,
+            "y": lambda: part.y[rows.to(part.y.device)].long().to(x.device),
+            "lengths": lambda: part.lengths[rows.cpu()].long().to(x.device),
+            "mask": lambda: self.mask(split, rows, x.device),
+        }
+        return Batch(tuple(values[f]() for f in self.fields))
+
+    def _rows(self, split: str, index: torch.Tensor, generator: torch.Generator | None, device: torch.device | str | None) -> torch.Tensor:
         rows = self.split(split).x
         x = rows[torch.as_tensor(index, dtype=torch.long).to(rows.device)]
         scale = x.dtype == torch.uint8 and (self.kind == "grayscale" or self.dynamic_binarization)

@@ -2,22 +2,25 @@
 
 log p(x) ~= log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x) (Kingma & Welling 2019,
 sec. 2.6), computed in chunks of examples and samples so that memory stays bounded for
-K up to thousands. Works on every Pyro program whose sites sit in a ``"data"`` plate.
+K up to thousands. Works on every Pyro program whose latent sites sit in a per-example plate.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
+from pyrovae.batch import Batch, Data, as_batch
 from pyrovae.capture import CapturedLoss
+from pyrovae.enumeration import log_weights_enum
 from pyrovae.errors import PyrovaeError
 from pyrovae.importance import log_weights
-from pyrovae.sites import inspect_model
+from pyrovae.protocols import guide_traits, model_traits
+from pyrovae.sites import ModelSites, inspect_model
 
 __all__ = ["Evaluation", "evaluate", "chunk_sizes", "default_max_elements"]
 
@@ -67,52 +70,66 @@ def default_max_elements(device: torch.device | str) -> int:
 def evaluate(
     model: Callable,
     guide: Callable,
-    x: torch.Tensor | Iterable[torch.Tensor],
+    x: Data | Iterable[Data],
     num_samples: int = 1000,
     iwae_k: int | None = None,
     max_elements: int | None = None,
     progress: Callable[[int], None] | None = None,
     capture: bool | None = None,
+    plate: str | None = None,
 ) -> Evaluation:
     """Score each example of `x` with `num_samples` draws from the guide.
 
     Args:
-        model, guide: a Pyro model and guide taking a batch `x` as first argument.
-        x: a data tensor (N, ...), or an iterable of such batches.
+        model, guide: a Pyro model and guide taking the data's arguments.
+        x: the data (a tensor (N, ...), a tuple of positional or a dict of keyword arguments,
+            or a `pyrovae.batch.Batch`), or a list or iterator of such batches.
         num_samples: K, importance samples per example.
         iwae_k: if given (dividing K), also the IWAE-k bound averaged over K / k groups.
         max_elements: bound on samples x examples x data size held at once (memory cap); by
             default `default_max_elements` of the data's device.
         progress: called with the number of examples finished after each chunk.
         capture: replay the log-weights from a captured graph (`pyrovae.capture`, checked against
-            the program); by default when the model and guide are modules and the evaluation
-            takes at least `CAPTURE_FROM_PASSES` vectorized passes.
+            the program); by default when the model and guide are modules, the data one tensor,
+            and the evaluation takes at least `CAPTURE_FROM_PASSES` vectorized passes.
+        plate: the per-example plate (`pyrovae.sites.inspect_model`).
+
+    Sites the model enumerates (``infer={"enumerate": "parallel"}``) are summed out exactly
+    (`pyrovae.enumeration`); importance sampling covers the sites the guide samples.
     """
     if num_samples < 1:
         raise PyrovaeError(f"--samples must be at least 1, got {num_samples}")
-    if not getattr(guide, "gives_elbo", True):
+    if not guide_traits(guide).gives_elbo:
         raise PyrovaeError(
             f"{type(guide).__name__} is a point estimate: it gives no ELBO and no importance-sampled log p(x); "
             "score its decoder with a proposal fitted per example instead"
         )
     if iwae_k is not None and (iwae_k < 1 or num_samples % iwae_k):
         raise PyrovaeError(f"the IWAE k ({iwae_k}) must divide the number of samples ({num_samples})")
-    batches = [x] if torch.is_tensor(x) else list(x)
+    one = torch.is_tensor(x) or isinstance(x, (tuple, dict, Batch))
+    batches = [as_batch(x)] if one else [as_batch(b) for b in x]
     if not batches or sum(len(b) for b in batches) == 0:
         raise PyrovaeError("nothing to evaluate: the data split is empty")
     max_elements = max_elements or default_max_elements(batches[0].device)
-    sites = inspect_model(model, batches[0])
+    sites = inspect_model(model, batches[0], plate=plate)
+    if sites.global_latents:
+        raise PyrovaeError(
+            f"the model has global latent(s) {', '.join(map(repr, sites.global_latents))}: log p(x) and the ELBO do not "
+            "factor per example, so there is no per-example score; report the data set's bound from training instead"
+        )
     nesting = sites.max_plate_nesting
-    if not sites.latents:  # a fully observed model: one "sample" gives the exact log p(x)
+    if not sites.latents and not sites.enumerated:  # a fully observed model: one "sample" gives the exact log p(x)
         num_samples, iwae_k = 1, (1 if iwae_k else None)
     # the floats one sample costs: the data size, or what the model declares (e.g. a PixelCNN's activations)
-    width = getattr(model, "elements_per_sample", None) or math.prod(batches[0].shape[1:]) or 1
+    width = model_traits(model).elements_per_sample or math.prod(batches[0].primary.shape[1:]) or 1
+    width *= max([1] + [_cardinality(sites.supports[n]) for n in sites.enumerated])
     plans = [chunk_sizes(len(batch), num_samples, width, max_elements, iwae_k or 1) for batch in batches]
+    tensors = all(b.is_tensor for b in batches)
     if capture is None:
         passes = sum(math.ceil(len(b) / step) * math.ceil(num_samples / samples) for b, (step, samples) in zip(batches, plans))
-        capture = passes >= CAPTURE_FROM_PASSES
-    weigh = _captured_log_weights(model, guide, nesting) if capture else None
-    weigh = weigh or (lambda x, k: log_weights(model, guide, k, nesting, x).values)
+        capture = passes >= CAPTURE_FROM_PASSES and tensors and not sites.enumerated
+    weigh = _captured_log_weights(model, guide, nesting, sites.plate) if capture and tensors and not sites.enumerated else None
+    weigh = weigh or _eager_log_weights(model, guide, nesting, sites)
     elbos, lls, iwaes = [], [], []
     for batch, (step, samples) in zip(batches, plans):
         for start in range(0, len(batch), step):
@@ -130,6 +147,24 @@ def evaluate(
     )
 
 
+def _cardinality(support: Any) -> int:
+    """How many values an enumerated site takes (memory per sample grows by it)."""
+    try:
+        return int(support.upper_bound) + 1
+    except (AttributeError, TypeError, ValueError):
+        return 2
+
+
+def _eager_log_weights(model: Callable, guide: Callable, nesting: int, sites: ModelSites) -> Callable[[Batch, int], torch.Tensor]:
+    weights = log_weights_enum if sites.enumerated else log_weights
+
+    def weigh(batch: Batch, k: int) -> torch.Tensor:
+        args, kwargs = batch.call_args()
+        return weights(model, guide, k, nesting, *args, plate_name=sites.plate, **kwargs).values
+
+    return weigh
+
+
 # Capturing costs a trace and a checked eager pass: worth it for the long evaluations only.
 CAPTURE_FROM_PASSES = 32
 # The graphs of the last (model, guide) pair, kept across calls (parameters are graph inputs).
@@ -137,20 +172,20 @@ CAPTURE_FROM_PASSES = 32
 _captured: dict[tuple[int, int], CapturedLoss] = {}
 
 
-def _captured_log_weights(model: Callable, guide: Callable, nesting: int) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
+def _captured_log_weights(model: Callable, guide: Callable, nesting: int, plate: str) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
     """`(x, k) -> log w (k, B)` replayed from graphs captured per shape, or None for programs
     that are not modules."""
     if not (isinstance(model, nn.Module) and isinstance(guide, nn.Module)):
         return None
-    key = (id(model), id(guide))
+    key = (id(model), id(guide))  # a program's plate and nesting are its own: not part of the key
     if key not in _captured:  # ids are safe: the kept program holds both modules alive
         def weights(x: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
-            return log_weights(model, guide, k, nesting, x).values
+            return log_weights(model, guide, k, nesting, x, plate_name=plate).values
 
         _captured.clear()
         _captured[key] = CapturedLoss(weights, nn.ModuleList([model, guide]))
     captured = _captured[key]
-    return lambda x, k: captured(x, x.new_empty(0, dtype=torch.long), k)
+    return lambda batch, k: captured(batch.primary, batch.primary.new_empty(0, dtype=torch.long), k)
 
 
 def _score_chunk(weigh, x, num_samples, per_pass, iwae_k):

@@ -6,7 +6,7 @@ from typing import Callable
 
 from pyro.poutine.messenger import Messenger
 
-__all__ = ["ScaleLatents", "scale_latents"]
+__all__ = ["ScaleLatents", "ScalePlate", "scale_latents", "scale_plate"]
 
 
 class ScaleLatents(Messenger):
@@ -28,3 +28,26 @@ class ScaleLatents(Messenger):
 def scale_latents(fn: Callable, beta: float) -> Callable:
     """`fn` with its latent sites scaled by `beta` (the identity when beta == 1)."""
     return fn if beta == 1.0 else ScaleLatents(beta)(fn)
+
+
+class ScalePlate(Messenger):
+    """Multiplies the log-density of every sample site inside the plate `name` by `factor`.
+
+    A minibatch of B of N examples, scored by a program that does not subsample its plate
+    itself, estimates the data set's ELBO exactly with `factor` = N / B on the per-example
+    sites while global latents (outside the plate) count once: the scaling `pyro.plate`'s
+    `subsample` does. Linear bounds only: the IWAE bound is not linear in the log-densities.
+    """
+
+    def __init__(self, name: str, factor: float) -> None:
+        super().__init__()
+        self.name, self.factor = name, factor
+
+    def _process_message(self, msg: dict) -> None:
+        if msg["type"] == "sample" and any(f.name == self.name for f in msg["cond_indep_stack"]):
+            msg["scale"] = msg["scale"] * self.factor
+
+
+def scale_plate(fn: Callable, name: str, factor: float) -> Callable:
+    """`fn` with the sites of its plate `name` scaled by `factor` (the identity when factor == 1)."""
+    return fn if factor == 1.0 else ScalePlate(name, factor)(fn)

@@ -19,6 +19,7 @@ import pyro
 import torch
 from torch import nn
 
+from pyrovae.batch import Data, as_batch
 from pyrovae.data import minibatches
 from pyrovae.errors import PyrovaeError
 from pyrovae.evaluate import Evaluation, chunk_sizes, evaluate
@@ -40,25 +41,26 @@ class ProposalSettings:
     particles: int = 1
 
 
-def heldout_scores(model: Callable, x: torch.Tensor, sites: Any, settings: ProposalSettings = ProposalSettings(), init: Callable | None = None, batch: int = 256) -> Evaluation:
+def heldout_scores(model: Callable, x: Data, sites: Any, settings: ProposalSettings = ProposalSettings(), init: Callable | None = None, batch: int = 256) -> Evaluation:
     """ELBO and IS log p(x) of each held-out example under a Gaussian fitted to it, decoder frozen.
 
     Each batch gets its own `LocalGaussian` (one q_i per example, `fit_local`, started from
     `init` if given), then `pyrovae.evaluate.evaluate` scores it with `settings.samples` draws.
     The batch is kept within one of `evaluate`'s chunks, since the guide's rows are positions.
     """
-    width = math.prod(x.shape[1:]) or 1
-    batch = min(batch, chunk_sizes(len(x), settings.samples, width, 2**23)[0])
+    data = as_batch(x)
+    width = math.prod(data.primary.shape[1:]) or 1
+    batch = min(batch, chunk_sizes(len(data), settings.samples, width, 2**23)[0])
     parts = []
-    for start in range(0, len(x), batch):
-        xb = x[start : start + batch]
+    for start in range(0, len(data), batch):
+        xb = data[start : start + batch]
         q = fit_local(model, xb, sites, settings.steps, settings.lr, settings.covariance, init=init, particles=settings.particles)
         q.eval()
-        parts.append(evaluate(model, q, xb, num_samples=settings.samples))
+        parts.append(evaluate(model, q, xb, num_samples=settings.samples, plate=sites.plate))
     return Evaluation.concat(parts)
 
 
-def finetuned_scores(model: Callable, guide: nn.Module, x: torch.Tensor, settings: ProposalSettings, lr: float = 1e-3) -> Evaluation:
+def finetuned_scores(model: Callable, guide: nn.Module, x: Data, settings: ProposalSettings, lr: float = 1e-3) -> Evaluation:
     """ELBO and IS log p(x) of each example under a copy of `guide` fitted to it alone, decoder frozen.
 
     For a flow guide, the family is every distribution the guide's network can emit; a copy
@@ -66,25 +68,27 @@ def finetuned_scores(model: Callable, guide: nn.Module, x: torch.Tensor, setting
     Adam steps, starting from the amortized ones, is the best member of that family we can
     find for it (Cremer et al. fit the flow's parameters per example the same way).
     """
-    nesting = model_sites(model, guide, x).max_plate_nesting
+    data = as_batch(x)
+    nesting = model_sites(model, guide, data).max_plate_nesting
     objective = make_objective("elbo", max(settings.particles, 1), nesting)
     parts = []
     with frozen(model):
-        for i in range(len(x)):
-            xi = x[i : i + 1]
+        for i in range(len(data)):
+            xi = data[i : i + 1]
+            args, kwargs = xi.call_args()
             q = copy.deepcopy(guide).train()
             optimizer = torch.optim.Adam(q.parameters(), lr=lr)
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(settings.steps, 1))
             for _ in range(settings.steps):
                 optimizer.zero_grad(set_to_none=True)
-                objective.differentiable_loss(model, q, xi).backward()
+                objective.differentiable_loss(model, q, *args, **kwargs).backward()
                 optimizer.step()
                 schedule.step()
             parts.append(evaluate(model, q.eval(), xi, num_samples=settings.samples))
     return Evaluation.concat(parts)
 
 
-def gap_decomposition(model: Callable, guide: Callable, x: torch.Tensor, settings: ProposalSettings = ProposalSettings(steps=200, samples=1000), qstar: str = "local") -> dict[str, float]:
+def gap_decomposition(model: Callable, guide: Callable, x: Data, settings: ProposalSettings = ProposalSettings(steps=200, samples=1000), qstar: str = "local") -> dict[str, float]:
     """Inference gaps of an amortized guide on `x` (nats per example).
 
     log p(x) is the larger of the IS estimates with q* and with q (both have K samples); L[q*] is the
@@ -99,6 +103,7 @@ def gap_decomposition(model: Callable, guide: Callable, x: torch.Tensor, setting
     References:
         Cremer, Li & Duvenaud (2018), Inference Suboptimality in VAEs, sec. 3.
     """
+    x = as_batch(x)
     sites = model_sites(model, guide, x)
     if qstar not in ("local", "finetune"):
         raise PyrovaeError(f"unknown q* family {qstar!r}: choose local or finetune")

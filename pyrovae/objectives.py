@@ -1,4 +1,4 @@
-"""Training objectives: the ELBO (sec. 2.2), its analytic-KL form, and the IWAE bound.
+"""Training objectives: the ELBO (sec. 2.2), its analytic-KL and enumerated forms, and the IWAE bound.
 
 Every objective offers ``differentiable_loss(model, guide, *args, **kwargs)``: a scalar
 estimate of minus the bound for the whole data set (minibatches scaled up exactly).
@@ -17,7 +17,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
 from pyrovae.errors import PyrovaeError
-from pyrovae.importance import PARTICLES, _per_example, log_weights
+from pyrovae.importance import PARTICLES, _per_example, apply_model_masks, log_weights
 from pyrovae.registry import OBJECTIVES
 from pyrovae.sites import DATA_PLATE
 
@@ -32,12 +32,13 @@ class IWAE:
     be reparameterizable.
     """
 
-    def __init__(self, num_particles: int = 5, max_plate_nesting: int = 1) -> None:
+    def __init__(self, num_particles: int = 5, max_plate_nesting: int = 1, plate: str = DATA_PLATE) -> None:
         self.num_particles = num_particles
         self.max_plate_nesting = max_plate_nesting
+        self.plate = plate
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
-        weights = log_weights(model, guide, self.num_particles, self.max_plate_nesting, *args, **kwargs)
+        weights = log_weights(model, guide, self.num_particles, self.max_plate_nesting, *args, plate_name=self.plate, **kwargs)
         bound = torch.logsumexp(weights.values, 0) - math.log(self.num_particles)
         return -weights.data_scale * bound.sum()
 
@@ -47,7 +48,7 @@ class IWAE:
 
 
 def _elbo(cls: type) -> Callable[..., Any]:
-    def make(num_particles: int = 1, max_plate_nesting: int = 1) -> Any:
+    def make(num_particles: int = 1, max_plate_nesting: int = 1, plate: str = DATA_PLATE) -> Any:
         return cls(
             num_particles=num_particles,
             vectorize_particles=num_particles > 1,
@@ -57,11 +58,35 @@ def _elbo(cls: type) -> Callable[..., Any]:
     return make
 
 
-OBJECTIVES.register("elbo", "Trace_ELBO: Monte Carlo ELBO with reparameterized samples (sec. 2.3)")(
-    _elbo(pyro.infer.Trace_ELBO)
-)
+class _ModelMasks:
+    """Pyro's ELBO, with each guide site scored under the model's mask of it (`apply_model_masks`):
+    on padded sequences a guide's entropy over the padding would otherwise enter the bound."""
+
+    def _get_trace(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> tuple[Any, Any]:
+        model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)  # type: ignore[misc]
+        if apply_model_masks(model_trace, guide_trace):
+            guide_trace.compute_score_parts()
+        return model_trace, guide_trace
+
+
+class MaskedTraceELBO(_ModelMasks, pyro.infer.Trace_ELBO):
+    """`Trace_ELBO` honouring the model's masks on guide sites."""
+
+
+class MaskedMeanFieldELBO(_ModelMasks, pyro.infer.TraceMeanField_ELBO):
+    """`TraceMeanField_ELBO` honouring the model's masks on guide sites (its KL terms too)."""
+
+
+class MaskedEnumELBO(_ModelMasks, pyro.infer.TraceEnum_ELBO):
+    """`TraceEnum_ELBO` honouring the model's masks on guide sites."""
+
+
+OBJECTIVES.register("elbo", "Trace_ELBO: Monte Carlo ELBO with reparameterized samples (sec. 2.3)")(_elbo(MaskedTraceELBO))
 OBJECTIVES.register("elbo-analytic", "TraceMeanField_ELBO: the ELBO with the KL term in closed form where known (sec. 2.4)")(
-    _elbo(pyro.infer.TraceMeanField_ELBO)
+    _elbo(MaskedMeanFieldELBO)
+)
+OBJECTIVES.register("elbo-enum", "TraceEnum_ELBO: the ELBO with the model's enumerated discrete sites summed exactly (infer={'enumerate': 'parallel'})")(
+    _elbo(MaskedEnumELBO)
 )
 OBJECTIVES.register("iwae", "importance-weighted bound with K = --particles samples (Burda et al. 2016)")(IWAE)
 
@@ -85,13 +110,14 @@ class FreeBitsELBO:
         Kingma & Welling (2019), sec. 2.8.
     """
 
-    def __init__(self, free_bits: float, num_particles: int = 1, max_plate_nesting: int = 1, analytic: bool = False) -> None:
+    def __init__(self, free_bits: float, num_particles: int = 1, max_plate_nesting: int = 1, analytic: bool = False, plate: str = DATA_PLATE) -> None:
         if free_bits < 0:
             raise PyrovaeError(f"--free-bits must be >= 0, got {free_bits}")
         self.free_bits = float(free_bits)
         self.num_particles = num_particles
         self.max_plate_nesting = max_plate_nesting
         self.analytic = analytic
+        self.plate = plate
 
     def terms(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float], float]:
         """Per-example reconstruction (B,), per-site per-example KL (B,), per-site scales, and N / B."""
@@ -101,12 +127,12 @@ class FreeBitsELBO:
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
         data_scale = 1.0
         for site in model_trace.nodes.values():
-            frame = next((f for f in site.get("cond_indep_stack", ()) if f.name == DATA_PLATE), None)
+            frame = next((f for f in site.get("cond_indep_stack", ()) if f.name == self.plate), None)
             if site["type"] == "sample" and frame is not None:
                 data_scale = frame.full_size / frame.size
 
         def per_example(site: dict, value: torch.Tensor) -> torch.Tensor:
-            return _per_example({**site, "log_prob": value}, particle_dim, k).mean(0)
+            return _per_example({**site, "log_prob": value}, particle_dim, k, self.plate).mean(0)
 
         reconstruction: torch.Tensor | float = 0.0
         kls: dict[str, torch.Tensor] = {}
@@ -116,7 +142,7 @@ class FreeBitsELBO:
                 continue
             scale = site["scale"] / data_scale
             if site["is_observed"]:
-                reconstruction = reconstruction + scale * per_example(site, site["fn"].log_prob(site["value"]))
+                reconstruction = reconstruction + scale * per_example(site, _masked(site, site["fn"].log_prob(site["value"])))
                 continue
             q_site = guide_trace.nodes[name]
             kl = None
@@ -127,7 +153,7 @@ class FreeBitsELBO:
                     kl = None
             if kl is None:
                 kl = q_site["fn"].log_prob(q_site["value"]) - site["fn"].log_prob(site["value"])
-            kls[name] = per_example(site, kl)
+            kls[name] = per_example(site, _masked(site, kl))
             scales[name] = float(scale)
         if not torch.is_tensor(reconstruction):
             raise PyrovaeError("the model observes nothing")
@@ -146,7 +172,13 @@ class FreeBitsELBO:
             return self.differentiable_loss(model, guide, *args, **kwargs).item()
 
 
-def make_objective(name: str, num_particles: int = 1, max_plate_nesting: int = 1, free_bits: float = 0.0) -> Any:
+def _masked(site: dict, value: torch.Tensor) -> torch.Tensor:
+    """`value` with the model site's masked positions zeroed: they add nothing to any bound."""
+    mask = site.get("mask")
+    return value if mask is None or mask is True else torch.where(mask, value, torch.zeros_like(value))
+
+
+def make_objective(name: str, num_particles: int = 1, max_plate_nesting: int = 1, free_bits: float = 0.0, plate: str = DATA_PLATE) -> Any:
     """The objective registered as `name`, ready for `differentiable_loss`.
 
     With `free_bits` > 0 the ELBO objectives become `FreeBitsELBO` (the analytic KL per site
@@ -160,6 +192,6 @@ def make_objective(name: str, num_particles: int = 1, max_plate_nesting: int = 1
         OBJECTIVES.get(name)  # unknown names fail as usual
         if name not in ("elbo", "elbo-analytic"):
             raise PyrovaeError(f"--free-bits clamps the KL terms of the ELBO: use --objective elbo or elbo-analytic, not {name!r}")
-        return FreeBitsELBO(free_bits, num_particles, max_plate_nesting, analytic=name == "elbo-analytic")
-    return OBJECTIVES.get(name)(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
+        return FreeBitsELBO(free_bits, num_particles, max_plate_nesting, analytic=name == "elbo-analytic", plate=plate)
+    return OBJECTIVES.get(name)(num_particles=num_particles, max_plate_nesting=max_plate_nesting, plate=plate)
 

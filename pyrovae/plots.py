@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from pyrovae.batch import as_batch  # noqa: E402
 from pyrovae.run import atomic_write  # noqa: E402
 from pyrovae.sampling import reconstruct, sample  # noqa: E402
 
@@ -61,11 +62,11 @@ def write_run_plots(experiment: "Experiment", history: "History", out: Path) -> 
     shape = experiment.data.image_shape
     if shape is None:
         return
-    experiment.model.eval(), experiment.guide.eval()
+    experiment.train_mode(False)
     split = "valid" if "valid" in experiment.data.splits else "train"
-    x = experiment.split(split)[:32]
+    x = as_batch(experiment.split(split))[:32]
     image_grid(sample(experiment.model, x, 64), shape, out / "samples.png", "samples from p(x|z), z ~ p(z)")
     if not experiment.method.trains_guide:
         return  # no trained encoder to reconstruct with
-    pairs = torch.stack([x[:32], reconstruct(experiment.model, experiment.guide, x[:32])], 1).reshape(64, -1)
+    pairs = torch.stack([x.primary, reconstruct(experiment.model, experiment.guide, x)], 1).reshape(2 * len(x), -1)
     image_grid(pairs, shape, out / "reconstructions.png", "data | reconstruction", columns=16)

@@ -7,26 +7,41 @@ from typing import Callable
 import torch
 from pyro import poutine
 
+from pyrovae.batch import Batch, Data, as_batch
 from pyrovae.sites import inspect_model
 
 __all__ = ["sample", "reconstruct"]
 
 
-def _observed_mean(model: Callable, x: torch.Tensor, trace_guide=None) -> torch.Tensor:
-    observed = inspect_model(model, x).observed[0]
+def _observed_mean(model: Callable, x: Batch, trace_guide=None) -> torch.Tensor:
+    observed = _data_site(model, x)
     program = poutine.uncondition(model) if trace_guide is None else poutine.replay(model, trace=trace_guide)
-    trace = poutine.trace(program).get_trace(x)
-    return trace.nodes[observed]["fn"].mean.reshape(x.shape)
+    trace = x.call(poutine.trace(program).get_trace)
+    return trace.nodes[observed]["fn"].mean.reshape(x.primary.shape)
+
+
+def _data_site(model: Callable, x: Batch) -> str:
+    """The observed site that scores the data tensor (not a label or a condition observed beside it)."""
+    with torch.no_grad():
+        trace = x.call(poutine.trace(model).get_trace)
+    observed = inspect_model(model, x).observed
+    for name in observed:
+        if trace.nodes[name]["value"] is x.primary:
+            return name
+    same = [n for n in observed if trace.nodes[n]["value"].shape == x.primary.shape]
+    return (same or list(observed))[0]
 
 
 @torch.no_grad()
-def sample(model: Callable, like: torch.Tensor, num: int) -> torch.Tensor:
-    """Means of p(x|z) for `num` draws z ~ p(z); `like` is one batch of data (for shapes)."""
-    template = like[:1].expand(num, *like.shape[1:]).clone()
+def sample(model: Callable, like: Data, num: int) -> torch.Tensor:
+    """Means of p(x|z) for `num` draws z ~ p(z); `like` is one batch of data (for shapes, and the
+    other arguments: a conditional model's condition is the first example's, repeated)."""
+    template = as_batch(like)[:1].map(lambda v: v.expand(num, *v.shape[1:]).clone())
     return _observed_mean(model, template)
 
 
 @torch.no_grad()
-def reconstruct(model: Callable, guide: Callable, x: torch.Tensor) -> torch.Tensor:
+def reconstruct(model: Callable, guide: Callable, x: Data) -> torch.Tensor:
     """Means of p(x|z) with z ~ q(z|x): the autoencoder's reconstruction of `x`."""
-    return _observed_mean(model, x, poutine.trace(guide).get_trace(x))
+    batch = as_batch(x)
+    return _observed_mean(model, batch, batch.call(poutine.trace(guide).get_trace))

@@ -1,7 +1,8 @@
-"""What a Pyro program declares: its latent sites, their event shapes, its plate nesting.
+"""What a Pyro program declares: its latent sites, their event shapes and supports, its
+per-example plate and plate nesting.
 
-Guides are built from this, so any program with a ``"data"`` plate works, including a
-user's own model with other site names and no pyrovae base class.
+Guides are built from this, so any program with a per-example plate works, including a
+user's own model with other site and plate names and no pyrovae base class.
 """
 
 from __future__ import annotations
@@ -9,17 +10,22 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import pyro
 import torch
 from pyro import poutine
+import pyro.distributions as dist
+from torch.distributions import biject_to, constraints
 from pyro.poutine.util import site_is_subsample
 
+from pyrovae.batch import Batch, Data, as_batch
+from pyrovae.capture import leaves_no_trace
+from pyrovae.programs import program_modules
 from pyrovae.errors import PyrovaeError
 
-__all__ = ["DATA_PLATE", "ModelSites", "call_kwargs", "data_plate", "direct_parameters", "inspect_model", "register"]
+__all__ = ["DATA_PLATE", "ModelSites", "call_kwargs", "data_plate", "direct_parameters", "inspect_model", "is_real", "primary", "register"]
 
 DATA_PLATE = "data"
 _REGISTER = ContextVar("pyrovae_register_params", default=True)
@@ -47,23 +53,82 @@ def direct_parameters() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class ModelSites:
-    """Latent sites (name -> event shape, in execution order), observed sites, plate nesting."""
+    """What a guide must serve: the per-example latent sites (name -> event shape, in execution
+    order) and their supports; the observed sites; the per-example plate's name and dim; the
+    plate nesting; the enumerated sites (summed out, sampled by no guide) and the latents
+    outside the per-example plate (global)."""
 
     latents: dict[str, torch.Size]
     observed: tuple[str, ...]
     max_plate_nesting: int
+    plate: str = DATA_PLATE
+    plate_dim: int | None = None
+    supports: dict[str, Any] = field(default_factory=dict)
+    enumerated: tuple[str, ...] = ()
+    global_latents: dict[str, torch.Size] = field(default_factory=dict)
+    discrete: tuple[str, ...] = ()
 
     def describe(self) -> str:
         return ", ".join(f"{k}{tuple(v)}" for k, v in self.latents.items())
 
+    def real_shape(self, name: str) -> torch.Size:
+        """The event shape a guide's real-valued distribution has for site `name`: the site's
+        own, or its unconstrained shape (a simplex of K is K - 1 reals, Pyro's `biject_to`)."""
+        support = self.supports.get(name)
+        if support is None or support.is_discrete or is_real(support):  # a discrete site is refused, not served
+            return self.latents[name]
+        return torch.Size(biject_to(support).inverse_shape(self.latents[name]))
 
-def data_plate(x: torch.Tensor, index: torch.Tensor | None = None, size: int | None = None) -> pyro.plate:
+    def constrain(self, name: str, q: Any) -> Any:
+        """`q`, a distribution on `real_shape(name)`, carried onto the site's support by `biject_to`
+        (as Pyro's autoguides serve positive, unit-interval and simplex sites)."""
+        support = self.supports.get(name)
+        if support is None or is_real(support):
+            return q
+        return dist.TransformedDistribution(q, biject_to(support))
+
+    def unservable(self, discrete: bool = True, constrained: bool = False) -> dict[str, str]:
+        """Latent sites a real-valued guide cannot serve, with why: discrete ones, and (if asked)
+        constrained ones."""
+        out = {}
+        for name in self.latents:
+            support = self.supports.get(name)
+            if support is None:
+                continue
+            if support.is_discrete and discrete:
+                out[name] = f"discrete ({type(support).__name__.lstrip('_')})"
+            elif not support.is_discrete and not is_real(support) and constrained:
+                out[name] = f"constrained ({type(support).__name__.lstrip('_')})"
+        return out
+
+    def plate_for(self, x: torch.Tensor, index: torch.Tensor | None = None, size: int | None = None) -> pyro.plate:
+        """The model's per-example plate, for a guide: same name and dim."""
+        return data_plate(x, index, size, name=self.plate, dim=self.plate_dim)
+
+
+def data_plate(x: torch.Tensor, index: torch.Tensor | None = None, size: int | None = None,
+               name: str = DATA_PLATE, dim: int | None = None) -> pyro.plate:
     """The per-example plate: subsampled by `index` out of `size` examples, scaling exactly."""
     if index is None:
         if size not in (None, len(x)):
             raise ValueError("a minibatch of a larger data set needs its `index`")
-        return pyro.plate(DATA_PLATE, len(x))
-    return pyro.plate(DATA_PLATE, size if size is not None else len(x), subsample=index)
+        return pyro.plate(name, len(x), dim=dim)
+    return pyro.plate(name, size if size is not None else len(x), subsample=index, dim=dim)
+
+
+def is_real(support: Any) -> bool:
+    """True for a support of unconstrained reals (of any event dim)."""
+    while hasattr(support, "base_constraint"):  # independent(...), a mixture's support
+        support = support.base_constraint
+    return support is constraints.real
+
+
+def primary(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The first tensor argument of a call: what built-in guides encode."""
+    for value in (*args, *kwargs.values()):
+        if torch.is_tensor(value) and value.dim() > 0:
+            return value
+    raise PyrovaeError("the program was called without a data tensor")
 
 
 def call_kwargs(fn: Callable, **kwargs: Any) -> dict[str, Any]:
@@ -78,29 +143,82 @@ def call_kwargs(fn: Callable, **kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def inspect_model(model: Callable, x: torch.Tensor) -> ModelSites:
-    """Trace `model` once on a small batch of `x` and read off its sites."""
-    with poutine.block(), torch.no_grad():
+# Examples traced to read a program's sites: a prime, unlikely to be the size of another plate
+# (pixels, channels, time steps), and large enough to see most programs subsampling their own plate.
+INSPECT_EXAMPLES = 67
+
+
+def inspect_model(model: Callable, data: Data, plate: str | None = None, **kwargs: Any) -> ModelSites:
+    """Trace `model` once on a few examples of `data` and read off its sites.
+
+    The per-example plate is `plate` if given, else ``"data"`` if the model has one, else the
+    one plate whose size is the number of examples traced.
+    """
+    batch = as_batch(data)
+    n = min(len(batch), INSPECT_EXAMPLES)
+    part = batch[:n]
+    modules = torch.nn.ModuleList(program_modules(model))
+    with poutine.block(), torch.no_grad(), leaves_no_trace(modules, part.device):  # inspecting changes nothing a run sees
         try:
-            trace = poutine.trace(model).get_trace(x[:2])
+            trace = part.call(poutine.trace(model).get_trace, **kwargs)
         except PyrovaeError:
             raise
         except Exception as error:  # a user's program failing on our batch
-            raise PyrovaeError(f"running the model on a batch of shape {tuple(x[:2].shape)} failed: {error}") from error
+            raise PyrovaeError(f"running the model on {n} examples (first argument of shape {tuple(part.primary.shape)}) failed: {type(error).__name__}: {_first_line(error)}") from error
+    sites = [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
+    frames = {f.name: f for s in sites for f in s["cond_indep_stack"] if f.vectorized}
+    name = _find_plate(frames, plate, n)
+    frame = frames[name]
+    if frame.size != frame.full_size:
+        raise PyrovaeError(
+            f"the model subsamples its plate {name!r} itself ({frame.size} of {frame.full_size} examples): pyrovae draws the "
+            "minibatches; remove subsample_size, or take index=/size= and pass subsample=index"
+        )
     latents: dict[str, torch.Size] = {}
+    global_latents: dict[str, torch.Size] = {}
+    supports: dict[str, Any] = {}
     observed: list[str] = []
+    enumerated: list[str] = []
+    discrete: list[str] = []
     nesting = 0
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
-        frames = [f for f in site["cond_indep_stack"] if f.vectorized]
-        nesting = max([nesting] + [-f.dim for f in frames])
+    for site in sites:
+        vectorized = [f for f in site["cond_indep_stack"] if f.vectorized]
+        nesting = max([nesting] + [-f.dim for f in vectorized])
         if site["is_observed"]:
-            observed.append(name)
+            observed.append(site["name"])
             continue
-        if not any(f.name == DATA_PLATE for f in frames):
-            raise PyrovaeError(f"latent site {name!r} is outside the {DATA_PLATE!r} plate: put every per-example site in pyro.plate('data', ...)")
-        latents[name] = site["fn"].event_shape
+        fn = site["fn"]
+        supports[site["name"]] = fn.support
+        if fn.support.is_discrete:
+            discrete.append(site["name"])
+        if site["infer"].get("enumerate"):
+            enumerated.append(site["name"])
+        elif any(f.name == name for f in vectorized):
+            latents[site["name"]] = fn.event_shape
+        else:
+            global_latents[site["name"]] = fn.event_shape
     if not observed:
         raise PyrovaeError("the model observes nothing: pass the data as obs= of a sample site")
-    return ModelSites(latents, tuple(observed), nesting)
+    return ModelSites(latents, tuple(observed), nesting, name, frame.dim, supports, tuple(enumerated), global_latents, tuple(discrete))
+
+
+def _find_plate(frames: dict[str, Any], plate: str | None, n: int) -> str:
+    if plate is not None:
+        if plate not in frames:
+            have = ", ".join(repr(p) for p in frames) or "none"
+            raise PyrovaeError(f"the model has no plate named {plate!r} (its plates: {have})")
+        return plate
+    if DATA_PLATE in frames:
+        return DATA_PLATE
+    sized = [f.name for f in frames.values() if f.full_size in (n, -1)]  # -1: a plate without a size
+    if len(sized) == 1:
+        return sized[0]
+    if not sized:
+        have = ", ".join(f"{f.name!r} ({f.full_size})" for f in frames.values()) or "none"
+        raise PyrovaeError(f"no plate of the model has one entry per example ({n} traced; its plates: {have}): put the per-example sites in a pyro.plate over the examples")
+    raise PyrovaeError(f"several plates have one entry per example ({', '.join(map(repr, sized))}): name the per-example one with plate= (--plate NAME)")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""

@@ -84,7 +84,10 @@ def test_elbo_below_log_likelihood_and_gap_is_kl(setup):
     p = model.posterior(x)
     # KL(q || p) between a diagonal and a full Gaussian, in closed form
     kl = _kl_diag_full(guide.loc, guide.scale, p)
-    assert torch.allclose(exact - result.elbo, kl, atol=0.03)
+    # the ELBO of 20000 draws has a Monte Carlo standard error of about 0.011 nats per example:
+    # 5 of them bound the worst of 40 examples, and the mean is tight
+    error = exact - result.elbo - kl
+    assert error.abs().max() < 0.06 and error.mean().abs() < 0.01, error
     assert kl.min() > 0.05  # the proposal really is off, so the test can fail
 
 

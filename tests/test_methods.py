@@ -14,6 +14,7 @@ from pyro import poutine
 from torch import nn
 
 import pyrovae.compare as compare_module
+from pyrovae.batch import as_batch
 from pyrovae import evaluate
 from pyrovae.compare import ProposalSettings, compare, gap_decomposition
 from pyrovae.data import load_dataset
@@ -157,7 +158,7 @@ def test_compare_table_agrees_with_itself_and_with_a_recomputation(tmp_path, mon
 
     def spy(model, x, sites, settings=ProposalSettings(), init=None, batch=256):
         if settings is proposal:
-            scored.append((model, x.clone()))
+            scored.append((model, as_batch(x).primary.clone()))
         return real(model, x, sites, settings, init, batch)
 
     monkeypatch.setattr(compare_module, "heldout_scores", spy)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from pyrovae.batch import Batch, Data, as_batch
 from pyrovae.capture import CapturedLoss
 from pyrovae.errors import PyrovaeError
-from pyrovae.handlers import scale_latents
+from pyrovae.handlers import scale_latents, scale_plate
 from pyrovae.infer.base import InferenceMethod, TrainSettings, adam, unique_parameters
 from pyrovae.objectives import make_objective
+from pyrovae.protocols import guide_traits
 from pyrovae.registry import METHODS
+from pyrovae.sites import ModelSites
 
 __all__ = ["AmortizedVI"]
 
@@ -32,37 +35,51 @@ class AmortizedVI(InferenceMethod):
 
     name = "amortized"
 
-    def __init__(self, model: nn.Module, guide: nn.Module, settings: TrainSettings, num_examples: int) -> None:
-        super().__init__(model, guide, settings, num_examples)
+    def __init__(self, model: Callable, guide: Callable, settings: TrainSettings, num_examples: int, *, sites: ModelSites | None = None) -> None:
+        super().__init__(model, guide, settings, num_examples, sites=sites)
         # TraceMeanField_ELBO's per-site closed-form KLs are only the chain rule of the joint KL
         # when the guide samples each site's model parents before it and independently of it
         # (see guides/hierarchical.py); guides that break this say so with analytic_kl = False.
-        if settings.objective == "elbo-analytic" and not getattr(guide, "analytic_kl", True):
+        if settings.objective == "elbo-analytic" and not guide_traits(guide).analytic_kl:
             raise PyrovaeError(
                 f"--objective elbo-analytic is not valid with the {type(guide).__name__}: it samples a site's model "
                 "parents after and dependent on the site, so per-site analytic KLs are biased; use --objective elbo or iwae"
             )
-        self.objective = make_objective(settings.objective, settings.particles, settings.max_plate_nesting, settings.free_bits)
+        self.objective = make_objective(settings.objective, settings.particles, settings.max_plate_nesting, settings.free_bits, self.plate)
         self.optimizer = adam(unique_parameters(model, guide), settings.lr)
         modules = isinstance(model, nn.Module) and isinstance(guide, nn.Module)
         self.captured = CapturedLoss(self.loss, nn.ModuleList([model, guide])) if settings.capture and modules else None
 
-    def loss(self, x: torch.Tensor, index: torch.Tensor | None = None, beta: float = 1.0) -> torch.Tensor:
-        """Minus the bound on the whole data set, divided by its size: nats per example."""
-        kwargs, factor = self.minibatch_kwargs(x, index)
-        model, guide = scale_latents(self.model, beta), scale_latents(self.guide, beta)
-        total = factor * self.objective.differentiable_loss(model, guide, x, **kwargs)
-        return total / (self.num_examples if index is not None else len(x))
+    def add_parameters(self, model: list[torch.Tensor], guide: list[torch.Tensor]) -> None:
+        self.optimizer.add_param_group({"params": model + guide})
+        self.captured = None  # the store's tensors are not module state a graph could take as inputs
 
-    def step(self, x: torch.Tensor, index: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    def loss(self, x: Data, index: torch.Tensor | None = None, beta: float = 1.0) -> torch.Tensor:
+        """Minus the bound on the whole data set, divided by its size: nats per example."""
+        batch = as_batch(x)
+        kwargs, factor = self.minibatch_kwargs(batch, index)
+        model, guide = scale_latents(self.model, beta), scale_latents(self.guide, beta)
+        if factor != 1.0 and self.sites is not None and self.sites.global_latents:
+            # global latents count once, per-example sites N / B times: scale inside the plate only
+            model, guide, factor = scale_plate(model, self.plate, factor), scale_plate(guide, self.plate, factor), 1.0
+        args, call_kwargs = batch.call_args()
+        total = factor * self.objective.differentiable_loss(model, guide, *args, **call_kwargs, **kwargs)
+        return total / (self.num_examples if index is not None else len(batch))
+
+    def step(self, x: Data, index: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
         """One Adam step. The loss at full KL weight is replayed from a captured graph
-        (`pyrovae.capture`) where the program allows it; the steps that capture or check a
-        graph are the program's own, so the first step runs Pyro's shape and support checks.
-        The loss comes back as a tensor on the device: reading it would make the host wait."""
+        (`pyrovae.capture`) where the program allows it (modules, one data tensor); the steps
+        that capture or check a graph are the program's own, so the first step runs Pyro's
+        shape and support checks. The loss comes back as a tensor on the device: reading it
+        would make the host wait."""
+        first = not self.prepared
+        self.prepare(x)
         self.optimizer.zero_grad(set_to_none=True)
-        replay = self.captured is not None and beta == 1.0
+        replay = self.captured is not None and beta == 1.0 and torch.is_tensor(x)
         with self.fast_path():
             loss = self.captured(x, index) if replay else self.loss(x, index, beta)
+        if first:
+            self.check_complete(loss)
         loss.backward()
         self.optimizer.step()
         return loss.detach()

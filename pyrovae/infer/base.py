@@ -7,11 +7,16 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator
 
 import pyro
+from pyro.poutine.util import site_is_subsample
 from pyro.infer.util import is_validation_enabled
 import torch
 from torch import nn
 
-from pyrovae.sites import call_kwargs, direct_parameters
+from pyrovae.batch import Batch, Data, as_batch
+from pyrovae.errors import PyrovaeError
+from pyrovae.programs import ProgramParameters, check_complete, program_modules
+from pyrovae.protocols import guide_traits
+from pyrovae.sites import DATA_PLATE, ModelSites, call_kwargs, direct_parameters, inspect_model
 
 __all__ = ["InferenceMethod", "TrainSettings", "adam", "unique_parameters"]
 
@@ -27,12 +32,16 @@ class TrainSettings:
     max_plate_nesting: int = 1
     free_bits: float = 0.0
     capture: bool = True  # replay the loss from a captured graph where it can (pyrovae.capture)
+    plate: str | None = None  # the per-example plate; None: "data", else the one sized like the data
 
 
 class InferenceMethod:
     """Learns a model (and, where it has one, a guide) from minibatches of a data set.
 
-    Subclasses implement `step`; `state_dict`/`load_state_dict` cover every module and
+    Model and guide are Pyro programs of any form (`pyrovae.programs`). Subclasses implement
+    `step` and `add_parameters`; `prepare` (run by the first `step`, and by `train` before a
+    checkpoint is written or read) traces both programs once to find the parameters they keep
+    in Pyro's param store. `state_dict`/`load_state_dict` cover every module, store entry and
     optimizer so that a resumed run continues exactly.
     """
 
@@ -40,20 +49,77 @@ class InferenceMethod:
     gives_elbo: ClassVar[bool] = True
     trains_guide: ClassVar[bool] = True  # leaves an amortized guide that can score held-out data
 
-    def __init__(self, model: nn.Module, guide: nn.Module, settings: TrainSettings, num_examples: int) -> None:
+    def __init__(self, model: Callable, guide: Callable, settings: TrainSettings, num_examples: int, *, sites: ModelSites | None = None) -> None:
+        """`sites`: the model's sites (`pyrovae.sites.inspect_model`), where the guide does not carry them."""
         self.model = model
         self.guide = guide
         self.settings = settings
         self.num_examples = num_examples
         self._validated = False
         self._index_keys: tuple[str, ...] | None = None
+        self.model_parameters = ProgramParameters(model)
+        self.guide_parameters = ProgramParameters(guide)
+        self.prepared = False
+        self.sites = sites or guide_traits(guide).sites
+        self.plate = settings.plate or (self.sites.plate if self.sites else DATA_PLATE)
 
-    def step(self, x: torch.Tensor, index: torch.Tensor, beta: float = 1.0) -> float | torch.Tensor:
+    def step(self, x: Data, index: torch.Tensor, beta: float = 1.0) -> float | torch.Tensor:
         """One update on a minibatch; returns the minibatch loss in nats per example, as a float
         or as a 0-dim tensor left on the device (the training loop reads those in groups)."""
         raise NotImplementedError
 
-    def minibatch_kwargs(self, x: torch.Tensor, index: torch.Tensor | None) -> tuple[dict[str, Any], float]:
+    def prepare(self, data: Data) -> None:
+        """Find the param-store parameters of model and guide on a few examples of `data` and
+        hand them to the optimizers (`add_parameters`); once."""
+        if self.prepared:
+            return
+        batch = as_batch(data)
+        extra, _ = self.minibatch_kwargs(batch, None)
+        if self.settings.plate is not None or self.sites is None:
+            self.sites = inspect_model(self.model, batch, plate=self.settings.plate, **extra)
+            self.plate = self.sites.plate
+            if hasattr(getattr(self, "objective", None), "plate"):
+                self.objective.plate = self.plate
+        self.check_sites(self.sites)
+        batch = batch[: min(len(batch), 8)]
+        model_store = self.model_parameters.discover(batch, **extra)
+        held = {id(t) for t in model_store}
+        guide_store = [t for t in self.guide_parameters.discover(batch, **extra) if id(t) not in held]
+        if self.checks_guide:
+            check_guide(self.sites, self.guide_parameters.trace, self.settings.objective)
+        if model_store or guide_store:
+            self.add_parameters(model_store, guide_store)
+        self.prepared = True
+
+    checks_guide: ClassVar[bool] = True  # the guide given is the one trained and scored
+
+    def check_sites(self, sites: ModelSites) -> None:
+        """Refuse, in one line, a model whose latent sites this method cannot infer."""
+        if sites.global_latents and self.settings.objective == "iwae":
+            raise PyrovaeError(
+                f"--objective iwae is a per-example bound, but the model has global latent(s) {', '.join(map(repr, sites.global_latents))}: use --objective elbo"
+            )
+        if sites.enumerated and self.settings.objective != "elbo-enum":
+            raise PyrovaeError(
+                f"the model sums {', '.join(map(repr, sites.enumerated))} out by enumeration: train it with --objective elbo-enum"
+            )
+
+    def add_parameters(self, model: list[torch.Tensor], guide: list[torch.Tensor]) -> None:
+        """Give the optimizers the model's and the guide's param-store tensors."""
+        raise PyrovaeError(f"the {self.name} method cannot train parameters kept in Pyro's param store")
+
+    def parameters(self) -> list[torch.Tensor]:
+        """Every parameter of model and guide that this method knows (after `prepare`)."""
+        seen: dict[int, torch.Tensor] = {}
+        for t in (*self.model_parameters.all(), *self.guide_parameters.all()):
+            seen.setdefault(id(t), t)
+        return list(seen.values())
+
+    def check_complete(self, loss: torch.Tensor) -> None:
+        """Refuse a loss that reaches a tensor this method neither optimizes nor checkpoints."""
+        check_complete(loss, self.parameters())
+
+    def minibatch_kwargs(self, x: Data, index: torch.Tensor | None) -> tuple[dict[str, Any], float]:
         """Keyword arguments for model and guide, and the factor that scales their loss to the data set.
 
         Programs that take `index`/`size` subsample their ``"data"`` plate themselves (exact
@@ -62,6 +128,7 @@ class InferenceMethod:
         """
         if index is None:
             return {}, 1.0
+        x = as_batch(x)
         if self._index_keys is None:  # read the signature once, not every step
             self._index_keys = tuple(call_kwargs(self.model, index=index, size=self.num_examples))
         if self._index_keys:
@@ -77,24 +144,62 @@ class InferenceMethod:
             yield
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "guide": self.guide.state_dict()}
+        state = {"model": self.model_parameters.module_state(), "guide": self.guide_parameters.module_state()}
+        store = {**self.model_parameters.store_state(), **self.guide_parameters.store_state()}
+        return {**state, "param_store": store} if store else state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.guide.load_state_dict(state["guide"])
+        """Load a `state_dict`; one with param-store entries needs `prepare` to have run."""
+        self.model_parameters.load_module_state(state["model"])
+        self.guide_parameters.load_module_state(state["guide"])
+        store = state.get("param_store", {})
+        if store and not self.prepared:
+            raise RuntimeError("this state holds param-store entries: call prepare(data) before load_state_dict")
+        names = self.model_parameters.store_names + self.guide_parameters.store_names
+        if sorted(store) != sorted(set(names)):
+            raise KeyError("param_store")
+        for part in (self.model_parameters, self.guide_parameters):
+            part.load_store_state({n: store[n] for n in part.store_names})
 
 
-def unique_parameters(*modules: nn.Module) -> list[nn.Parameter]:
-    """Parameters of all `modules`, each once (a guide may share the model's)."""
+def check_guide(sites: ModelSites, guide_trace: Any, objective: str) -> None:
+    """The guide samples every latent the model does not enumerate, and (for IWAE) by reparameterization."""
+    sampled = {n: s for n, s in guide_trace.nodes.items() if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)}
+    wanted = [*sites.latents, *sites.global_latents]
+    missing = [n for n in wanted if n not in sampled]
+    if missing:
+        raise PyrovaeError(
+            f"the guide does not sample the model's latent site(s) {', '.join(map(repr, missing))}: sample them in the guide, "
+            "or, for a discrete site, mark it infer={'enumerate': 'parallel'} in the model and use --objective elbo-enum"
+        )
+    if objective == "iwae":
+        pathwise = [n for n, s in sampled.items() if not s["fn"].has_rsample]
+        if pathwise:
+            raise PyrovaeError(
+                f"--objective iwae takes pathwise gradients, but the guide samples {', '.join(map(repr, pathwise))} without "
+                "reparameterization: use --objective elbo (score-function terms) or enumerate the site with elbo-enum"
+            )
+
+
+def unique_parameters(*programs: Any) -> list[nn.Parameter]:
+    """Module parameters of all `programs` (modules, bound methods, partials), each once (a guide
+    may share the model's)."""
     seen: dict[int, nn.Parameter] = {}
-    for module in modules:
-        for p in module.parameters():
-            seen.setdefault(id(p), p)
+    for program in programs:
+        for module in program_modules(program):
+            for p in module.parameters():
+                seen.setdefault(id(p), p)
     return list(seen.values())
 
 
 def adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
-    """Adam with torch's fused kernel where the device has one (one kernel, not a Python loop per tensor)."""
+    """Adam with torch's fused kernel where the device has one (one kernel, not a Python loop per tensor).
+
+    A program whose parameters all live in Pyro's param store has no module parameters until
+    `InferenceMethod.prepare` finds them: it gets one empty placeholder (torch's optimizers
+    refuse an empty list), which no step changes.
+    """
+    params = params or [nn.Parameter(torch.empty(0))]
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, ValueError):

@@ -12,42 +12,57 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
+from pyrovae.batch import Data, as_batch
 from pyrovae.errors import PyrovaeError
 from pyrovae.guides.local import LocalGaussian
 from pyrovae.handlers import scale_latents
 from pyrovae.infer.base import InferenceMethod, TrainSettings, unique_parameters
 from pyrovae.objectives import make_objective
+from pyrovae.protocols import guide_traits
 from pyrovae.registry import METHODS
 from pyrovae.sites import ModelSites, inspect_model, direct_parameters
 
-__all__ = ["LocalVI", "fit_local", "frozen", "model_sites"]
+__all__ = ["LocalVI", "fit_local", "frozen", "model_sites", "refuse_discrete"]
 
 
 @contextlib.contextmanager
 def frozen(*modules: nn.Module) -> Iterator[None]:
     """Within the block the modules' parameters take no gradient (a frozen decoder), and are not
     registered with Pyro's param store (there is nothing for an SVI optimizer to do with them)."""
-    params = unique_parameters(*[m for m in modules if isinstance(m, nn.Module)])
+    params = unique_parameters(*modules)
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
     try:
-        with direct_parameters():
+        with direct_parameters(), warnings.catch_warnings():
+            # a user's own pyro.module call warns that frozen parameters are not registered: intended here
+            warnings.filterwarnings("ignore", message=".*was not registered in the param store because requires_grad=False")
             yield
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
 
 
-def model_sites(model: Callable, guide: Callable, x: torch.Tensor | None = None) -> ModelSites:
+def refuse_discrete(method: str, sites: ModelSites) -> None:
+    """Gaussians, points and HMC chains live on the reals: refuse discrete and enumerated sites."""
+    discrete = list(dict.fromkeys((*sites.discrete, *sites.enumerated)))
+    if discrete:
+        raise PyrovaeError(
+            f"the {method} method moves latents on the reals, but {', '.join(map(repr, discrete))} is discrete: "
+            "use --method amortized with --objective elbo-enum (enumerated) or a guide that samples it, or --method wake-sleep"
+        )
+
+
+def model_sites(model: Callable, guide: Callable, x: Data | None = None) -> ModelSites:
     """The model's latent sites: the guide's record of them, else a trace of the model on `x`."""
-    sites = getattr(guide, "sites", None)
-    if isinstance(sites, ModelSites):
+    sites = guide_traits(guide).sites
+    if sites is not None:
         return sites
     if x is None:
         raise PyrovaeError("this method needs the model's latent sites: give it a pyrovae guide, or call it on data")
@@ -86,7 +101,7 @@ class LocalOptimizer:
 
 def fit_local(
     model: Callable,
-    x: torch.Tensor,
+    x: Data,
     sites: ModelSites,
     steps: int = 100,
     lr: float = 0.05,
@@ -108,19 +123,26 @@ def fit_local(
     References:
         Kingma & Welling (2019), appendix A.2.2; Cremer et al. (2018), sec. 3 (q* per example).
     """
-    local = LocalGaussian(sites, num_examples=len(x), covariance=covariance).to(x.device)
+    batch = as_batch(x)
+    reason = LocalGaussian.supports(model, sites)
+    if reason:
+        raise PyrovaeError(f"a Gaussian fitted per example cannot serve this model: {reason}")
+    local = LocalGaussian(sites, num_examples=len(batch), covariance=covariance).to(batch.device)
     if init is not None:
-        local.initialize_from(init, x)
+        local.initialize_from(init, batch)
     if steps <= 0:
         return local
-    loss_fn = make_objective(objective, particles, sites.max_plate_nesting)
+    if sites.enumerated and objective == "elbo":
+        objective = "elbo-enum"  # the model's enumerated sites are summed, not sampled
+    loss_fn = make_objective(objective, particles, sites.max_plate_nesting, plate=sites.plate)
     optimizer = torch.optim.SparseAdam(list(local.parameters()), lr=lr)
-    with frozen(model if isinstance(model, nn.Module) else nn.Module()):
+    args, kwargs = batch.call_args()
+    with frozen(model):
         for i in range(steps):
             for group in optimizer.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / steps))
             optimizer.zero_grad(set_to_none=True)
-            loss_fn.differentiable_loss(model, local, x).backward()
+            loss_fn.differentiable_loss(model, local, *args, **kwargs).backward()
             optimizer.step()
     return local
 
@@ -146,11 +168,12 @@ class LocalVI(InferenceMethod):
 
     name = "local"
     covariance_default = "diagonal"
+    checks_guide = False  # the per-example tables are the guide trained; an encoder only starts them
 
     def __init__(
         self,
-        model: nn.Module,
-        guide: nn.Module,
+        model: Callable,
+        guide: Callable,
         settings: TrainSettings,
         num_examples: int,
         *,
@@ -158,17 +181,18 @@ class LocalVI(InferenceMethod):
         local_lr: float = 1e-2,
         init_scale: float = 1.0,
         semi_amortized_steps: int = 0,
+        sites: ModelSites | None = None,
     ) -> None:
-        super().__init__(model, guide, settings, num_examples)
-        self.objective = make_objective(settings.objective, settings.particles, settings.max_plate_nesting)
+        super().__init__(model, guide, settings, num_examples, sites=sites)
+        self.objective = make_objective(settings.objective, settings.particles, settings.max_plate_nesting, plate=self.plate)
         self.semi_amortized_steps = semi_amortized_steps
         self.local_lr = local_lr
         if isinstance(guide, LocalGaussian) and covariance in (None, guide.covariance):
             self.local, self.encoder = guide, None
         else:
-            sites = model_sites(model, guide)
+            sites = self.sites or model_sites(model, guide)
             covariance = covariance or self.covariance_default
-            device = next(iter(model.parameters()), torch.empty(0)).device
+            device = next(iter(unique_parameters(model)), torch.empty(0)).device
             self.local = LocalGaussian(sites, num_examples=num_examples, covariance=covariance, init_scale=init_scale).to(device)
             self.encoder = guide
         if semi_amortized_steps > 0 and self.encoder is None:
@@ -178,39 +202,67 @@ class LocalVI(InferenceMethod):
             dense = unique_parameters(model, guide)
         self.optimizer = LocalOptimizer(dense, self.local, settings.lr, local_lr)
 
+    def check_sites(self, sites: ModelSites) -> None:
+        """Per-example Gaussians (or points) serve continuous per-example latents only."""
+        refuse_discrete(self.name, sites)
+        super().check_sites(sites)
+        if sites.global_latents:
+            raise PyrovaeError(
+                f"the {self.name} method keeps parameters per example only, but the model has global latent(s) "
+                f"{', '.join(map(repr, sites.global_latents))}: train it with --method amortized and a guide for them"
+            )
+
+    def add_parameters(self, model: list[torch.Tensor], guide: list[torch.Tensor]) -> None:
+        dense = model + (guide if self.semi_amortized_steps > 0 else [])
+        if self.optimizer.dense is None:
+            self.optimizer.dense = torch.optim.Adam(dense, lr=self.settings.lr)
+        else:
+            self.optimizer.dense.add_param_group({"params": dense})
+
     @property
     def trains_guide(self) -> bool:
         """Semi-amortized training leaves a trained encoder; persistent local VI does not."""
         return self.semi_amortized_steps > 0
 
-    def bound_loss(self, guide: Callable, x: torch.Tensor, index: torch.Tensor | None, beta: float = 1.0) -> torch.Tensor:
+    def bound_loss(self, guide: Callable, x: Data, index: torch.Tensor | None, beta: float = 1.0) -> torch.Tensor:
         """Minus the data set's bound divided by its size (nats per example)."""
-        kwargs, factor = self.minibatch_kwargs(x, index)
+        batch = as_batch(x)
+        kwargs, factor = self.minibatch_kwargs(batch, index)
         model, guide = scale_latents(self.model, beta), scale_latents(guide, beta)
-        total = factor * self.objective.differentiable_loss(model, guide, x, **kwargs)
-        return total / (self.num_examples if index is not None else len(x))
+        args, call_kwargs = batch.call_args()
+        total = factor * self.objective.differentiable_loss(model, guide, *args, **call_kwargs, **kwargs)
+        return total / (self.num_examples if index is not None else len(batch))
 
-    def loss(self, x: torch.Tensor, index: torch.Tensor | None = None, beta: float = 1.0) -> torch.Tensor:
-        rows = index if index is not None else torch.arange(len(x), device=x.device)
-        return self.bound_loss(functools.partial(self.local, rows=rows), x, index, beta)
+    def loss(self, x: Data, index: torch.Tensor | None = None, beta: float = 1.0) -> torch.Tensor:
+        batch = as_batch(x)
+        rows = index if index is not None else torch.arange(len(batch), device=batch.device)
+        return self.bound_loss(functools.partial(self.local, rows=rows), batch, index, beta)
 
-    def step(self, x: torch.Tensor, index: torch.Tensor, beta: float = 1.0) -> float:
+    def step(self, x: Data, index: torch.Tensor, beta: float = 1.0) -> float:
+        first = not self.prepared
+        self.prepare(x)
         if self.semi_amortized_steps > 0:
             return self._semi_amortized_step(x, index, beta)
         self.optimizer.zero_grad()
         loss = self.loss(x, index, beta)
+        if first:
+            self.check_complete(loss)
         loss.backward()
         self.optimizer.step()
         return loss.item()
 
-    def _semi_amortized_step(self, x: torch.Tensor, index: torch.Tensor, beta: float) -> float:
+    def parameters(self) -> list[torch.Tensor]:
+        return [*super().parameters(), *self.local.parameters()]
+
+    def _semi_amortized_step(self, x: Data, index: torch.Tensor, beta: float) -> float:
+        batch = as_batch(x)
         sites = model_sites(self.model, self.encoder)
-        refined = fit_local(self.model, x, sites, self.semi_amortized_steps, self.local_lr, self.local.covariance, init=self.encoder)
+        refined = fit_local(self.model, batch, sites, self.semi_amortized_steps, self.local_lr, self.local.covariance, init=self.encoder)
         self.optimizer.zero_grad()
-        loss = self.bound_loss(functools.partial(refined, rows=torch.arange(len(x), device=x.device)), x, index, beta)
+        loss = self.bound_loss(functools.partial(refined, rows=torch.arange(len(batch), device=batch.device)), batch, index, beta)
         loss.backward()
         with frozen(self.model):
-            self.bound_loss(self.encoder, x, index, beta).backward()
+            self.bound_loss(self.encoder, batch, index, beta).backward()
         self.optimizer.dense.step()
         return loss.item()
 

@@ -120,6 +120,10 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     pyro.set_rng_seed(seed)
     history, best_state, step = History(), None, 0
+    train_data = data.to(device)  # the rows travel once; a step gathers its batch where it runs
+    # the programs' param-store parameters exist before a checkpoint is written or read
+    first = torch.arange(min(num, batch_size), device=train_data.device)
+    method.prepare(train_data.batch("train", first, torch.Generator().manual_seed(seed)))
     if resume:
         if run is None:
             raise PyrovaeError("resuming needs a run directory")
@@ -135,7 +139,6 @@ def train(
         _save(run, method, generator, history, best_state, step, device)  # epoch 0: a run always has a checkpoint
     bar = tqdm(total=(epochs - history.epochs) * steps_per_epoch, disable=None if progress else True, unit="batch", dynamic_ncols=True, leave=False)
     running = None
-    train_data = data.to(device)  # the rows travel once; a step gathers its batch where it runs
     while history.epochs < epochs and not history.stopped_early:
         epoch = history.epochs
         start, total, seen = time.perf_counter(), 0.0, 0

@@ -22,12 +22,14 @@ from pyrovae.importance import log_weights
 from pyrovae.infer.base import TrainSettings
 from pyrovae.infer.local import LocalVI, fit_local
 from pyrovae.registry import METHODS
-from pyrovae.sites import ModelSites, data_plate
+from pyrovae.batch import Data, as_batch
+from pyrovae.errors import PyrovaeError
+from pyrovae.sites import ModelSites, primary
 
 __all__ = ["MAP", "fit_map", "log_joint"]
 
 
-def log_joint(model: Callable, sites: ModelSites, z: torch.Tensor, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+def log_joint(model: Callable, sites: ModelSites, z: torch.Tensor, x: Data, **kwargs: Any) -> torch.Tensor:
     """log p(x_i, z_i) per example (B,), for flat latents z (B, D); differentiable in z and the model.
 
     A point-mass guide at z is weighed by `pyrovae.importance.log_weights` (log q = 0), which
@@ -40,22 +42,24 @@ def log_joint(model: Callable, sites: ModelSites, z: torch.Tensor, x: torch.Tens
     """
     values = unflatten(z, sites)
 
-    def point(x: torch.Tensor, index: torch.Tensor | None = None, size: int | None = None, **_: Any) -> None:
-        with data_plate(x, index, size):
+    def point(*args: Any, index: torch.Tensor | None = None, size: int | None = None, **rest: Any) -> None:
+        with sites.plate_for(primary(args, rest), index, size):
             for name, shape in sites.latents.items():
                 pyro.sample(name, dist.Delta(values[name], event_dim=len(shape)))
 
-    return log_weights(model, point, 1, sites.max_plate_nesting, x, **kwargs).values[0]
+    args, call_kwargs = as_batch(x).call_args()
+    return log_weights(model, point, 1, sites.max_plate_nesting, *args, plate_name=sites.plate, **call_kwargs, **kwargs).values[0]
 
 
-def fit_map(model: Callable, x: torch.Tensor, sites: ModelSites, steps: int = 200, lr: float = 0.05) -> dict[str, torch.Tensor]:
+def fit_map(model: Callable, x: Data, sites: ModelSites, steps: int = 200, lr: float = 0.05) -> dict[str, torch.Tensor]:
     """Per-example MAP latents argmax_z log p(x_i, z) of a batch, decoder frozen.
 
     What the MAP method would assign to held-out examples; e.g. reconstructions of new data.
     """
     points = fit_local(model, x, sites, steps, lr, covariance="point")
     with torch.no_grad():
-        return points.means(torch.arange(len(x), device=x.device))
+        batch = as_batch(x)
+        return points.means(torch.arange(len(batch), device=batch.device))
 
 
 @METHODS.register("map", "per-example point estimates z_i maximizing log p(x_i, z_i), with the decoder (appendix A.2.1)")
@@ -78,9 +82,20 @@ class MAP(LocalVI):
     gives_elbo = False
     covariance_default = "point"
 
-    def __init__(self, model: nn.Module, guide: nn.Module, settings: TrainSettings, num_examples: int, *, local_lr: float = 1e-2) -> None:
+    def __init__(self, model: Callable, guide: Callable, settings: TrainSettings, num_examples: int, *, local_lr: float = 1e-2,
+                 sites: ModelSites | None = None) -> None:
         settings = dataclasses.replace(settings, objective="elbo", particles=1)
-        super().__init__(model, guide, settings, num_examples, covariance="point", local_lr=local_lr)
+        super().__init__(model, guide, settings, num_examples, covariance="point", local_lr=local_lr, sites=sites)
+
+    def check_sites(self, sites: ModelSites) -> None:
+        """A point's density depends on the parameterization: MAP keeps to real-valued latents."""
+        super().check_sites(sites)
+        constrained = sites.unservable(discrete=False, constrained=True)
+        if constrained:
+            raise PyrovaeError(
+                f"MAP of {', '.join(map(repr, constrained))} ({', '.join(constrained.values())}) would depend on how the "
+                "support is mapped to the reals: use --method local or amortized"
+            )
 
     def points(self, index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The current MAP latents {site: (B, *shape)} of training examples `index` (all if None)."""
@@ -88,7 +103,7 @@ class MAP(LocalVI):
         with torch.no_grad():
             return self.local.means(rows.to(self.local.loc[next(iter(self.local.loc))].weight.device))
 
-    def log_joint(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def log_joint(self, x: Data, index: torch.Tensor) -> torch.Tensor:
         """log p(x_i, z_i) at the current points of training examples `index` (rows of `x`)."""
         kwargs, _ = self.minibatch_kwargs(x, index)
         sites = self.local.sites

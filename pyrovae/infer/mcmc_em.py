@@ -23,15 +23,17 @@ import torch
 from pyro import poutine
 from pyro.ops.integrator import potential_grad, velocity_verlet
 from torch import nn
+from torch.distributions import constraints
 
+from pyrovae.batch import Data, as_batch
 from pyrovae.errors import PyrovaeError
 from pyrovae.guides.local import flatten
 from pyrovae.handlers import scale_latents
-from pyrovae.infer.base import InferenceMethod, TrainSettings
-from pyrovae.infer.local import model_sites
+from pyrovae.infer.base import InferenceMethod, TrainSettings, unique_parameters
+from pyrovae.infer.local import refuse_discrete
 from pyrovae.infer.map import log_joint
 from pyrovae.registry import METHODS
-from pyrovae.sites import ModelSites
+from pyrovae.sites import ModelSites, is_real
 
 __all__ = ["MCMCEM", "hmc_transition"]
 
@@ -95,8 +97,8 @@ class MCMCEM(InferenceMethod):
 
     def __init__(
         self,
-        model: nn.Module,
-        guide: nn.Module,
+        model: Callable,
+        guide: Callable,
         settings: TrainSettings,
         num_examples: int,
         *,
@@ -108,33 +110,51 @@ class MCMCEM(InferenceMethod):
         adapt_rate: float = 0.1,
         adapt_until: int = 100,
         burn_in: int = 5,
+        sites: ModelSites | None = None,
     ) -> None:
-        super().__init__(model, guide, settings, num_examples)
+        super().__init__(model, guide, settings, num_examples, sites=sites)
         if adapt not in ("example", "batch"):
             raise PyrovaeError(f"adapt must be 'example' or 'batch', got {adapt!r}")
         self.hmc_steps, self.leapfrog_steps, self.target_accept = hmc_steps, leapfrog_steps, target_accept
         self.adapt, self.adapt_rate, self.adapt_until, self.burn_in = adapt, adapt_rate, adapt_until, burn_in
-        self.optimizer = torch.optim.Adam(list(model.parameters()), lr=settings.lr)
-        self.sites: ModelSites | None = getattr(guide, "sites", None)
+        self.optimizer = torch.optim.Adam(unique_parameters(model) or [nn.Parameter(torch.empty(0))], lr=settings.lr)  # see base.adam
         self.chains: torch.Tensor | None = None
         self.log_step = torch.full((num_examples,), math.log(step_size))
         self.transitions = torch.zeros(num_examples, dtype=torch.long)
         self.accept_rate = float("nan")
 
-    def _setup(self, x: torch.Tensor) -> None:
-        if self.sites is None:
-            self.sites = model_sites(self.model, None, x)
+    checks_guide = False  # the chains are the posterior; a guide is not used
+
+    def check_sites(self, sites: ModelSites) -> None:
+        """HMC moves real-valued per-example latents."""
+        refuse_discrete(self.name, sites)
+        super().check_sites(sites)
+        constrained = [n for n in sites.latents if not is_real(sites.supports.get(n, constraints.real))]
+        if sites.global_latents or constrained:
+            bad = [*sites.global_latents, *constrained]
+            raise PyrovaeError(
+                f"the {self.name} method runs one HMC chain per example on the reals; {', '.join(map(repr, bad))} is global or "
+                "constrained: use --method amortized or local"
+            )
+
+    def add_parameters(self, model: list[torch.Tensor], guide: list[torch.Tensor]) -> None:
+        if model:
+            self.optimizer.add_param_group({"params": model})
+
+    def _setup(self, x: Data) -> None:
+        batch = as_batch(x)
+        self.prepare(batch)
         if self.chains is None:
             width = sum(math.prod(s) for s in self.sites.latents.values())
-            self.chains = torch.zeros(self.num_examples, width, device=x.device)
-            self.log_step, self.transitions = self.log_step.to(x.device), self.transitions.to(x.device)
+            self.chains = torch.zeros(self.num_examples, width, device=batch.device)
+            self.log_step, self.transitions = self.log_step.to(batch.device), self.transitions.to(batch.device)
 
     @torch.no_grad()
-    def _prior_draw(self, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-        trace = poutine.trace(self.model).get_trace(x, **kwargs)
+    def _prior_draw(self, x: Data, kwargs: dict[str, Any]) -> torch.Tensor:
+        trace = as_batch(x).call(poutine.trace(self.model).get_trace, **kwargs)
         return flatten({name: trace.nodes[name]["value"] for name in self.sites.latents}, self.sites)
 
-    def e_step(self, x: torch.Tensor, index: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    def e_step(self, x: Data, index: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
         """Advance the chains of `index` (a minibatch of `x`) and return their states (B, D)."""
         self._setup(x)
         kwargs, _ = self.minibatch_kwargs(x, index)
@@ -157,7 +177,7 @@ class MCMCEM(InferenceMethod):
         self.accept_rate = sum(accepted) / len(accepted)
         return z
 
-    def step(self, x: torch.Tensor, index: torch.Tensor, beta: float = 1.0) -> float:
+    def step(self, x: Data, index: torch.Tensor, beta: float = 1.0) -> float:
         z = self.e_step(x, index, beta)
         kwargs, _ = self.minibatch_kwargs(x, index)
         self.optimizer.zero_grad(set_to_none=True)

@@ -23,16 +23,24 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
+from pyrovae.batch import Data, as_batch
 from pyrovae.errors import PyrovaeError
 from pyrovae.handlers import scale_latents
 from pyrovae.importance import PARTICLES, log_weights
 from pyrovae.infer.base import InferenceMethod, TrainSettings, unique_parameters
 from pyrovae.registry import METHODS
-from pyrovae.sites import inspect_model
+from pyrovae.sites import ModelSites
 
 __all__ = ["WakeSleep", "detached_guide", "sleep_log_q"]
 
 VARIANTS = ("ws", "rws")
+
+
+def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+    """d loss / d params, None for the parameters the loss does not reach."""
+    if not loss.requires_grad:
+        return (None,) * len(params)
+    return torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
 
 
 def _no_model(*args: Any, **kwargs: Any) -> None:
@@ -87,8 +95,8 @@ class WakeSleep(InferenceMethod):
 
     def __init__(
         self,
-        model: nn.Module,
-        guide: nn.Module,
+        model: Callable,
+        guide: Callable,
         settings: TrainSettings,
         num_examples: int,
         *,
@@ -96,52 +104,73 @@ class WakeSleep(InferenceMethod):
         particles: int | None = None,
         sleep: bool | None = None,
         guide_lr: float | None = None,
+        sites: ModelSites | None = None,
     ) -> None:
-        super().__init__(model, guide, settings, num_examples)
+        super().__init__(model, guide, settings, num_examples, sites=sites)
         if variant not in VARIANTS:
             raise PyrovaeError(f"unknown wake-sleep variant {variant!r}: choose from {', '.join(VARIANTS)}")
         self.variant = variant
         self.particles = particles or (settings.particles if settings.particles > 1 else (5 if variant == "rws" else 1))
         self.sleep = (variant == "ws") if sleep is None else sleep
+        self.guide_lr = guide_lr
         self.theta = unique_parameters(model)
         theta_ids = {id(p) for p in self.theta}
         self.phi = [p for p in unique_parameters(guide) if id(p) not in theta_ids]
-        self.model_optimizer = torch.optim.Adam(self.theta, lr=settings.lr)
+        if not self.phi:
+            # model and guide are methods of one module (Pyro's examples): both optimizers hold
+            # its parameters, and each phase's loss reaches only the ones its program uses
+            self.phi = unique_parameters(guide)
+        self.model_optimizer = torch.optim.Adam(self.theta or [nn.Parameter(torch.empty(0))], lr=settings.lr)  # see base.adam
         self.guide_optimizer = torch.optim.Adam(self.phi, lr=guide_lr or settings.lr) if self.phi else None
         self.observed: str | None = None
 
-    def step(self, x: torch.Tensor, index: torch.Tensor, beta: float = 1.0) -> float:
-        kwargs, factor = self.minibatch_kwargs(x, index)
+    def add_parameters(self, model: list[torch.Tensor], guide: list[torch.Tensor]) -> None:
+        if model:
+            self.theta += model
+            self.model_optimizer.add_param_group({"params": model})
+        if guide:
+            self.phi += guide
+            if self.guide_optimizer is None:
+                self.guide_optimizer = torch.optim.Adam(guide, lr=self.model_optimizer.defaults["lr"] if self.guide_lr is None else self.guide_lr)
+            else:
+                self.guide_optimizer.add_param_group({"params": guide})
+
+    def step(self, x: Data, index: torch.Tensor, beta: float = 1.0) -> float:
+        batch = as_batch(x)
+        self.prepare(batch)
+        kwargs, factor = self.minibatch_kwargs(batch, index)
+        args, call_kwargs = batch.call_args()
+        kwargs = {**call_kwargs, **kwargs}
         model, guide = scale_latents(self.model, beta), scale_latents(self.guide, beta)
         nesting, k = self.settings.max_plate_nesting, self.particles
-        replayed = detached_guide(guide, k, nesting, x, **kwargs)
-        weights = log_weights(model, replayed, k, nesting, x, **kwargs)
+        replayed = detached_guide(guide, k, nesting, *args, **kwargs)
+        weights = log_weights(model, replayed, k, nesting, *args, plate_name=self.plate, **kwargs)
         scale = factor * weights.data_scale / self.num_examples  # to nats per example of the data set
         w = torch.softmax(weights.values.detach(), 0)
         model_loss = -scale * (w * weights.values).sum()  # its theta-gradient is -sum_k w_k grad log p
-        guide_loss = x.new_zeros(())
+        guide_loss = batch.primary.new_zeros(())
         if self.variant == "rws":
-            log_q = -log_weights(_no_model, replayed, k, nesting, x, **kwargs).values
+            log_q = -log_weights(_no_model, replayed, k, nesting, *args, plate_name=self.plate, **kwargs).values
             guide_loss = guide_loss - scale * (w * log_q).sum()
         if self.sleep:
+            if not batch.is_tensor:
+                raise PyrovaeError("the sleep phase dreams the one data tensor of a model(x); with several arguments use variant 'rws' (--method-option variant=rws)")
             if self.observed is None:
-                observed = inspect_model(self.model, x).observed
+                observed = self.sites.observed
                 if len(observed) != 1:
                     raise PyrovaeError(f"the sleep phase needs one observed site to dream, the model has {len(observed)}")
                 self.observed = observed[0]
-            guide_loss = guide_loss - sleep_log_q(model, guide, x, self.observed).mean()
-        self._descend(self.model_optimizer, model_loss, self.theta)
+            guide_loss = guide_loss - sleep_log_q(model, guide, batch.primary, self.observed).mean()
+        # both phases' gradients before either step: model and guide may share a module's tensors
+        steps = [(self.model_optimizer, self.theta, _grads(model_loss, self.theta))]
         if self.guide_optimizer is not None and guide_loss.requires_grad:
-            self._descend(self.guide_optimizer, guide_loss, self.phi)
+            steps.append((self.guide_optimizer, self.phi, _grads(guide_loss, self.phi)))
+        for optimizer, params, grads in steps:
+            for p, g in zip(params, grads):
+                p.grad = g
+            optimizer.step()
         bound = torch.logsumexp(weights.values.detach(), 0) - math.log(k)
         return -(scale * bound.sum()).item()
-
-    @staticmethod
-    def _descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: list[nn.Parameter]) -> None:
-        grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
-        for p, g in zip(params, grads):
-            p.grad = g
-        optimizer.step()
 
     def state_dict(self) -> dict[str, Any]:
         state = {**super().state_dict(), "model_optimizer": self.model_optimizer.state_dict()}

@@ -1,0 +1,168 @@
+"""Where a Pyro program keeps its parameters: its modules and Pyro's param store.
+
+A model or guide may be a function, a bound method, an `nn.Module` or a `PyroModule`. Its
+parameters are those of the modules it is (or its owner holds), and the entries of Pyro's
+param store that it reads (`pyro.param`, `pyro.module`). `ProgramParameters` finds both from
+one trace, and then proves the list complete from the loss's autograd graph: a tensor that
+takes a gradient but lives in neither place could be neither optimized nor checkpointed, so
+it is refused rather than left untrained.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterable
+
+import pyro
+import torch
+from pyro import poutine
+from torch import nn
+
+from pyrovae.batch import Batch
+from pyrovae.capture import leaves_no_trace
+from pyrovae.errors import PyrovaeError
+
+__all__ = ["ProgramParameters", "check_complete", "gradient_leaves", "program_modules"]
+
+
+def program_modules(program: Any) -> list[nn.Module]:
+    """The modules a program is, or that its owner holds: an `nn.Module`; a bound method's
+    owner if it is one, else the modules among the owner's attributes; a partial's function."""
+    if isinstance(program, nn.Module):
+        return [program]
+    if isinstance(program, functools.partial):  # also how Pyro's handlers wrap a program
+        parts = [program.func, *program.args, *program.keywords.values()]
+        return _unique_modules(m for part in parts if callable(part) for m in program_modules(part))
+    owner = getattr(program, "__self__", None)
+    if isinstance(owner, nn.Module):
+        return [owner]
+    if owner is not None and hasattr(owner, "__dict__"):
+        return [v for v in vars(owner).values() if isinstance(v, nn.Module)]
+    wrapped = getattr(program, "__wrapped__", None) or getattr(program, "fn", None)
+    return program_modules(wrapped) if callable(wrapped) and wrapped is not program else []
+
+
+def _unique(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    for t in tensors:
+        seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+def gradient_leaves(loss: torch.Tensor) -> list[torch.Tensor]:
+    """Every leaf tensor that `loss` would accumulate a gradient into."""
+    leaves, stack, seen = [], [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            leaves.append(variable)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return _unique(leaves)
+
+
+def check_complete(loss: torch.Tensor, parameters: Iterable[torch.Tensor]) -> None:
+    """Refuse a loss that depends on a tensor requiring grad that is not among `parameters`."""
+    known = {id(t) for t in parameters}
+    stray = [t for t in gradient_leaves(loss) if id(t) not in known]
+    if stray:
+        shapes = ", ".join(str(tuple(t.shape)) for t in stray[:5])
+        raise PyrovaeError(
+            f"the loss depends on {len(stray)} tensor(s) that require grad but are in no module pyrovae can see and not in "
+            f"Pyro's param store (shapes {shapes}): make the program an nn.Module, a method of one, or register them with "
+            "pyro.module/pyro.param, so that they are trained and checkpointed"
+        )
+
+
+class ProgramParameters:
+    """The parameters of model and guide: module parameters, then the param store's entries.
+
+    Args:
+        programs: the model and guide (and any other program the method runs).
+    """
+
+    def __init__(self, *programs: Any) -> None:
+        self.programs = programs
+        self.modules = nn.ModuleList(_unique_modules(m for p in programs for m in program_modules(p)))
+        self.named: dict[str, torch.Tensor] = {}  # parameters read through Pyro's param store, in first-use order
+        self.trace: Any = None  # the last program's trace from `discover`
+
+    def _state_module(self) -> nn.Module:
+        """The program itself when it is a module (its own state_dict keys), else its modules."""
+        if len(self.programs) == 1 and isinstance(self.programs[0], nn.Module):
+            return self.programs[0]
+        return self.modules
+
+    def module_state(self) -> dict[str, Any]:
+        return self._state_module().state_dict()
+
+    def load_module_state(self, state: dict[str, Any]) -> None:
+        self._state_module().load_state_dict(state)
+
+    def module_parameters(self) -> list[nn.Parameter]:
+        return [p for p in _unique(self.modules.parameters()) if p.requires_grad]
+
+    def discover(self, batch: Batch, **extra: Any) -> list[torch.Tensor]:
+        """Trace every program once on `batch` and return the parameters they read outside the
+        modules held here: a `pyro.param`'s unconstrained tensor in the store (what Pyro
+        optimizes), and for `pyro.module` the module's own parameter (what its forward uses;
+        a stale store entry of the same name is not it)."""
+        found: dict[str, torch.Tensor] = {}
+        args, kwargs = batch.call_args()
+        with torch.no_grad(), leaves_no_trace(self.modules, batch.device):  # a run is the same, prepared or resumed
+            for program in self.programs:
+                trace = self.trace = poutine.trace(program).get_trace(*args, **kwargs, **extra)
+                for name, site in trace.nodes.items():
+                    if site["type"] == "param" and name not in found:
+                        found[name] = _param_tensor(name, site)
+        held = {id(p) for p in self.modules.parameters()}
+        self.named = {n: t for n, t in found.items() if t is not None and t.requires_grad and id(t) not in held}
+        return self.store_tensors()
+
+    def store_tensors(self) -> list[torch.Tensor]:
+        return list(_unique(self.named.values()))
+
+    @property
+    def store_names(self) -> list[str]:
+        return list(self.named)
+
+    def all(self) -> list[torch.Tensor]:
+        return _unique([*self.module_parameters(), *self.store_tensors()])
+
+    def store_state(self) -> dict[str, torch.Tensor]:
+        """The unconstrained values of the store entries, for a checkpoint."""
+        return {n: t.detach().clone() for n, t in self.named.items()}
+
+    def load_store_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a checkpoint's store values into the (already discovered) entries, in place."""
+        if sorted(state) != sorted(self.store_names):
+            raise KeyError("param_store")
+        with torch.no_grad():
+            for name, tensor in self.named.items():
+                tensor.copy_(state[name])
+
+
+def _param_tensor(name: str, site: dict) -> torch.Tensor | None:
+    """The tensor a param site trains: the module's own parameter for `pyro.module`, else the
+    store's unconstrained value."""
+    if _MODULE_SEPARATOR in name:
+        value = site["args"][1] if len(site["args"]) > 1 else None
+        return value if torch.is_tensor(value) else None
+    return dict(pyro.get_param_store().named_parameters()).get(name)
+
+
+_MODULE_SEPARATOR = "$$$"  # how pyro.module names its parameters (pyro.params.param_store.param_with_module_name)
+
+
+def _unique_modules(modules: Iterable[nn.Module]) -> list[nn.Module]:
+    seen: dict[int, nn.Module] = {}
+    for m in modules:
+        seen.setdefault(id(m), m)
+    return list(seen.values())
+
+
+def callable_name(program: Callable) -> str:
+    return getattr(program, "__qualname__", None) or type(program).__name__
