@@ -35,7 +35,7 @@ def score_pyrovae(experiment, valid: torch.Tensor, samples: int) -> dict:
     from pyrovae.evaluate import evaluate
 
     start = time.perf_counter()
-    result = evaluate(experiment.model, experiment.guide, valid.split(500), num_samples=samples)
+    result = evaluate(experiment.model, experiment.guide, list(valid.split(500)), num_samples=samples)
     return {"elbo": result.elbo.mean().item(), "log_likelihood": result.log_likelihood.mean().item(), "eval_seconds": time.perf_counter() - start}
 
 

@@ -32,7 +32,7 @@ def fit_and_score(config: Config, valid: torch.Tensor, samples: int) -> dict[str
     experiment, metrics = fit(config, progress=False)
     experiment.model.eval(), experiment.guide.eval()
     start = time.perf_counter()
-    result = evaluate(experiment.model, experiment.guide, valid.split(500), num_samples=samples)
+    result = evaluate(experiment.model, experiment.guide, list(valid.split(500)), num_samples=samples)
     return {
         "epochs": metrics["epochs"], "train_seconds": metrics["train_seconds"], "examples_per_second": metrics["examples_per_second"],
         "elbo": result.elbo.mean().item(), "log_likelihood": result.log_likelihood.mean().item(),

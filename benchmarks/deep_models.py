@@ -158,7 +158,7 @@ def main() -> None:
         experiment.model.eval(), experiment.guide.eval()
         exact = config.guide == "none"
         start = time.perf_counter()
-        result = evaluate(experiment.model, experiment.guide, valid.split(500 if not exact else 2000), num_samples=1 if exact else args.samples)
+        result = evaluate(experiment.model, experiment.guide, list(valid.split(500 if not exact else 2000)), num_samples=1 if exact else args.samples)
         row = {
             "family": name, "model": config.model, "guide": config.guide, "objective": config.objective,
             "particles": config.particles, "prior": config.prior, "decoder": config.decoder,

@@ -252,7 +252,7 @@ def evaluation(data, args) -> list[dict]:
     # the hand-written estimator holds as many floats at once as pyrovae's evaluate does by default
     max_elements = default_max_elements(data.device)
     runs = {
-        "pyrovae evaluate": lambda: evaluate(model, guide, x.split(500), num_samples=args.samples),
+        "pyrovae evaluate": lambda: evaluate(model, guide, list(x.split(500)), num_samples=args.samples),
         "pytorch estimator": lambda: peers.importance_sampled_log_likelihood(encode, model.decoder, x, num_samples=args.samples, max_elements=max_elements),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -283,7 +283,7 @@ def peak_memory_of_evaluation(args, gpu: bool = False) -> float:
         "from pyrovae.evaluate import evaluate; from pyrovae.data import load_dataset; "
         f"torch.set_num_threads({args.threads}); d = load_dataset('binarized-mnist', {args.data_dir!r}); "
         f"x = d.batch('valid', torch.arange({args.eval_images}), device={args.device!r}); m = VAE((784,), 50).to(x.device); "
-        f"g = build_guide('diagonal', m, x).to(x.device); evaluate(m, g, x.split(500), num_samples={args.samples}); {report}"
+        f"g = build_guide('diagonal', m, x).to(x.device); evaluate(m, g, list(x.split(500)), num_samples={args.samples}); {report}"
     )
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
 

@@ -57,10 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     # No defaults here: a flag left out is None, Config holds the defaults, and --resume can tell
     # the flags given (checked against the run's saved config) from those left out.
     p = sub.add_parser("fit", help="train a model and write a run directory (defaults: `pyrovae.experiment.Config`)", parents=[threads])
-    p.add_argument("--model")
-    p.add_argument("--guide")
+    p.add_argument("--model", help="a registered model (pyrovae list), or your own Pyro program: path/to/script.py:NAME or package.module:NAME")
+    p.add_argument("--guide", help="a registered guide, or your own: path/to/script.py:NAME")
     p.add_argument("--method")
-    p.add_argument("--objective", help="elbo, elbo-analytic or iwae")
+    p.add_argument("--objective", help="elbo, elbo-analytic, elbo-enum (sums enumerated discrete sites) or iwae")
+    p.add_argument("--fields", help="the data's fields the model takes, in order (x, y, lengths, mask), e.g. x,y for model(xs, ys)")
+    p.add_argument("--plate", help="the model's per-example plate (default: 'data', else the plate sized like the data)")
     p.add_argument("--particles", type=int, help="samples per example in the objective (K of iwae)")
     p.add_argument("--dataset", help="a registered data set, or a .npy/.npz/.pt file of your own")
     p.add_argument("--data-option", type=_option, action="append", metavar="KEY=VALUE", help="data set option, e.g. binarize=false (digits), binarize=dynamic (mnist)")
@@ -153,6 +155,7 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
         method_options=_pairs(args.method_option), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         particles=args.particles, warmup=args.warmup, patience=args.patience, seed=args.seed,
         eval_samples=args.eval_samples, device=args.device, capture=None if args.eager is None else not args.eager,
+        fields=args.fields, plate=args.plate,
     )
     return {name: value for name, value in fields.items() if value is not None}
 
@@ -164,7 +167,8 @@ def _fit(args: argparse.Namespace) -> None:
     config = Config(**given)
     if args.resume and not args.out:
         raise PyrovaeError("--resume needs --out RUN, the run directory to continue")
-    out = args.out or f"runs/{config.model}-{config.guide}-{Path(config.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = lambda spec: spec.rpartition(":")[2] or spec  # noqa: E731  (a user's script.py:NAME is named by NAME)
+    out = args.out or f"runs/{name(config.model)}-{name(config.guide)}-{Path(config.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     _, metrics = fit(config, out, resume=args.resume, progress=not args.quiet, given=given)
     rows = [
         ("run", out), ("model / guide", f"{metrics['model']} / {metrics['guide']}"), ("method / objective", f"{metrics['method']} / {metrics['objective']}"),
@@ -207,7 +211,7 @@ def _sample(args: argparse.Namespace) -> None:
     if experiment.data.image_shape is None:
         raise PyrovaeError(f"{experiment.config.dataset} is not an image data set: nothing to draw")
     pyro.set_rng_seed(args.seed)
-    experiment.model.eval()
+    experiment.train_mode(False)
     images = sample(experiment.model, experiment.split("train")[:1], args.num)
     out = Path(args.out) if args.out else Path(args.run) / "samples.png"
     image_grid(images, experiment.data.image_shape, out, f"{args.num} samples")

@@ -13,12 +13,14 @@ import io
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pyro
 import torch
 
+from pyrovae.batch import as_batch
 from pyrovae.data import minibatches
 from pyrovae.errors import PyrovaeError
 from pyrovae.evaluate import evaluate
@@ -50,9 +52,11 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
 def _warm_up(method: Any, experiment: Any) -> None:
     """One untimed step, then the state restored: one-off costs (lazy kernels, first traces) are
     not charged to whichever method happens to run first."""
-    state = copy.deepcopy(method.state_dict())
     index = torch.arange(min(method.settings.batch_size, len(experiment.data.split("train"))))
-    method.step(experiment.data.batch("train", index).to(experiment.device), index.to(experiment.device))
+    x = experiment.data.batch("train", index).to(experiment.device)
+    method.prepare(x)
+    state = copy.deepcopy(method.state_dict())
+    method.step(x, index.to(experiment.device))
     method.load_state_dict(state)
 
 
@@ -104,55 +108,98 @@ def compare(
     dataset_options: dict[str, Any] | None = None,
     data_dir: str | None = None,
     log: Callable[[str], None] = print,
+    guide: str = "diagonal",
+    objective: str = "elbo",
+    fields: str = "x",
+    plate: str | None = None,
+    model_options: dict[str, Any] | None = None,
+    guide_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train each method in `methods` with the same budget, data and decoder; write the table.
 
     Writes compare.md, compare.csv, compare.json and compare.png (held-out log-likelihood of a
     `checkpoint_examples` subset, cheaper proposals, against training seconds) into `out_dir`.
-    A method spec may carry options: ``"wake-sleep:variant=rws"``.
+    A method spec may carry options: ``"wake-sleep:variant=rws"``. `model_name` and `guide`
+    may be a user's program (``path/to/script.py:NAME``); the amortized arms train that guide.
+    Each arm runs in its own scope of Pyro's param store, so that programs using `pyro.param`
+    start every arm from the same initial values and never share trained ones.
     """
     if (budget_seconds is None) == (steps is None):
         raise PyrovaeError("give exactly one of a budget in seconds or a number of steps")
     specs = [parse_method(m) for m in methods]
+    config = Config(model=model_name, guide=guide, method="amortized", objective=objective, dataset=dataset, dataset_options=dataset_options or {},
+                    data_dir=data_dir, latent=latent, hidden=tuple(hidden), batch_size=batch_size, lr=lr, seed=seed, epochs=0, fields=fields,
+                    plate=plate, model_options=model_options or {}, guide_options=guide_options or {})
+    budget = _Budget(budget_seconds, steps, checkpoints, eval_examples, checkpoint_examples, proposal)
     rows = []
     for spec, (name, options) in zip(methods, specs):
-        config = Config(model=model_name, method="amortized", dataset=dataset, dataset_options=dataset_options or {}, data_dir=data_dir,
-                        latent=latent, hidden=tuple(hidden), batch_size=batch_size, lr=lr, seed=seed, epochs=0)
-        experiment = build(config)  # same seed: every method starts from the same decoder
-        method = METHODS.get(name)(experiment.model, experiment.guide, experiment.method.settings, len(experiment.data.split("train")), **options)
-        split = "valid" if "valid" in experiment.data.splits else "test"
-        heldout = experiment.split(split)[:eval_examples]
-        sites = model_sites(experiment.model, experiment.guide, heldout)
-        quick = ProposalSettings(max(10, proposal.steps // 3), proposal.lr, max(10, proposal.samples // 2), proposal.covariance)
-
-        def checkpoint_eval() -> float:
-            return heldout_scores(experiment.model, heldout[:checkpoint_examples], sites, quick).log_likelihood.mean().item()
-
-        log(f"{spec}: training")
-        result = _train_for(method, experiment, budget_seconds, steps, checkpoints, checkpoint_eval, seed)
-        start = time.perf_counter()
-        fitted = heldout_scores(experiment.model, heldout, sites, proposal)
-        row: dict[str, Any] = {
-            "method": spec, "gives_elbo": bool(method.gives_elbo),
-            "train_bound": -result["final_loss"] if method.gives_elbo else None,
-            "train_log_joint": -result["final_loss"] if not method.gives_elbo else None,
-            "heldout_ll": fitted.log_likelihood.mean().item(), "heldout_elbo_fitted": fitted.elbo.mean().item(),
-            "heldout_ll_amortized": None, "heldout_elbo_amortized": None,
-            "train_seconds": result["seconds"], "steps": result["steps"],
-            "steps_per_second": result["steps"] / max(result["seconds"], 1e-9),
-            "examples_per_second": result["steps"] * batch_size / max(result["seconds"], 1e-9),
-            "split": split, "heldout_examples": len(heldout), "proposal_steps": proposal.steps, "is_samples": proposal.samples,
-        }
-        if method.trains_guide:
-            experiment.guide.eval()
-            amortized = evaluate(experiment.model, experiment.guide, heldout, num_samples=proposal.samples)
-            row.update(heldout_ll_amortized=amortized.log_likelihood.mean().item(), heldout_elbo_amortized=amortized.elbo.mean().item())
-        row["eval_seconds"] = time.perf_counter() - start
-        row["curve"] = result["curve"]
-        rows.append(row)
-        log(f"{spec}: held-out log p(x) {row['heldout_ll']:.3f} after {row['steps']} steps, {row['train_seconds']:.1f} s")
-    write_table(rows, Path(out_dir), {"model": model_name, "dataset": dataset, "budget_seconds": budget_seconds, "steps": steps, "latent": latent, "hidden": list(hidden), "batch_size": batch_size, "lr": lr, "seed": seed})
+        with pyro.get_param_store().scope():
+            rows.append(_arm(spec, name, options, config, budget, log))
+    write_table(rows, Path(out_dir), {"model": model_name, "guide": guide, "objective": objective, "dataset": dataset, "fields": fields,
+                                      "budget_seconds": budget_seconds, "steps": steps, "latent": latent, "hidden": list(hidden),
+                                      "batch_size": batch_size, "lr": lr, "seed": seed})
     return rows
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """What every arm of `compare` gets: its training budget and its scoring."""
+
+    seconds: float | None
+    steps: int | None
+    checkpoints: int
+    eval_examples: int
+    checkpoint_examples: int
+    proposal: ProposalSettings
+
+
+def _arm(spec: str, name: str, options: dict[str, Any], config: Config, budget: _Budget, log: Callable[[str], None]) -> dict[str, Any]:
+    """One method of `compare`: built, trained for the budget and scored (see there)."""
+    proposal = budget.proposal
+    experiment = build(config)  # same seed: every method starts from the same decoder
+    method = METHODS.get(name)(experiment.model, experiment.guide, experiment.method.settings, len(experiment.data.split("train")),
+                               sites=experiment.method.sites, **options)
+    split = "valid" if "valid" in experiment.data.splits else "test"
+    heldout = as_batch(experiment.split(split))[: budget.eval_examples]
+    sites = experiment.method.sites
+    quick = ProposalSettings(max(10, proposal.steps // 3), proposal.lr, max(10, proposal.samples // 2), proposal.covariance)
+    # a Gaussian fitted per example serves continuous latents; discrete ones are scored by the
+    # method's own guide only (a method without a guide refused such a model already)
+    fittable = not sites.unservable()
+
+    def checkpoint_eval() -> float:
+        if not fittable:
+            experiment.train_mode(False)
+            score = evaluate(experiment.model, experiment.guide, heldout[: budget.checkpoint_examples], num_samples=quick.samples, plate=sites.plate)
+            experiment.train_mode(True)
+            return score.log_likelihood.mean().item()
+        return heldout_scores(experiment.model, heldout[: budget.checkpoint_examples], sites, quick).log_likelihood.mean().item()
+
+    log(f"{spec}: training")
+    result = _train_for(method, experiment, budget.seconds, budget.steps, budget.checkpoints, checkpoint_eval, config.seed)
+    start = time.perf_counter()
+    fitted = heldout_scores(experiment.model, heldout, sites, proposal) if fittable else None
+    row: dict[str, Any] = {
+        "method": spec, "gives_elbo": bool(method.gives_elbo),
+        "train_bound": -result["final_loss"] if method.gives_elbo else None,
+        "train_log_joint": -result["final_loss"] if not method.gives_elbo else None,
+        "heldout_ll": fitted.log_likelihood.mean().item() if fitted else None,
+        "heldout_elbo_fitted": fitted.elbo.mean().item() if fitted else None,
+        "heldout_ll_amortized": None, "heldout_elbo_amortized": None,
+        "train_seconds": result["seconds"], "steps": result["steps"],
+        "steps_per_second": result["steps"] / max(result["seconds"], 1e-9),
+        "examples_per_second": result["steps"] * config.batch_size / max(result["seconds"], 1e-9),
+        "split": split, "heldout_examples": len(heldout), "proposal_steps": proposal.steps, "is_samples": proposal.samples,
+    }
+    if method.trains_guide:
+        experiment.train_mode(False)
+        amortized = evaluate(experiment.model, experiment.guide, heldout, num_samples=proposal.samples, plate=sites.plate)
+        row.update(heldout_ll_amortized=amortized.log_likelihood.mean().item(), heldout_elbo_amortized=amortized.elbo.mean().item())
+    row["eval_seconds"] = time.perf_counter() - start
+    row["curve"] = result["curve"]
+    score = row["heldout_ll"] if fitted else row["heldout_ll_amortized"]
+    log(f"{spec}: held-out log p(x) {_cell(score)}{'' if fitted else ' (its own guide)'} after {row['steps']} steps, {row['train_seconds']:.1f} s")
+    return row
 
 
 COLUMNS = ("method", "train_bound", "train_log_joint", "heldout_ll", "heldout_elbo_fitted", "heldout_ll_amortized", "heldout_elbo_amortized", "train_seconds", "steps", "steps_per_second", "examples_per_second")
@@ -175,6 +222,8 @@ def write_table(rows: list[dict[str, Any]], out: Path, setup: dict[str, Any]) ->
             f"diagonal Gaussian fitted per example ({rows[0]['proposal_steps'] if rows else 0} Adam steps, decoder frozen); "
             "'amortized' columns use the method's own encoder. train_bound: minus the training loss (ELBO or IWAE-K); "
             "train_log_joint: log p(x, z) at the method's z (MAP, MCMC-EM), not a bound. Nats per example.")
+    if any(r["heldout_ll"] is None for r in rows):
+        note += " Empty fitted columns: the model has discrete latents, which a fitted Gaussian cannot serve; its own guide scores it."
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
     atomic_write(out / "compare.md", lambda tmp: Path(tmp).write_text("\n".join(md) + "\n\n" + note + "\n"))
@@ -196,8 +245,8 @@ def write_table(rows: list[dict[str, Any]], out: Path, setup: dict[str, Any]) ->
 def run_gaps(run: str | Path, split: str = "valid", examples: int = 200, settings: ProposalSettings = ProposalSettings(steps=200, samples=1000)) -> dict[str, Any]:
     """The gap decomposition of a trained run's amortized guide; also written to RUN/gaps.json."""
     experiment = load(run)
-    experiment.model.eval(), experiment.guide.eval()
-    x = experiment.split(split)[:examples]
+    experiment.train_mode(False)
+    x = as_batch(experiment.split(split))[:examples]
     gaussian = {"diagonal": "diagonal", "full": "full"}.get(experiment.config.guide)
     qstar = "local" if gaussian else "finetune"
     proposal = ProposalSettings(settings.steps, settings.lr, settings.samples, gaussian or "diagonal", settings.particles)
@@ -210,8 +259,12 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The ``pyrovae compare`` sub-command."""
     p = subparsers.add_parser("compare", help="train several inference methods on one budget and compare held-out log p(x); or --gaps RUN")
     p.add_argument("--gaps", metavar="RUN", help="instead: approximation and amortization gaps of a trained run")
-    p.add_argument("--model", default="vae")
+    p.add_argument("--model", default="vae", help="a registered model, or your own: path/to/script.py:NAME or package.module:NAME")
+    p.add_argument("--guide", default="diagonal", help="the amortized arms' guide: a registered guide or path/to/script.py:NAME")
+    p.add_argument("--objective", default="elbo", help="elbo, elbo-analytic, elbo-enum (sums enumerated discrete sites), iwae")
     p.add_argument("--dataset", default="digits")
+    p.add_argument("--fields", default="x", help="the data's fields the model takes, in order, e.g. x,y for model(xs, ys)")
+    p.add_argument("--plate", help="the model's per-example plate (default: 'data', else the plate sized like the data)")
     p.add_argument("--methods", default="amortized,local,mcmc-em,map,wake-sleep", help="comma-separated; options as NAME:KEY=VALUE, e.g. wake-sleep:variant=rws")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--budget", type=float, help="training seconds per method")
@@ -245,7 +298,7 @@ def run_compare(args: argparse.Namespace) -> None:
         args.model, args.dataset, [m for m in args.methods.split(",") if m], args.budget, args.steps, args.out,
         latent=args.latent, hidden=hidden, batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoints=args.checkpoints,
         eval_examples=args.eval_examples, proposal=ProposalSettings(steps=args.proposal_steps, samples=args.samples), data_dir=args.data_dir,
-        log=(lambda s: None) if args.json else print,
+        log=(lambda s: None) if args.json else print, guide=args.guide, objective=args.objective, fields=args.fields, plate=args.plate,
     )
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 import pyrovae
-from pyrovae import plots
+from pyrovae import plots, usercode
+from pyrovae.batch import Batch, as_batch
 from pyrovae.data import Dataset, load_dataset
 from pyrovae.diagnostics import active_units
 from pyrovae.errors import PyrovaeError
@@ -27,6 +28,8 @@ from pyrovae.infer import History, TrainSettings, train
 from pyrovae.infer.local import model_sites
 from pyrovae.infer.loop import restore
 from pyrovae.nets import LIKELIHOODS
+from pyrovae.programs import program_modules
+from pyrovae.protocols import guide_traits
 from pyrovae.registry import METHODS, MODELS
 from pyrovae.run import RunDir, is_integer, is_number
 from pyrovae.sites import call_kwargs, inspect_model
@@ -68,6 +71,8 @@ class Config:
     eval_samples: int = 1000
     device: str = "cpu"
     capture: bool = True
+    fields: str = "x"  # the data's fields a model takes, in order: x, y, lengths, mask
+    plate: str | None = None  # the model's per-example plate (None: "data", else found by size)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "hidden": list(self.hidden), "pyrovae": pyrovae.__version__}
@@ -76,6 +81,7 @@ class Config:
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "Config":
         """A config from a saved run's settings: every field present, each of its annotated type."""
         names = [f.name for f in dataclasses.fields(cls)]
+        data = {**ADDED_LATER, **data}
         unknown = [k for k in data if k not in names and k not in SAVED_EXTRAS]
         missing = [k for k in names if k not in data]
         if unknown or missing:
@@ -87,6 +93,7 @@ class Config:
 
 
 SAVED_EXTRAS = ("format", "pyrovae")  # written beside the settings in config.json
+ADDED_LATER = {"fields": "x", "plate": None}  # settings runs saved before they existed take as their default
 
 
 def _kind(hint: Any) -> tuple[Callable[[Any], bool], str]:
@@ -123,15 +130,20 @@ class Experiment:
 
     config: Config
     data: Dataset
-    model: nn.Module
-    guide: nn.Module
+    model: Callable
+    guide: Callable
     method: Any
     device: torch.device
 
-    def split(self, name: str) -> torch.Tensor:
-        """A whole split as model input (float) on the run's device."""
+    def split(self, name: str) -> torch.Tensor | Batch:
+        """A whole split as model input on the run's device: a tensor, or a `Batch` of the data's fields."""
         split = self.data.split(name)
         return self.data.batch(name, torch.arange(len(split)), torch.Generator().manual_seed(self.config.seed)).to(self.device)
+
+    def train_mode(self, training: bool) -> None:
+        """Training or evaluation mode for every module of model and guide."""
+        for module in (*program_modules(self.model), *program_modules(self.guide)):
+            module.train(training)
 
     def evaluate(self, split: str = "valid", num_samples: int = 1000, examples: int | None = None, proposal_steps: int = 100) -> Evaluation:
         """ELBO and IS log p(x) per example of a split, whatever method trained the model.
@@ -139,11 +151,11 @@ class Experiment:
         With a trained amortized guide the guide is the proposal; otherwise (local, map,
         mcmc-em) a Gaussian proposal is fitted per held-out example with the decoder frozen.
         """
-        x = self.split(split)[:examples]
-        self.model.eval(), self.guide.eval()
+        x = as_batch(self.split(split))[:examples]
+        self.train_mode(False)
         if self.method.trains_guide:
-            return evaluate(self.model, self.guide, x.split(500), num_samples=num_samples)
-        sites = model_sites(self.model, self.guide, x)
+            return evaluate(self.model, self.guide, x.chunks(500), num_samples=num_samples, plate=self.method.plate)
+        sites = self.method.sites or model_sites(self.model, self.guide, x)
         return heldout_scores(self.model, x, sites, ProposalSettings(steps=proposal_steps, samples=num_samples))
 
 
@@ -157,15 +169,15 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _check_data(data: Dataset, model: nn.Module, chunk: int = 10000) -> None:
+def _check_data(data: Dataset, model: Callable, chunk: int = 10000) -> None:
     """Every split, in chunks: no NaN or infinity, and values the model's likelihood can score."""
     for split, part in data.splits.items():
         for start in range(0, len(part), chunk):
-            x = data.batch(split, torch.arange(start, min(start + chunk, len(part))), torch.Generator().manual_seed(0))
-            if not torch.isfinite(x).all():
+            batch = as_batch(data.batch(split, torch.arange(start, min(start + chunk, len(part))), torch.Generator().manual_seed(0)))
+            if not all(torch.isfinite(v).all() for v in batch.entries() if torch.is_tensor(v) and v.is_floating_point()):
                 raise PyrovaeError(f"the {split} data holds NaN or infinite values: clean it first")
             if hasattr(model, "check_data"):
-                model.check_data(x)
+                model.check_data(batch.primary)
 
 
 def build(config: Config) -> Experiment:
@@ -177,25 +189,47 @@ def build(config: Config) -> Experiment:
         raise PyrovaeError(f"--lr must be positive, got {config.lr}")
     if config.eval_samples < 0:
         raise PyrovaeError(f"--eval-samples must be >= 0, got {config.eval_samples}")
-    model_cls, method_cls = MODELS.get(config.model), METHODS.get(config.method)
+    user_model = usercode.is_spec(config.model)
+    model_cls = None if user_model else MODELS.get(config.model)
+    method_cls = METHODS.get(config.method)
     device = _device(config.device)
     torch.manual_seed(config.seed)
     data = load_dataset(config.dataset, config.data_dir, **config.dataset_options)
-    train_x = data.batch("train", torch.arange(min(len(data.split("train")), 8)), torch.Generator().manual_seed(0))
-    likelihood = config.likelihood or DEFAULT_LIKELIHOOD[data.kind]
-    if likelihood not in LIKELIHOODS:
-        raise PyrovaeError(f"unknown likelihood {likelihood!r}: choose from {', '.join(LIKELIHOODS)}")
-    model = _construct(model_cls, f"model {config.model!r}", dict(data_shape=data.event_shape, latent=config.latent, hidden=config.hidden, activation=config.activation, likelihood=likelihood), _chosen(config), config.model_options).to(device)
+    if config.fields != "x":
+        data = data.with_fields(config.fields)
+    if user_model:
+        model = usercode.build_program(config.model, data.event_shape, **config.model_options)
+        _to(model, device)
+    else:
+        likelihood = config.likelihood or DEFAULT_LIKELIHOOD[data.kind]
+        if likelihood not in LIKELIHOODS:
+            raise PyrovaeError(f"unknown likelihood {likelihood!r}: choose from {', '.join(LIKELIHOODS)}")
+        common = dict(data_shape=data.event_shape, latent=config.latent, hidden=config.hidden, activation=config.activation, likelihood=likelihood)
+        model = _construct(model_cls, f"model {config.model!r}", common, _chosen(config), config.model_options).to(device)
     _check_data(data, model)
     if hasattr(model, "init_from_data"):
         model.init_from_data(data.batch("train", torch.arange(min(len(data.split("train")), 10000)), torch.Generator().manual_seed(0)))
-    example = train_x.to(device)
     num_train = len(data.split("train"))
-    guide = build_guide(config.guide, model, example, hidden=config.hidden, activation=config.activation, num_examples=num_train, **config.guide_options).to(device)
-    sites = inspect_model(model, example)
-    settings = TrainSettings(config.objective, config.particles, config.lr, config.batch_size, sites.max_plate_nesting, config.free_bits, config.capture)
-    method = _construct(method_cls, f"method {config.method!r}", dict(model=model, guide=guide, settings=settings, num_examples=num_train), {}, config.method_options, flag="--method-option")
+    example = as_batch(data.batch("train", torch.arange(min(num_train, 100)), torch.Generator().manual_seed(0))).to(device)
+    if usercode.is_spec(config.guide):
+        guide = usercode.build_program(config.guide, data.event_shape, model=model, num_examples=num_train, **config.guide_options)
+        _to(guide, device)
+    else:
+        guide = build_guide(config.guide, model, example, plate=config.plate, hidden=config.hidden, activation=config.activation,
+                            num_examples=num_train, **config.guide_options).to(device)
+    sites = inspect_model(model, example, plate=config.plate)
+    settings = TrainSettings(config.objective, config.particles, config.lr, config.batch_size, sites.max_plate_nesting, config.free_bits,
+                             config.capture, config.plate)
+    common = dict(model=model, guide=guide, settings=settings, num_examples=num_train, sites=sites)
+    method = _construct(method_cls, f"method {config.method!r}", common, {}, config.method_options, flag="--method-option")
+    method.prepare(example)  # param-store parameters exist, and the program is checked, before any checkpoint is read
     return Experiment(config, data, model, guide, method, device)
+
+
+def _to(program: Callable, device: torch.device) -> None:
+    """A user's modules to the run's device (a function program has none of its own)."""
+    for module in program_modules(program):
+        module.to(device)
 
 
 def _chosen(config: Config) -> dict[str, Any]:
@@ -294,6 +328,7 @@ def fit(
     """
     run = RunDir(out) if out is not None else None
     checkpoint, rewrite = None, False
+    config = dataclasses.replace(config, model=usercode.describe(config.model), guide=usercode.describe(config.guide))
     if resume:
         if run is None:
             raise PyrovaeError("--resume needs the run directory (--out)")
@@ -310,14 +345,14 @@ def fit(
             run.save_config(config.to_dict())
         if checkpoint is None:
             log(f"{run.path} has no checkpoint yet (it was stopped before its first one): training it from the start")
-    scorable = getattr(experiment.guide, "gives_elbo", True) or not experiment.method.trains_guide
+    scorable = guide_traits(experiment.guide).gives_elbo or not experiment.method.trains_guide
     has_valid = "valid" in experiment.data.splits and scorable
 
     def validate() -> float:
         """The validation ELBO; methods without an encoder get quick per-example proposals on 500 examples."""
         quick = {} if experiment.method.trains_guide else {"examples": 500, "proposal_steps": 30}
         score = experiment.evaluate("valid", num_samples=1, **quick).elbo.mean().item()
-        experiment.model.train(), experiment.guide.train()
+        experiment.train_mode(True)
         return score
 
     history = train(
@@ -345,7 +380,7 @@ def _metrics(experiment: Experiment, history: History) -> dict[str, Any]:
         "peak_memory_mb": _peak_memory_mb(),
         "history": history.rows,
     }
-    if config.eval_samples > 0 and (getattr(experiment.guide, "gives_elbo", True) or not experiment.method.trains_guide):
+    if config.eval_samples > 0 and (guide_traits(experiment.guide).gives_elbo or not experiment.method.trains_guide):
         start = time.perf_counter()
         summary = experiment.evaluate(split, config.eval_samples).summary()
         metrics.update(elbo=summary["elbo"], log_likelihood=summary["log_likelihood"], gap=summary["gap"], eval_seconds=time.perf_counter() - start)
@@ -371,8 +406,9 @@ def evaluate_run(path: str | Path, split: str = "valid", num_samples: int = 1000
     experiment.data.split(split)
     start = time.perf_counter()
     summary = experiment.evaluate(split, num_samples).summary()
-    if experiment.method.trains_guide and getattr(experiment.guide, "gives_elbo", True) and inspect_model(experiment.model, experiment.split(split)[:2]).latents:
-        summary.update(active_units(experiment.model, experiment.guide, experiment.split(split)[:1000].split(500)).summary())
+    x = as_batch(experiment.split(split))
+    if experiment.method.trains_guide and guide_traits(experiment.guide).gives_elbo and x.is_tensor and experiment.method.sites.latents:
+        summary.update(active_units(experiment.model, experiment.guide, x.primary[:1000].split(500)).summary())
     config = experiment.config
     return {
         "model": config.model, "guide": config.guide, "method": config.method, "objective": config.objective,

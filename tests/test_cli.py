@@ -96,7 +96,7 @@ def test_list_json_names_everything():
     listing = json.loads(done.stdout)
     names = {kind: {e["name"] for e in listing[kind]} for kind in ("models", "guides", "objectives", "methods", "datasets")}
     assert {"vae", "linear-gaussian"} <= names["models"] and {"diagonal", "exact"} <= names["guides"]
-    assert names["objectives"] == {"elbo", "elbo-analytic", "iwae"}
+    assert names["objectives"] == {"elbo", "elbo-analytic", "elbo-enum", "iwae"}
     assert {"digits", "binarized-mnist", "mnist", "jsb-chorales"} <= names["datasets"]
 
 

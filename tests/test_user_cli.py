@@ -1,0 +1,93 @@
+"""A user's own Pyro script on the command line: fit, evaluate, sample, compare and resume it."""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from pathlib import Path
+
+from test_cli import run_cli
+
+M2 = Path(__file__).parent / "programs" / "ss_m2.py"
+
+PPCA = textwrap.dedent(
+    """
+    import pyro, pyro.distributions as dist, torch
+    from torch import nn
+
+    class PPCA(nn.Module):
+        '''Probabilistic PCA with its own site names and a plate called "rows".'''
+
+        def __init__(self, data_shape, latent=2):
+            super().__init__()
+            self.loadings = nn.Linear(latent, data_shape[0])
+            self.latent = latent
+
+        def forward(self, x):
+            pyro.module("ppca", self)
+            with pyro.plate("rows", len(x)):
+                code = pyro.sample("code", dist.Normal(x.new_zeros(len(x), self.latent), 1.0).to_event(1))
+                pyro.sample("pixels", dist.Normal(self.loadings(code), 0.5).to_event(1), obs=x)
+    """
+)
+
+
+def test_a_semi_supervised_script_trains_evaluates_and_samples_from_the_command_line(tmp_path):
+    out = tmp_path / "m2"
+    done = run_cli("fit", "--model", f"{M2}:SSVAE", "--guide", f"{M2}:make_guide", "--objective", "elbo-enum", "--dataset", "digits",
+                   "--fields", "x,y", "--epochs", "1", "--eval-samples", "20", "--out", str(out), "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == f"{M2.resolve()}:SSVAE" and config["fields"] == "x,y"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = run_cli("evaluate", str(out), "--samples", "50", "--json", cwd=elsewhere)  # the script is found from where it is
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads(done.stdout)
+    assert metrics["examples"] == 300 and math.isfinite(metrics["log_likelihood"]) and metrics["gap"] > -0.1
+    done = run_cli("sample", str(out), "--num", "16", cwd=elsewhere)
+    assert done.returncode == 0, done.stderr
+    assert (out / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    done = run_cli("fit", "--model", f"{M2}:SSVAE", "--guide", f"{M2}:make_guide", "--objective", "elbo-enum", "--dataset", "digits",
+                   "--fields", "x,y", "--epochs", "2", "--eval-samples", "0", "--out", str(out), "--resume", "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
+
+
+def test_compare_trains_the_users_guide_and_scores_discrete_latents_by_it(tmp_path):
+    done = run_cli("compare", "--model", f"{M2}:SSVAE", "--guide", f"{M2}:make_guide", "--objective", "elbo-enum", "--dataset", "digits",
+                   "--methods", "amortized,wake-sleep:variant=rws,local", "--steps", "3", "--eval-examples", "10", "--samples", "10",
+                   "--out", str(tmp_path / "cmp"), "--json")
+    assert done.returncode == 2 and "is discrete" in done.stderr and len(done.stderr.strip().splitlines()) == 1  # local cannot serve y
+    done = run_cli("compare", "--model", f"{M2}:SSVAE", "--guide", f"{M2}:make_guide", "--objective", "elbo-enum", "--dataset", "digits",
+                   "--methods", "amortized,wake-sleep:variant=rws", "--steps", "3", "--eval-examples", "10", "--samples", "10",
+                   "--out", str(tmp_path / "cmp"), "--json")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert [r["method"] for r in rows] == ["amortized", "wake-sleep:variant=rws"]
+    assert all(r["heldout_ll"] is None and math.isfinite(r["heldout_ll_amortized"]) for r in rows)
+
+
+def test_a_users_model_takes_every_method_and_a_registered_guide(tmp_path):
+    script = tmp_path / "ppca.py"
+    script.write_text(PPCA)
+    for method in ("amortized", "local", "mcmc-em"):
+        out = tmp_path / method
+        done = run_cli("fit", "--model", f"{script}:PPCA", "--guide", "diagonal", "--method", method, "--dataset", "digits",
+                       "--data-option", "binarize=false", "--epochs", "1", "--eval-samples", "10", "--hidden", "16", "--out", str(out), "--quiet")
+        assert done.returncode == 0, (method, done.stderr)
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert math.isfinite(metrics["log_likelihood"]) and metrics["log_likelihood"] >= metrics["elbo"] - 0.5, (method, metrics)
+
+
+def test_bad_user_programs_are_refused_in_one_line(tmp_path):
+    script = tmp_path / "ppca.py"
+    script.write_text(PPCA)
+    cases = [(f"{tmp_path}/missing.py:VAE", "no such file"), (f"{script}:PCA", "PPCA"), (f"{script}:PPCA", "'z'")]
+    for spec, expected in cases[:2]:
+        done = run_cli("fit", "--model", spec, "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "bad"), "--quiet")
+        assert done.returncode == 2 and expected in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert not (tmp_path / "bad").exists()
+    done = run_cli("fit", "--model", f"{script}:PPCA", "--plate", "data", "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "bad"), "--quiet")
+    assert done.returncode == 2 and "no plate named 'data'" in done.stderr and not (tmp_path / "bad").exists(), done.stderr
