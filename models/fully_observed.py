@@ -54,7 +54,7 @@ class MADEModel(nn.Module):
             raise PyrovaeError("the made model takes --likelihood bernoulli or continuous-bernoulli")
         self.data_shape = torch.Size(data_shape)
         self.dim = math.prod(self.data_shape)
-        self.likelihood = LIKELIHOODS[likelihood](self.dim)
+        self.likelihood = LIKELIHOODS.get(likelihood)(self.dim)
         self.continuous = likelihood == "continuous-bernoulli"
         self.net = MADE(self.dim, list(hidden), activation)
 
@@ -146,6 +146,6 @@ class RealNVPModel(nn.Module):
 
     def check_data(self, x: torch.Tensor) -> None:
         if self.dequantize:
-            LIKELIHOODS["bernoulli"](self.dim).check(x)
+            LIKELIHOODS.get("bernoulli")(self.dim).check(x)
         elif ((x < 0) | (x > 1)).any():
             raise PyrovaeError("realnvp models data in [0, 1]: rescale it (or binarize it and use --likelihood bernoulli)")

@@ -2,8 +2,9 @@
 
 Sites ``"z1"`` (nearest the data) to ``"zL"`` (the top), sampled top first, then ``"x"``.
 Each conditional p(z_i | z_{i+1}) is a diagonal Gaussian whose mean and scale an MLP
-computes; the top prior is standard, a VampPrior or a flow prior (`pyrovae.models.priors`);
-the decoder p(x|z_1) is an MLP, a conv net or a PixelCNN (`pyrovae.models.vae.DecoderMixin`).
+computes; the top prior is standard, a VampPrior or a flow prior, and the decoder p(x|z_1) an
+MLP, a conv net or a PixelCNN, each looked up by name in `pyrovae.registry.PRIORS`,
+`DECODERS` and `LIKELIHOODS` (`pyrovae.models.priors.make_prior`, `pyrovae.models.vae.DecoderMixin`).
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ class Hierarchical(DecoderMixin, nn.Module):
         latent: size of z_1.
         hidden: hidden sizes of every MLP (decoder and conditionals).
         activation: nonlinearity.
-        likelihood: the head of p(x|z_1).
+        likelihood: the head of p(x|z_1), a name in `pyrovae.registry.LIKELIHOODS`.
         layers: L >= 2, the number of stochastic layers.
         latents: sizes of z_1..z_L (overrides `latent`); default: `latent` halved per layer up (at least 2).
-        prior: the top layer's prior: "standard", "vampprior" or "flow".
-        decoder: "mlp", "conv" or "pixelcnn".
+        prior: the top layer's prior, a name in `pyrovae.registry.PRIORS`: "standard", "vampprior" or "flow".
+        decoder: a name in `pyrovae.registry.DECODERS`: "mlp", "conv" or "pixelcnn".
         pseudo_inputs, prior_steps: options of the learned priors.
         pixel_layers, pixel_channels: options of the PixelCNN decoder.
 

@@ -2,7 +2,9 @@
 
 Each prior is a module whose call ``prior(batch)`` gives a distribution with batch shape
 ``(batch,)`` and event shape ``(latent,)``; models take it as ``prior="..."`` (the `vae`
-model's z, the `hierarchical` model's top layer z_L).
+model's z, the `hierarchical` model's top layer z_L). The priors are registered by name in
+`pyrovae.registry.PRIORS` (re-exported here as ``PRIORS``); each builds from the model's
+options with the classmethod ``build``, which `make_prior` calls.
 
 The VampPrior here has **its own encoder** (same architecture as an MLP guide, separate
 weights) rather than the guide's: a pyrovae model is a self-contained Pyro program that any
@@ -31,10 +33,12 @@ from torch.nn.functional import hardtanh, softplus
 
 from pyrovae.errors import PyrovaeError
 from pyrovae.nets import MLP
+from pyrovae.registry import PRIORS
 
 __all__ = ["PRIORS", "FlowPrior", "StandardPrior", "VampPrior", "make_prior"]
 
 
+@PRIORS.register("standard", "p(z) = N(0, I) (Kingma & Welling 2014)")
 class StandardPrior(nn.Module):
     """p(z) = N(0, I)."""
 
@@ -43,11 +47,18 @@ class StandardPrior(nn.Module):
         self.latent = latent
         self.register_buffer("zero", torch.zeros(()), persistent=False)
 
+    @classmethod
+    def build(cls, latent: int, data_shape: Sequence[int], hidden: Sequence[int], activation: str,
+              pseudo_inputs: int = 500, prior_steps: int = 4) -> StandardPrior:
+        """From a model's options (see `make_prior`); takes only `latent`."""
+        return cls(latent)
+
     def forward(self, batch: int) -> dist.Distribution:
         # a fresh zero (on the buffer's device), not the buffer: a captured graph folds it away
         return dist.Normal(torch.zeros((), device=self.zero.device), 1.0).expand([batch, self.latent]).to_event(1)
 
 
+@PRIORS.register("vampprior", "a mixture of q(z|u_k) at K learned pseudo-inputs u_k (Tomczak & Welling 2018)")
 class VampPrior(nn.Module):
     """p(z) = 1/K sum_k q_phi(z | u_k): a mixture of the encoder's posteriors at K learned pseudo-inputs.
 
@@ -76,6 +87,12 @@ class VampPrior(nn.Module):
         self.pseudo = nn.Parameter(0.5 + 0.01 * torch.randn(pseudo_inputs, dim))
         self.encoder = MLP(dim, list(hidden), 2 * latent, activation)
 
+    @classmethod
+    def build(cls, latent: int, data_shape: Sequence[int], hidden: Sequence[int], activation: str,
+              pseudo_inputs: int = 500, prior_steps: int = 4) -> VampPrior:
+        """From a model's options (see `make_prior`): the encoder copies the model's hidden sizes and activation."""
+        return cls(latent, data_shape, hidden, activation, pseudo_inputs)
+
     def components(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Locations and scales (K, latent) of q(z | u_k)."""
         loc, raw = self.encoder(hardtanh(self.pseudo, 0.0, 1.0)).chunk(2, dim=-1)
@@ -88,6 +105,7 @@ class VampPrior(nn.Module):
         return mixture.expand([batch])
 
 
+@PRIORS.register("flow", "N(0, I) through affine coupling layers (Real NVP, Dinh et al. 2017)")
 class FlowPrior(nn.Module):
     """p(z) = N(0, I) pushed through `steps` affine coupling layers, reversing the order between them.
 
@@ -119,6 +137,12 @@ class FlowPrior(nn.Module):
         self.register_buffer("zero", torch.zeros(()), persistent=False)
         self.register_buffer("reverse", torch.arange(latent - 1, -1, -1), persistent=False)
 
+    @classmethod
+    def build(cls, latent: int, data_shape: Sequence[int], hidden: Sequence[int], activation: str,
+              pseudo_inputs: int = 500, prior_steps: int = 4) -> FlowPrior:
+        """From a model's options (see `make_prior`): `prior_steps` couplings of the default width."""
+        return cls(latent, prior_steps)
+
     def transforms(self) -> list:
         out: list = []
         for i, coupling in enumerate(self.couplings):
@@ -134,9 +158,6 @@ class FlowPrior(nn.Module):
         return dist.TransformedDistribution(self.base(batch), self.transforms())
 
 
-PRIORS = {"standard": StandardPrior, "vampprior": VampPrior, "flow": FlowPrior}
-
-
 def make_prior(
     name: str,
     latent: int,
@@ -146,11 +167,8 @@ def make_prior(
     pseudo_inputs: int = 500,
     prior_steps: int = 4,
 ) -> nn.Module:
-    """The prior called `name` for a latent of size `latent`."""
-    if name == "standard":
-        return StandardPrior(latent)
-    if name == "vampprior":
-        return VampPrior(latent, data_shape, hidden, activation, pseudo_inputs)
-    if name == "flow":
-        return FlowPrior(latent, prior_steps)
-    raise PyrovaeError(f"unknown prior {name!r}: choose from {', '.join(PRIORS)}")
+    """The prior registered as `name` (`pyrovae.registry.PRIORS`) for a latent of size `latent`.
+
+    An unknown name raises `PyrovaeError` with the registered names closest to it.
+    """
+    return PRIORS.get(name).build(latent, data_shape, hidden, activation, pseudo_inputs, prior_steps)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -14,18 +15,65 @@ from pyrovae.conv import AutoregressiveBernoulli, ConvDecoder, PixelCNN
 from pyrovae.errors import PyrovaeError
 from pyrovae.models.priors import make_prior
 from pyrovae.nets import LIKELIHOODS, MLP, Bernoulli, Likelihood
-from pyrovae.registry import MODELS
+from pyrovae.registry import DECODERS, MODELS
 from pyrovae.sites import data_plate, register
 
-__all__ = ["DECODERS", "VAE", "DecoderMixin"]
+__all__ = ["DECODERS", "VAE", "DecoderMixin", "DecoderSpec"]
 
-DECODERS = ("mlp", "conv", "pixelcnn")
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What a decoder builder in `pyrovae.registry.DECODERS` is given: the model's options and its head.
+
+    A builder ``(spec) -> nn.Module`` returns the network that maps z (..., latent) to the head's
+    ``head.outputs()`` features, or a `PixelCNN`, which `DecoderMixin.decode` turns into an
+    `AutoregressiveBernoulli` instead of calling the head.
+    """
+
+    latent: int
+    data_shape: torch.Size
+    hidden: Sequence[int]
+    activation: str
+    likelihood: str  # the head's registered name
+    head: Likelihood
+    pixel_layers: int = 3
+    pixel_channels: int = 32
+
+
+DecoderBuilder = Callable[[DecoderSpec], nn.Module]
+
+
+@DECODERS.register("mlp", "z -> fully connected layers -> the likelihood head's parameters (Kingma & Welling 2014)")
+def mlp_decoder(spec: DecoderSpec) -> nn.Module:
+    """An MLP with the model's hidden sizes and activation (Kingma & Welling 2019, sec. 2.4.3)."""
+    return MLP(spec.latent, list(spec.hidden), spec.head.outputs(), spec.activation)
+
+
+@DECODERS.register("conv", "z -> a linear layer -> transposed convolutions, one value per pixel (square images)")
+def conv_decoder(spec: DecoderSpec) -> nn.Module:
+    """Transposed convolutions onto a square image (Kingma & Welling 2019, sec. 4.3)."""
+    dim = math.prod(spec.data_shape)
+    if spec.head.outputs() != dim:
+        raise PyrovaeError(f"the conv decoder emits one value per pixel: the {spec.likelihood} likelihood needs {spec.head.outputs()}")
+    return ConvDecoder(spec.latent, spec.data_shape, 1, "relu")
+
+
+@DECODERS.register("pixelcnn", "PixelCNN conditioned on z: exact autoregressive p(x|z) (PixelVAE, Gulrajani et al. 2017)")
+def pixelcnn_decoder(spec: DecoderSpec) -> nn.Module:
+    """Masked convolutions over the pixels, z entering every layer (Gulrajani et al. 2017, sec. 3)."""
+    if spec.likelihood not in ("bernoulli", "continuous-bernoulli"):
+        raise PyrovaeError("the pixelcnn decoder takes --likelihood bernoulli or continuous-bernoulli")
+    if spec.pixel_layers < 0 or spec.pixel_channels < 1:
+        raise PyrovaeError("pixel_layers must be >= 0 and pixel_channels positive")
+    return PixelCNN(spec.data_shape, spec.latent, spec.pixel_channels, spec.pixel_layers, "relu")
 
 
 class DecoderMixin:
     """p(x|z) as an MLP, a conv/deconv net, or a PixelCNN conditioned on z (sec. 2.4, 4.3).
 
-    Sets ``self.decoder`` (the network), ``self.likelihood`` (the head) and ``self.decoder_kind``.
+    Sets ``self.decoder`` (the network, built by the `DECODERS` entry named `kind`),
+    ``self.likelihood`` (the `LIKELIHOODS` head) and ``self.decoder_kind``; unknown names raise
+    the registries' `PyrovaeError` with the closest registered names.
     The pixelcnn decoder gives an `AutoregressiveBernoulli`: exact log p(x|z), ancestral
     sampling pixel by pixel; it takes the bernoulli or continuous-bernoulli likelihood.
 
@@ -40,33 +88,22 @@ class DecoderMixin:
         self, kind: str, latent: int, data_shape: torch.Size, hidden: Sequence[int], activation: str,
         likelihood: str, pixel_layers: int = 3, pixel_channels: int = 32,
     ) -> None:
-        if kind not in DECODERS:
-            raise PyrovaeError(f"unknown decoder {kind!r}: choose from {', '.join(DECODERS)}")
-        if likelihood not in LIKELIHOODS:
-            raise PyrovaeError(f"unknown likelihood {likelihood!r}: choose from {', '.join(LIKELIHOODS)}")
+        build: DecoderBuilder = DECODERS.get(kind)
+        head: type[Likelihood] = LIKELIHOODS.get(likelihood)
         dim = math.prod(data_shape)
         self.decoder_kind = kind
+        self.likelihood = head(dim)
+        spec = DecoderSpec(latent, torch.Size(data_shape), tuple(hidden), activation, likelihood, self.likelihood, pixel_layers, pixel_channels)
+        self.decoder = build(spec)
+        self._autoregressive = isinstance(self.decoder, PixelCNN)
         # floats one decoded sample holds at once: evaluation sizes its chunks by this
-        self.elements_per_sample = dim * (1 + 2 * pixel_channels if kind == "pixelcnn" else 1)
-        self.likelihood = LIKELIHOODS[likelihood](dim)
-        if kind == "mlp":
-            self.decoder = MLP(latent, list(hidden), self.likelihood.outputs(), activation)
-        elif kind == "conv":
-            if self.likelihood.outputs() != dim:
-                raise PyrovaeError(f"the conv decoder emits one value per pixel: the {likelihood} likelihood needs {self.likelihood.outputs()}")
-            self.decoder = ConvDecoder(latent, data_shape, 1, "relu")
-        else:
-            if likelihood not in ("bernoulli", "continuous-bernoulli"):
-                raise PyrovaeError("the pixelcnn decoder takes --likelihood bernoulli or continuous-bernoulli")
-            if pixel_layers < 0 or pixel_channels < 1:
-                raise PyrovaeError("pixel_layers must be >= 0 and pixel_channels positive")
-            self.decoder = PixelCNN(data_shape, latent, pixel_channels, pixel_layers, "relu")
+        self.elements_per_sample = dim * (1 + 2 * self.decoder.channels if self._autoregressive else 1)
         self._continuous = likelihood == "continuous-bernoulli"
         self._dim = dim
 
     def decode(self, z: torch.Tensor) -> dist.Distribution:
         """p(x|z) for a batch of z, over flattened examples."""
-        if self.decoder_kind == "pixelcnn":
+        if self._autoregressive:
             return AutoregressiveBernoulli(self.decoder, z, self._dim, continuous=self._continuous)
         return self.likelihood(self.decoder(z))
 
@@ -91,7 +128,7 @@ class DecoderMixin:
 
     def mean(self, d: dist.Distribution) -> torch.Tensor:
         """The mean of p(x|z) (for pixelcnn: the per-pixel means along one ancestral draw)."""
-        if self.decoder_kind == "pixelcnn":
+        if self._autoregressive:
             return d.mean
         return self.likelihood.mean(d)
 
@@ -105,9 +142,9 @@ class VAE(DecoderMixin, nn.Module):
         latent: size of z.
         hidden: hidden layer sizes of the decoder, nearest z first.
         activation: nonlinearity name (see `pyrovae.nets.ACTIVATIONS`).
-        likelihood: ``"bernoulli"`` for binary data, ``"continuous-bernoulli"`` or ``"gaussian"``.
-        prior: ``"standard"``, ``"vampprior"`` or ``"flow"`` (see `pyrovae.models.priors`).
-        decoder: ``"mlp"``, ``"conv"`` (square images) or ``"pixelcnn"`` (square images).
+        likelihood: ``"bernoulli"`` for binary data, ``"continuous-bernoulli"`` or ``"gaussian"`` (`pyrovae.registry.LIKELIHOODS`).
+        prior: ``"standard"``, ``"vampprior"`` or ``"flow"`` (`pyrovae.registry.PRIORS`).
+        decoder: ``"mlp"``, ``"conv"`` (square images) or ``"pixelcnn"`` (square images) (`pyrovae.registry.DECODERS`).
         pseudo_inputs: K of the VampPrior.
         prior_steps: coupling layers of the flow prior.
         pixel_layers, pixel_channels: depth (mask-B layers) and width of the PixelCNN.
@@ -132,8 +169,6 @@ class VAE(DecoderMixin, nn.Module):
         pixel_channels: int = 32,
     ) -> None:
         super().__init__()
-        if likelihood not in LIKELIHOODS:
-            raise PyrovaeError(f"unknown likelihood {likelihood!r}: choose from {', '.join(LIKELIHOODS)}")
         if latent < 1 or any(h < 1 for h in hidden):
             raise PyrovaeError("--latent and --hidden sizes must be positive")
         self.data_shape = torch.Size(data_shape)

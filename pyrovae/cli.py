@@ -120,9 +120,10 @@ def _table(rows: Sequence[tuple[str, Any]]) -> str:
 
 def _list(args: argparse.Namespace) -> None:
     import pyrovae
-    from pyrovae.registry import DATASETS, GUIDES, METHODS, MODELS, OBJECTIVES
+    from pyrovae.registry import DATASETS, DECODERS, GUIDES, LIKELIHOODS, METHODS, MODELS, OBJECTIVES, PRIORS
 
-    registries = {"models": MODELS, "guides": GUIDES, "objectives": OBJECTIVES, "methods": METHODS, "datasets": DATASETS}
+    registries = {"models": MODELS, "guides": GUIDES, "objectives": OBJECTIVES, "methods": METHODS, "datasets": DATASETS,
+                  "priors": PRIORS, "decoders": DECODERS, "likelihoods": LIKELIHOODS}
     listing = {
         kind: [
             {"name": e.name, "description": e.description, **({"latent_shapes": e.target.latent_shapes} if kind == "guides" else {})}

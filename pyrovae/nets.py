@@ -1,7 +1,8 @@
 """Networks shared by models and guides: MLP trunks and likelihood heads.
 
 A likelihood head maps a network output to a Pyro distribution over one data point
-(Kingma & Welling 2019, sec. 2.4: the decoder parameterizes p(x|z)).
+(Kingma & Welling 2019, sec. 2.4: the decoder parameterizes p(x|z)). The heads are registered
+by name in `pyrovae.registry.LIKELIHOODS`, re-exported here: ``LIKELIHOODS.get(name)(dim)``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from torch.nn.functional import softplus
 
 from pyrovae.errors import PyrovaeError
+from pyrovae.registry import LIKELIHOODS
 
 __all__ = ["ACTIVATIONS", "LIKELIHOODS", "MLP", "Likelihood", "activation"]
 
@@ -93,6 +95,7 @@ class IndependentBernoulli(dist.Independent):
         return torch.einsum("...d,...d->...", logits, value.to(logits.dtype)) - softplus(logits).sum(-1)
 
 
+@LIKELIHOODS.register("bernoulli", "binary data: prod_d Bernoulli(x_d; sigmoid(l_d)) (Kingma & Welling 2014)")
 class Bernoulli(Likelihood):
     """p(x|z) = prod_d Bernoulli(x_d; sigmoid(logits_d)) for binary data."""
 
@@ -104,6 +107,7 @@ class Bernoulli(Likelihood):
         return d.base_dist.probs
 
 
+@LIKELIHOODS.register("continuous-bernoulli", "data in [0, 1]: the continuous Bernoulli (Loaiza-Ganem & Cunningham 2019)")
 class ContinuousBernoulli(Likelihood):
     """The continuous Bernoulli of Loaiza-Ganem & Cunningham (2019) for data in [0, 1]."""
 
@@ -117,6 +121,7 @@ class ContinuousBernoulli(Likelihood):
         return d.base_dist.mean
 
 
+@LIKELIHOODS.register("gaussian", "real data: a diagonal Gaussian with a learned per-dimension scale (Kingma & Welling 2014)")
 class Gaussian(Likelihood):
     """A diagonal Gaussian with a learned per-dimension scale, bounded below by `min_scale`."""
 
@@ -135,9 +140,3 @@ class Gaussian(Likelihood):
     def mean(d: dist.Distribution) -> torch.Tensor:
         return d.base_dist.loc
 
-
-LIKELIHOODS: dict[str, type[Likelihood]] = {
-    "bernoulli": Bernoulli,
-    "continuous-bernoulli": ContinuousBernoulli,
-    "gaussian": Gaussian,
-}

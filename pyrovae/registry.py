@@ -1,4 +1,5 @@
-"""Named registries of models, guides, objectives, inference methods and datasets."""
+"""Named registries of models, guides, objectives, inference methods and datasets, and of the
+parts a model is built from: priors p(z), decoder networks and likelihood heads p(x|z)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Callable, Generic, Iterator, TypeVar
 
 from pyrovae.errors import PyrovaeError
 
-__all__ = ["Entry", "Registry", "MODELS", "GUIDES", "OBJECTIVES", "METHODS", "DATASETS"]
+__all__ = ["Entry", "Registry", "MODELS", "GUIDES", "OBJECTIVES", "METHODS", "DATASETS", "PRIORS", "DECODERS", "LIKELIHOODS"]
 
 T = TypeVar("T")
 
@@ -62,3 +63,7 @@ GUIDES: Registry = Registry("guide")
 OBJECTIVES: Registry = Registry("objective")
 METHODS: Registry = Registry("inference method")
 DATASETS: Registry = Registry("dataset")
+# the parts of the built-in latent-variable models (`pyrovae.models.priors`, `pyrovae.models.vae`, `pyrovae.nets`)
+PRIORS: Registry = Registry("prior")
+DECODERS: Registry = Registry("decoder")
+LIKELIHOODS: Registry = Registry("likelihood")

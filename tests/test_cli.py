@@ -94,10 +94,15 @@ def _trace_elbo(run: Path, split: str, repeats: int = 20) -> tuple[float, float]
 def test_list_json_names_everything():
     done = run_cli("list", "--json")
     listing = json.loads(done.stdout)
-    names = {kind: {e["name"] for e in listing[kind]} for kind in ("models", "guides", "objectives", "methods", "datasets")}
+    kinds = ("models", "guides", "objectives", "methods", "datasets", "priors", "decoders", "likelihoods")
+    names = {kind: {e["name"] for e in listing[kind]} for kind in kinds}
     assert {"vae", "linear-gaussian"} <= names["models"] and {"diagonal", "exact"} <= names["guides"]
     assert names["objectives"] == {"elbo", "elbo-analytic", "elbo-enum", "iwae"}
     assert {"digits", "binarized-mnist", "mnist", "jsb-chorales"} <= names["datasets"]
+    assert names["priors"] == {"standard", "vampprior", "flow"}
+    assert names["decoders"] == {"mlp", "conv", "pixelcnn"}
+    assert names["likelihoods"] == {"bernoulli", "continuous-bernoulli", "gaussian"}
+    assert all(e["description"] for kind in ("priors", "decoders", "likelihoods") for e in listing[kind])
 
 
 def _save(path: Path, array) -> str:
