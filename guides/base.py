@@ -99,6 +99,7 @@ class AmortizedGuide(nn.Module):
         register("guide", self)
         x = primary(args, kwargs)
         features = self.encode(x)
+        features = features.reshape(self.sites.example_shape(len(x)) + features.shape[-1:])
         with self.sites.plate_for(x, index, size):
             for name in self.sites.latents:
                 pyro.sample(name, self.sites.constrain(name, self.distribution(name, features)))

@@ -128,7 +128,7 @@ class LocalGaussian(nn.Module):
     def scale_tril(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         """The lower-triangular Cholesky factors (B, d, d), positive diagonal via softplus."""
         d = self.loc[_key(name)].embedding_dim
-        raw = self.scale[_key(name)](rows).reshape(len(rows), d, d)
+        raw = self.scale[_key(name)](rows).reshape(rows.shape + (d, d))
         diag = softplus(raw.diagonal(dim1=-2, dim2=-1)) + 1e-5
         # Off-diagonal entries are stored divided by CORRELATION_SCALE: Adam steps every entry at
         # the same rate, and unscaled the d(d-1)/2 noisy ones random-walk away from q* (as in
@@ -138,6 +138,7 @@ class LocalGaussian(nn.Module):
     def forward(self, *args: Any, index: torch.Tensor | None = None, size: int | None = None, rows: torch.Tensor | None = None, **kwargs: Any) -> None:
         x = primary(args, kwargs)
         rows = rows if rows is not None else index if index is not None else torch.arange(len(x), device=x.device)
+        rows = rows.reshape(self.sites.example_shape(len(rows)))
         with self.sites.plate_for(x, index, size):
             for name in self.sites.latents:
                 pyro.sample(name, self.sites.constrain(name, self.distribution(name, rows)))

@@ -57,7 +57,7 @@ class ConvEncoder(nn.Module):
             nn.Conv2d(1, channels, 3, stride=2, padding=1), activation(act),
             nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1), activation(act),
         )
-        reduced = -(-(-(-self.side // 2)) // 2)  # ceil(ceil(side / 2) / 2)
+        reduced = math.ceil(math.ceil(self.side / 2) / 2)  # two stride-2 convolutions
         self.linear = nn.Linear(2 * channels * reduced * reduced, features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

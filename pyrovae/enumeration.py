@@ -129,6 +129,7 @@ def _enumerated(model: Callable, guide: Callable, num_samples: int | None, max_p
         part = part.reshape((1,) * (width - part.dim()) + part.shape).movedim(width + frame.dim, 1)
         part = part.reshape(*part.shape[:2], -1).sum(-1)  # the other plates are contracted: size 1
         values = part if values is None else values + part
+    assert values is not None  # the model has sample sites (checked above)
     return LogWeights(values.expand(num_samples or 1, frame.size) / data_scale, data_scale)
 
 
@@ -155,6 +156,6 @@ def _check_sites(model_trace: Trace, guide_trace: Trace, plate: str) -> float:
     return data_scale
 
 
-def _sample_sites(trace: Trace) -> list[dict]:
+def _sample_sites(trace: Trace) -> list[Any]:
     return [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
 

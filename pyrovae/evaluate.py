@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, cast
 
 import torch
 from torch import nn
@@ -107,7 +107,7 @@ def evaluate(
     if iwae_k is not None and (iwae_k < 1 or num_samples % iwae_k):
         raise PyrovaeError(f"the IWAE k ({iwae_k}) must divide the number of samples ({num_samples})")
     one = torch.is_tensor(x) or isinstance(x, (tuple, dict, Batch))
-    batches = [as_batch(x)] if one else [as_batch(b) for b in x]
+    batches = [as_batch(cast(Data, x))] if one else [as_batch(b) for b in cast(Iterable[Data], x)]
     if not batches or sum(len(b) for b in batches) == 0:
         raise PyrovaeError("nothing to evaluate: the data split is empty")
     max_elements = max_elements or default_max_elements(batches[0].device)
@@ -128,14 +128,16 @@ def evaluate(
     if capture is None:
         passes = sum(math.ceil(len(b) / step) * math.ceil(num_samples / samples) for b, (step, samples) in zip(batches, plans))
         capture = passes >= CAPTURE_FROM_PASSES and tensors and not sites.enumerated
-    weigh = _captured_log_weights(model, guide, nesting, sites.plate) if capture and tensors and not sites.enumerated else None
-    weigh = weigh or _eager_log_weights(model, guide, nesting, sites)
+    captured = _captured_log_weights(model, guide, nesting, sites.plate) if capture and tensors and not sites.enumerated else None
+    weigh = captured or _eager_log_weights(model, guide, nesting, sites)
     elbos, lls, iwaes = [], [], []
     for batch, (step, samples) in zip(batches, plans):
         for start in range(0, len(batch), step):
             chunk = batch[start : start + step]
             elbo, ll, iwae = _score_chunk(weigh, chunk, num_samples, samples, iwae_k)
-            elbos.append(elbo), lls.append(ll), iwaes.append(iwae)
+            elbos.append(elbo)
+            lls.append(ll)
+            iwaes.append(iwae)
             if progress:
                 progress(len(chunk))
     return Evaluation(
@@ -172,7 +174,7 @@ CAPTURE_FROM_PASSES = 32
 _captured: dict[tuple[int, int], CapturedLoss] = {}
 
 
-def _captured_log_weights(model: Callable, guide: Callable, nesting: int, plate: str) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
+def _captured_log_weights(model: Callable, guide: Callable, nesting: int, plate: str) -> Callable[[Batch, int], torch.Tensor] | None:
     """`(x, k) -> log w (k, B)` replayed from graphs captured per shape, or None for programs
     that are not modules."""
     if not (isinstance(model, nn.Module) and isinstance(guide, nn.Module)):

@@ -197,8 +197,9 @@ def build(config: Config) -> Experiment:
     data = load_dataset(config.dataset, config.data_dir, **config.dataset_options)
     if config.fields != "x":
         data = data.with_fields(config.fields)
+    instances: dict[str, object] = {}  # FILE:Class.model and FILE:Class.guide share one Class
     if user_model:
-        model = usercode.build_program(config.model, data.event_shape, **config.model_options)
+        model = usercode.build_program(config.model, data.event_shape, instances, **config.model_options)
         _to(model, device)
     else:
         likelihood = config.likelihood or DEFAULT_LIKELIHOOD[data.kind]
@@ -212,7 +213,7 @@ def build(config: Config) -> Experiment:
     num_train = len(data.split("train"))
     example = as_batch(data.batch("train", torch.arange(min(num_train, 100)), torch.Generator().manual_seed(0))).to(device)
     if usercode.is_spec(config.guide):
-        guide = usercode.build_program(config.guide, data.event_shape, model=model, num_examples=num_train, **config.guide_options)
+        guide = usercode.build_program(config.guide, data.event_shape, instances, model=model, num_examples=num_train, **config.guide_options)
         _to(guide, device)
     else:
         guide = build_guide(config.guide, model, example, plate=config.plate, hidden=config.hidden, activation=config.activation,
@@ -222,7 +223,8 @@ def build(config: Config) -> Experiment:
                              config.capture, config.plate)
     common = dict(model=model, guide=guide, settings=settings, num_examples=num_train, sites=sites)
     method = _construct(method_cls, f"method {config.method!r}", common, {}, config.method_options, flag="--method-option")
-    method.prepare(example)  # param-store parameters exist, and the program is checked, before any checkpoint is read
+    first = as_batch(data.batch("train", torch.arange(min(num_train, config.batch_size)), torch.Generator().manual_seed(0))).to(device)
+    method.prepare(first)  # param-store parameters exist, and the program is checked, before any checkpoint is read
     return Experiment(config, data, model, guide, method, device)
 
 

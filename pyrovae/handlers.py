@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from pyro.poutine.messenger import Messenger
 
@@ -20,7 +20,7 @@ class ScaleLatents(Messenger):
         super().__init__()
         self.beta = beta
 
-    def _process_message(self, msg: dict) -> None:
+    def _process_message(self, msg: Any) -> None:
         if msg["type"] == "sample" and not msg["is_observed"]:
             msg["scale"] = msg["scale"] * self.beta
 
@@ -43,7 +43,7 @@ class ScalePlate(Messenger):
         super().__init__()
         self.name, self.factor = name, factor
 
-    def _process_message(self, msg: dict) -> None:
+    def _process_message(self, msg: Any) -> None:
         if msg["type"] == "sample" and any(f.name == self.name for f in msg["cond_indep_stack"]):
             msg["scale"] = msg["scale"] * self.factor
 

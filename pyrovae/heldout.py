@@ -60,7 +60,7 @@ def heldout_scores(model: Callable, x: Data, sites: Any, settings: ProposalSetti
     return Evaluation.concat(parts)
 
 
-def finetuned_scores(model: Callable, guide: nn.Module, x: Data, settings: ProposalSettings, lr: float = 1e-3) -> Evaluation:
+def finetuned_scores(model: Callable, guide: Any, x: Data, settings: ProposalSettings, lr: float = 1e-3) -> Evaluation:
     """ELBO and IS log p(x) of each example under a copy of `guide` fitted to it alone, decoder frozen.
 
     For a flow guide, the family is every distribution the guide's network can emit; a copy
@@ -88,7 +88,7 @@ def finetuned_scores(model: Callable, guide: nn.Module, x: Data, settings: Propo
     return Evaluation.concat(parts)
 
 
-def gap_decomposition(model: Callable, guide: Callable, x: Data, settings: ProposalSettings = ProposalSettings(steps=200, samples=1000), qstar: str = "local") -> dict[str, float]:
+def gap_decomposition(model: Callable, guide: Callable, x: Data, settings: ProposalSettings = ProposalSettings(steps=200, samples=1000), qstar: str = "local") -> dict[str, Any]:
     """Inference gaps of an amortized guide on `x` (nats per example).
 
     log p(x) is the larger of the IS estimates with q* and with q (both have K samples); L[q*] is the

@@ -14,6 +14,7 @@ import logging
 from typing import Any, Callable
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine.trace_struct import Trace
@@ -91,15 +92,26 @@ def apply_model_masks(model_trace: Trace, guide_trace: Trace) -> bool:
     for name, site in guide_trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site) or name not in model_trace.nodes:
             continue
-        mask = model_trace.nodes[name].get("mask")
+        mask = _site_mask(model_trace.nodes[name])
         if mask is None or mask is True:
             continue
         own = site.get("mask")
         site["mask"] = mask if own is None or own is True else (own & mask)
         for key in ("log_prob", "unscaled_log_prob", "log_prob_sum", "score_parts"):
-            site.pop(key, None)
+            site.pop(key, None)  # type: ignore[misc]
         changed = True
     return changed
+
+
+def _site_mask(site: Any) -> Any:
+    """A site's mask: from `poutine.mask` (the site's "mask") and from `dist.mask` (a
+    MaskedDistribution's own), combined."""
+    mask, fn = site.get("mask"), site["fn"]
+    while isinstance(fn, (dist.Independent, dist.MaskedDistribution)):
+        if isinstance(fn, dist.MaskedDistribution) and fn._mask is not None:
+            mask = fn._mask if mask is None or mask is True else (mask & fn._mask)
+        fn = fn.base_dist
+    return mask
 
 
 def _weights(model_trace: Trace, guide_trace: Trace, num: int, nesting: int, plate_name: str, indexed: bool) -> LogWeights:
@@ -148,7 +160,7 @@ def over_particles(weigh: Callable[[int | None], LogWeights], num_samples: int, 
         try:
             return weigh(num_samples)
         except _VECTORIZE_ERRORS as error:
-            where = one_line(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+            where = one_line(error).split(" Trace Shapes:")[0]  # Pyro appends the trace's shapes
             if vectorize:
                 raise PyrovaeError(f"the program cannot run over a vectorized particle dimension: {where}") from error
             logging.getLogger("pyrovae").warning(
@@ -159,5 +171,5 @@ def over_particles(weigh: Callable[[int | None], LogWeights], num_samples: int, 
     return LogWeights(torch.cat([p.values for p in parts]), parts[0].data_scale)
 
 
-def _sample_sites(trace: Trace) -> list[dict]:
+def _sample_sites(trace: Trace) -> list[Any]:
     return [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]

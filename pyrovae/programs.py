@@ -102,7 +102,7 @@ class ProgramParameters:
     def load_module_state(self, state: dict[str, Any]) -> None:
         self._state_module().load_state_dict(state)
 
-    def module_parameters(self) -> list[nn.Parameter]:
+    def module_parameters(self) -> list[torch.Tensor]:
         return [p for p in _unique(self.modules.parameters()) if p.requires_grad]
 
     def discover(self, batch: Batch, **extra: Any) -> list[torch.Tensor]:
@@ -110,7 +110,7 @@ class ProgramParameters:
         modules held here: a `pyro.param`'s unconstrained tensor in the store (what Pyro
         optimizes), and for `pyro.module` the module's own parameter (what its forward uses;
         a stale store entry of the same name is not it)."""
-        found: dict[str, torch.Tensor] = {}
+        found: dict[str, torch.Tensor | None] = {}
         args, kwargs = batch.call_args()
         with torch.no_grad(), leaves_no_trace(self.modules, batch.device):  # a run is the same, prepared or resumed
             for program in self.programs:

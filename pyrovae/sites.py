@@ -101,6 +101,12 @@ class ModelSites:
                 out[name] = f"constrained ({type(support).__name__.lstrip('_')})"
         return out
 
+    def example_shape(self, batch: int) -> tuple[int, ...]:
+        """The batch shape of one site's distribution over `batch` examples: the examples at
+        the plate's dim, singletons right of it (a pixel plate inside the per-example one)."""
+        inner = -(self.plate_dim or -1) - 1
+        return (batch,) + (1,) * inner
+
     def plate_for(self, x: torch.Tensor, index: torch.Tensor | None = None, size: int | None = None) -> pyro.plate:
         """The model's per-example plate, for a guide: same name and dim."""
         return data_plate(x, index, size, name=self.plate, dim=self.plate_dim)
@@ -158,7 +164,9 @@ def inspect_model(model: Callable, data: Data, plate: str | None = None, **kwarg
     n = min(len(batch), INSPECT_EXAMPLES)
     part = batch[:n]
     modules = torch.nn.ModuleList(program_modules(model))
-    with poutine.block(), torch.no_grad(), leaves_no_trace(modules, part.device):  # inspecting changes nothing a run sees
+    store = pyro.get_param_store()
+    # inspecting changes nothing a run sees: modules, random state, and no param-store entries made
+    with poutine.block(), torch.no_grad(), leaves_no_trace(modules, part.device), store.scope(store.get_state()):
         try:
             trace = part.call(poutine.trace(model).get_trace, **kwargs)
         except PyrovaeError:

@@ -18,7 +18,7 @@ import sys
 import traceback
 import types
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, cast
 
 from pyrovae.errors import PyrovaeError
 
@@ -87,15 +87,28 @@ def load_object(spec: str) -> object:
     return _attribute(module, name, label)
 
 
-def build_program(spec: str, data_shape: tuple[int, ...], **options: Any) -> object:
+def build_program(spec: str, data_shape: tuple[int, ...], instances: dict[str, object] | None = None, **options: Any) -> object:
     """The program that `spec` names, built if it is a class or a factory.
 
     A class or factory gets the keywords it accepts among `data_shape=` and `options`; others are
-    dropped. A plain function or an instance is returned as is.
+    dropped. A plain function or an instance is returned as is. ``FILE.py:Class.method`` (Pyro's
+    examples write ``VAE.model`` and ``VAE.guide``) is that method bound to an instance of
+    the class, built once per `instances` dict, so a model and a guide named this way share it.
     """
+    where, name = _split(spec)
+    owner, _, method = name.rpartition(".")
+    if owner and isinstance(load_object(f"{where}:{owner}"), type):
+        key = f"{describe(where + ':' + owner)}"
+        cache = instances if instances is not None else {}
+        if key not in cache:
+            cache[key] = build_program(f"{where}:{owner}", data_shape, **options)
+        bound = getattr(cache[key], method, None)
+        if not callable(bound):
+            raise PyrovaeError(f"{spec}: {owner} has no method {method!r}")
+        return bound
     target = load_object(spec)
     if _is_builder(target):
-        program = _call(target, spec, {"data_shape": tuple(data_shape), **options})
+        program = _call(cast(Callable[..., Any], target), spec, {"data_shape": tuple(data_shape), **options})
         if not callable(program):
             raise PyrovaeError(f"{spec} returned {type(program).__name__}, not a Pyro program (a callable)")
         return program

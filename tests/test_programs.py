@@ -264,10 +264,25 @@ def renamed_model(x):
         pyro.sample("x", dist.Normal(z @ W_TRUE.T, 1.0).to_event(1), obs=x)
 
 
+def pixel_plate_model(x):
+    """The per-example plate at dim -2, a pixel plate of D inside it."""
+    with pyro.plate("rows", len(x), dim=-2):
+        z = pyro.sample("z", dist.Normal(x.new_zeros(len(x), 1, Z), 1.0).to_event(1))
+        with pyro.plate("pixels", D, dim=-1):
+            pyro.sample("x", dist.Normal((z @ W_TRUE.T).squeeze(-2), 1.0), obs=x)
+
+
 def test_a_plate_with_another_name_is_found_by_its_size_and_guides_use_it():
     x, _ = _linear_gaussian_data(30)
     sites = inspect_model(renamed_model, x)
     assert sites.plate == "z_minibatch" and list(sites.latents) == ["z"]
+    sites = inspect_model(pixel_plate_model, x)
+    assert (sites.plate, sites.plate_dim, sites.max_plate_nesting) == ("rows", -2, 2)
+    pixel_guide = build_guide("diagonal", pixel_plate_model, x, hidden=(8,))
+    evaluated = evaluate(pixel_plate_model, pixel_guide, x, num_samples=10)
+    assert evaluated.log_likelihood.shape == (30,)
+    for name in ("local", "mcmc-em"):
+        assert math.isfinite(float(METHODS.get(name)(pixel_plate_model, pixel_guide, TrainSettings(batch_size=10), 30).step(x[:10], torch.arange(10))))
     guide = build_guide("diagonal", renamed_model, x, hidden=(8,))
     result = evaluate(renamed_model, guide, x, num_samples=10)
     assert result.log_likelihood.shape == (30,) and torch.isfinite(result.log_likelihood).all()
@@ -285,10 +300,20 @@ def test_ambiguous_and_self_subsampling_plates_are_refused_in_one_line():
             z = pyro.sample("z", dist.Normal(x.new_zeros(len(rows), Z), 1.0).to_event(1))
             pyro.sample("x", dist.Normal(z @ W_TRUE.T, 1.0).to_event(1), obs=x[rows])
 
-    x, _ = _linear_gaussian_data(32)
-    for program, message in [(two_plates, "several plates"), (subsampled, "subsamples its plate")]:
+    def subsampled_late(x):  # subsamples only batches larger than the ones traced to inspect it
+        with pyro.plate("rows", len(x), subsample_size=50 if len(x) > 80 else None) as rows:
+            z = pyro.sample("z", dist.Normal(x.new_zeros(len(rows), Z), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ W_TRUE.T, 1.0).to_event(1), obs=x[rows])
+
+    def prior_rows(x):
+        with pyro.plate("rows", len(x), subsample_size=50 if len(x) > 80 else None) as rows:
+            pyro.sample("z", dist.Normal(x.new_zeros(len(rows), Z), 1.0).to_event(1))
+
+    x, _ = _linear_gaussian_data(150)
+    for program, guide, message in [(two_plates, prior_guide, "several plates"), (subsampled, prior_guide, "subsamples its plate"),
+                                    (subsampled_late, prior_rows, "subsamples its plate")]:
         with pytest.raises(PyrovaeError, match=message) as error:
-            evaluate(program, prior_guide, x, num_samples=4)
+            evaluate(program, guide, x[:32] if program is not subsampled_late else x, num_samples=4)
         assert "\n" not in str(error.value)
     assert inspect_model(two_plates, x, plate="b").plate == "b"
 
@@ -418,6 +443,14 @@ def padded_model(x, mask):
                 pyro.sample(f"x_{t}", dist.Normal(z, 1.0).to_event(1), obs=x[:, t])
 
 
+def padded_model_dist_mask(x, mask):
+    """The same model masked by `dist.mask` instead of `poutine.mask`."""
+    with pyro.plate("data", len(x)):
+        for t in pyro.markov(range(x.shape[1])):
+            z = pyro.sample(f"z_{t}", dist.Normal(x.new_zeros(len(x), 2), 1.0).to_event(1).mask(mask[:, t]))
+            pyro.sample(f"x_{t}", dist.Normal(z, 1.0).to_event(1).mask(mask[:, t]), obs=x[:, t])
+
+
 def padded_posterior(x, mask):
     """The exact posterior at every step, padding included: written for the data, not the masks."""
     with pyro.plate("data", len(x)):
@@ -440,11 +473,11 @@ def test_masked_padding_adds_nothing_to_any_bound(objective, particles, toleranc
     padding holds; a guide's log q (or KL) over the padding would make it depend on it. (The
     analytic-KL ELBO keeps a Monte Carlo reconstruction term: standard error about 0.02 at 4000
     draws; a padded step would cost over 600 nats with padding 50.)"""
-    for pad in (0.0, 50.0):
+    for pad, model in ((0.0, padded_model), (50.0, padded_model), (50.0, padded_model_dist_mask)):
         x, mask, exact = _padded(pad)
-        result = evaluate(padded_model, padded_posterior, (x, mask), num_samples=4)
+        result = evaluate(model, padded_posterior, (x, mask), num_samples=4)
         assert torch.allclose(result.log_likelihood, exact, atol=1e-4) and torch.allclose(result.elbo, exact, atol=1e-4)
-        method = AmortizedVI(padded_model, padded_posterior, TrainSettings(objective=objective, particles=particles, batch_size=4), 4)
+        method = AmortizedVI(model, padded_posterior, TrainSettings(objective=objective, particles=particles, batch_size=4), 4)
         assert abs(method.loss((x, mask)).item() + exact.mean().item()) < tolerance, (objective, pad)
 
 
@@ -519,3 +552,75 @@ def _discrete_in_guide_model(x):
     with pyro.plate("data", len(x)):
         y = pyro.sample("y", dist.Categorical(WEIGHTS))
         pyro.sample("x", dist.Normal(MEANS[y], 0.5), obs=x)
+
+
+# --- programs that do not vectorize over particles --------------------------------------------------------
+
+
+def broadcasting_model(x):
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(x.new_zeros(len(x), Z), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z @ W_TRUE.T, 1.0).to_event(1), obs=x)
+
+
+def concatenating_model(x):
+    """The same model, written as Pyro's CVAE example writes its networks: a concatenation that
+    cannot take an extra leading particle dimension."""
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(x.new_zeros(len(x), Z), 1.0).to_event(1))
+        features = torch.cat([z, x.new_ones(len(x), 1)], -1)  # fails for z of shape (K, B, Z)
+        pyro.sample("x", dist.Normal(features[..., :Z] @ W_TRUE.T, 1.0).to_event(1), obs=x)
+
+
+def test_a_program_that_cannot_vectorize_is_weighed_one_draw_at_a_time(caplog):
+    """Same numbers as the vectorizing program, said once; refused in one line when asked to vectorize."""
+    import logging
+
+    from pyrovae.importance import log_weights
+
+    x, _ = _linear_gaussian_data(9)
+    cov = torch.linalg.inv(torch.eye(Z) + W_TRUE.T @ W_TRUE)
+
+    def posterior(x):  # exact: every weight is log p(x), so the two programs must agree exactly
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.MultivariateNormal(x @ W_TRUE @ cov, cov))
+
+    exact = dist.MultivariateNormal(torch.zeros(D), W_TRUE @ W_TRUE.T + torch.eye(D)).log_prob(x)
+    with caplog.at_level(logging.WARNING, logger="pyrovae"):
+        for model in (broadcasting_model, concatenating_model, concatenating_model):
+            result = evaluate(model, posterior, x, num_samples=40, max_elements=40 * 5 * 3, capture=False)
+            assert torch.allclose(result.log_likelihood, exact, atol=1e-4) and torch.allclose(result.elbo, exact, atol=1e-4)
+    assert caplog.text.count("cannot run over a vectorized particle dimension") == 1
+    guide = build_guide("diagonal", broadcasting_model, x, hidden=(8,))
+    pyro.set_rng_seed(3)
+    looped = log_weights(concatenating_model, guide, 3, 1, x, vectorize=False).values
+    pyro.set_rng_seed(3)
+    one_by_one = torch.cat([log_weights(broadcasting_model, guide, 1, 1, x).values for _ in range(3)])
+    assert looped.shape == (3, 9) and torch.allclose(looped, one_by_one, atol=1e-5)  # exactly K single draws
+    with pytest.raises(PyrovaeError, match="cannot run over a vectorized particle dimension") as error:
+        log_weights(lambda x: concatenating_model(x), guide, 3, 1, x, vectorize=True)
+    assert "\n" not in str(error.value)
+
+
+# --- data sets give their fields ----------------------------------------------------------------------------
+
+
+def test_data_sets_give_labels_and_masks_as_the_models_arguments():
+    from pathlib import Path
+
+    from pyrovae.data import load_dataset
+
+    digits = load_dataset("digits").with_fields("x,y")
+    xs, ys = digits.batch("train", torch.tensor([3, 0])).args
+    assert torch.equal(ys, digits.split("train").y[[3, 0]].long()) and torch.equal(xs, digits.batch("train", torch.tensor([3, 0])).args[0])
+    with pytest.raises(PyrovaeError, match="holds no sequences"):
+        load_dataset("digits").with_fields("x,mask")
+    with pytest.raises(PyrovaeError, match="unknown data field"):
+        load_dataset("digits").with_fields("x,labels")
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not (shared / "jsb_chorales").exists():
+        pytest.skip("../shared/data is not beside the checkout")
+    chorales = load_dataset("jsb-chorales", shared).with_fields("x,mask,lengths")
+    x, mask, lengths = chorales.batch("train", torch.arange(5)).args
+    assert mask.dtype == torch.bool and torch.equal(mask.sum(-1), lengths) and x.shape[:2] == mask.shape
+    assert (x[~mask] == 0).all()  # padding is padding

@@ -91,3 +91,45 @@ def test_bad_user_programs_are_refused_in_one_line(tmp_path):
         assert not (tmp_path / "bad").exists()
     done = run_cli("fit", "--model", f"{script}:PPCA", "--plate", "data", "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "bad"), "--quiet")
     assert done.returncode == 2 and "no plate named 'data'" in done.stderr and not (tmp_path / "bad").exists(), done.stderr
+
+
+VAE_STYLE = textwrap.dedent(
+    """
+    import pyro, pyro.distributions as dist, torch
+    from torch import nn
+
+    class VAE(nn.Module):
+        '''Written as Pyro's examples/vae/vae.py writes it: model and guide are methods.'''
+
+        def __init__(self, z_dim=4, hidden_dim=32):
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Linear(64, hidden_dim), nn.Softplus(), nn.Linear(hidden_dim, 2 * z_dim))
+            self.decoder = nn.Sequential(nn.Linear(z_dim, hidden_dim), nn.Softplus(), nn.Linear(hidden_dim, 64), nn.Sigmoid())
+            self.z_dim = z_dim
+
+        def model(self, x):
+            pyro.module("decoder", self.decoder)
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("latent", dist.Normal(x.new_zeros(x.shape[0], self.z_dim), 1.0).to_event(1))
+                pyro.sample("obs", dist.Bernoulli(self.decoder(z), validate_args=False).to_event(1), obs=x.reshape(-1, 64))
+
+        def guide(self, x):
+            pyro.module("encoder", self.encoder)
+            with pyro.plate("data", x.shape[0]):
+                loc, raw = self.encoder(x).chunk(2, -1)
+                pyro.sample("latent", dist.Normal(loc, torch.exp(raw)).to_event(1))
+    """
+)
+
+
+def test_model_and_guide_named_as_methods_of_one_class_share_its_instance(tmp_path):
+    script = tmp_path / "vae.py"
+    script.write_text(VAE_STYLE)
+    out = tmp_path / "run"
+    done = run_cli("fit", "--model", f"{script}:VAE.model", "--guide", f"{script}:VAE.guide", "--dataset", "digits", "--epochs", "3",
+                   "--lr", "0.01", "--eval-samples", "50", "--out", str(out), "--quiet")
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = metrics["history"]
+    assert rows[-1]["valid_elbo"] > rows[0]["valid_elbo"] + 1.0  # one instance: its trained encoder is the guide scored
+    assert metrics["log_likelihood"] >= metrics["elbo"] - 0.05

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator
 
@@ -48,6 +49,7 @@ class InferenceMethod:
     name: ClassVar[str] = ""
     gives_elbo: ClassVar[bool] = True
     trains_guide: ClassVar[bool] = True  # leaves an amortized guide that can score held-out data
+    objective: Any = None  # the bound it ascends, where it has one (`pyrovae.objectives`)
 
     def __init__(self, model: Callable, guide: Callable, settings: TrainSettings, num_examples: int, *, sites: ModelSites | None = None) -> None:
         """`sites`: the model's sites (`pyrovae.sites.inspect_model`), where the guide does not carry them."""
@@ -69,8 +71,8 @@ class InferenceMethod:
         raise NotImplementedError
 
     def prepare(self, data: Data) -> None:
-        """Find the param-store parameters of model and guide on a few examples of `data` and
-        hand them to the optimizers (`add_parameters`); once."""
+        """Find the param-store parameters of model and guide on `data` (a training batch: a
+        program may size a `pyro.param` by it) and hand them to the optimizers (`add_parameters`); once."""
         if self.prepared:
             return
         batch = as_batch(data)
@@ -78,10 +80,13 @@ class InferenceMethod:
         if self.settings.plate is not None or self.sites is None:
             self.sites = inspect_model(self.model, batch, plate=self.settings.plate, **extra)
             self.plate = self.sites.plate
-            if hasattr(getattr(self, "objective", None), "plate"):
+            if hasattr(self.objective, "plate"):
                 self.objective.plate = self.plate
+        if self.sites.max_plate_nesting > self.settings.max_plate_nesting:  # plates inside the per-example one
+            self.settings = dataclasses.replace(self.settings, max_plate_nesting=self.sites.max_plate_nesting)
+            if hasattr(self.objective, "max_plate_nesting"):
+                self.objective.max_plate_nesting = self.sites.max_plate_nesting
         self.check_sites(self.sites)
-        batch = batch[: min(len(batch), 8)]
         model_store = self.model_parameters.discover(batch, **extra)
         held = {id(t) for t in model_store}
         guide_store = [t for t in self.guide_parameters.discover(batch, **extra) if id(t) not in held]

@@ -32,7 +32,7 @@ __all__ = ["LocalVI", "fit_local", "frozen", "model_sites", "refuse_discrete"]
 
 
 @contextlib.contextmanager
-def frozen(*modules: nn.Module) -> Iterator[None]:
+def frozen(*modules: Any) -> Iterator[None]:
     """Within the block the modules' parameters take no gradient (a frozen decoder), and are not
     registered with Pyro's param store (there is nothing for an SVI optimizer to do with them)."""
     params = unique_parameters(*modules)

@@ -45,7 +45,8 @@ def log_joint(model: Callable, sites: ModelSites, z: torch.Tensor, x: Data, **kw
     def point(*args: Any, index: torch.Tensor | None = None, size: int | None = None, **rest: Any) -> None:
         with sites.plate_for(primary(args, rest), index, size):
             for name, shape in sites.latents.items():
-                pyro.sample(name, dist.Delta(values[name], event_dim=len(shape)))
+                value = values[name].reshape(sites.example_shape(len(values[name])) + shape)
+                pyro.sample(name, dist.Delta(value, event_dim=len(shape)))
 
     args, call_kwargs = as_batch(x).call_args()
     return log_weights(model, point, 1, sites.max_plate_nesting, *args, plate_name=sites.plate, **call_kwargs, **kwargs).values[0]
