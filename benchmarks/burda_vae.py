@@ -104,7 +104,7 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         ratio = f"{r['examples_per_second'] / base['examples_per_second']:.2f}x" if base else "-"
         lines.append(f"| {r['implementation']} | {r['elbo']:.2f} | {r['log_likelihood']:.2f} | {r['examples_per_second']:.0f} | {ratio} | {r['eval_seconds']:.0f} |")
-    lines.append(f"| published (Burda et al. 2016) | - | -88.71 (test) | - | - | - |")
+    lines.append("| published (Burda et al. 2016) | - | -88.71 (test) | - | - | - |")
     return "\n".join(lines) + "\n"
 
 

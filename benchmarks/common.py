@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from readme import update_readme
 
 from pyrovae.evaluate import evaluate

@@ -12,8 +12,8 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 from unittest import mock
 
 import numpy as np
@@ -142,7 +142,7 @@ def _pythae_modules(input_dim: int = 784, hidden: tuple[int, ...] = (200, 200), 
 
 def train_pythae(train_x_uint8: torch.Tensor, epochs: int, batch_size: int = 100, lr: float = 1e-3,
                  seed: int = 0, quiet: bool = True,
-                 output_dir: Optional[str] = None) -> tuple[nn.Module, dict]:
+                 output_dir: str | None = None) -> tuple[nn.Module, dict]:
     """Train pythae's ``VAE`` with its own ``BaseTrainer``; return (last-iterate model, stats).
 
     pythae 0.1.2 settings (differences from :func:`train_handwritten` in brackets):
@@ -163,8 +163,7 @@ def train_pythae(train_x_uint8: torch.Tensor, epochs: int, batch_size: int = 100
     Not timed: building the trainer (DataLoader, one sanity-check forward pass)."""
     from pythae.data.datasets import BaseDataset
     from pythae.models import VAE, VAEConfig
-    from pythae.trainers import BaseTrainer, BaseTrainerConfig
-    from pythae.trainers import training_callbacks
+    from pythae.trainers import BaseTrainer, BaseTrainerConfig, training_callbacks
     from pythae.trainers.training_callbacks import TrainingCallback
 
     class Timer(TrainingCallback):
@@ -232,7 +231,7 @@ def pythae_encode_decode(model: nn.Module) -> tuple[Encode, DecodeLogits]:
 def importance_sampled_log_likelihood(
         encode: Encode, decode_logits: DecodeLogits, x: torch.Tensor, num_samples: int = 5000,
         chunk_examples: int = 100, max_elements: int = 2 ** 26,
-        noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example (log p(x) ~ logmeanexp_k log w_k, ELBO ~ mean_k log w_k), proposals q(z|x).
 
     log w_k = log p(x|z_k) + log N(z_k; 0, I) - log q(z_k|x), z_k = mu + std * eps_k. Examples are

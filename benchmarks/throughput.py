@@ -24,8 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pyro
 import torch
@@ -172,7 +172,7 @@ def interleave(steps: dict[str, Step], batches: list[torch.Tensor], rounds: int)
     """Median images/second of each step function over `rounds` interleaved passes."""
     device = batches[0].device
     rates: dict[str, list[float]] = {name: [] for name in steps}
-    for name, step in steps.items():  # warm-up
+    for step in steps.values():  # warm-up
         for index in batches[:3]:
             step(index)
     for _ in range(rounds):

@@ -4,14 +4,14 @@ if __name__ != "pyrovae.guides":
     raise ImportError(f"import pyrovae.guides, not {__name__!r}: this folder is installed as pyrovae.guides")
 
 from pyrovae.guides.base import AmortizedGuide, build_guide
+from pyrovae.guides.delta import DeltaGuide
 from pyrovae.guides.diagonal import DiagonalGaussian
 from pyrovae.guides.exact import ExactPosterior
-from pyrovae.guides.local import LocalGaussian
-from pyrovae.guides.full import FullGaussian
-from pyrovae.guides.delta import DeltaGuide
 from pyrovae.guides.flows import FlowGuide, PlanarFlow, RadialFlow, SplineFlow, SylvesterFlow
-from pyrovae.guides.iaf import InverseAutoregressiveFlow
+from pyrovae.guides.full import FullGaussian
 from pyrovae.guides.hierarchical import BottomUpGuide, TopDownGuide
+from pyrovae.guides.iaf import InverseAutoregressiveFlow
+from pyrovae.guides.local import LocalGaussian
 from pyrovae.guides.none import NoGuide
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "FlowGuide",
     "FullGaussian",
     "InverseAutoregressiveFlow",
+    "LocalGaussian",
     "NoGuide",
     "PlanarFlow",
     "RadialFlow",

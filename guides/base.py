@@ -8,18 +8,19 @@ distribution is computed from the encoder's features.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pyrovae.batch import Data, as_batch
 from pyrovae.errors import PyrovaeError
 from pyrovae.nets import MLP, activation
-from pyrovae.registry import GUIDES
-from pyrovae.batch import Data, as_batch
 from pyrovae.protocols import model_traits
+from pyrovae.registry import GUIDES
 from pyrovae.sites import ModelSites, call_kwargs, inspect_model, primary, register
 
 __all__ = ["AmortizedGuide", "build_guide"]

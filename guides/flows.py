@@ -14,7 +14,8 @@ transforms' cache (`cache_size=1`), which is exactly what Pyro's traces and
 
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import pyro.distributions as dist
 import torch

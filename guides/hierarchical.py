@@ -31,7 +31,8 @@ the per-site analytic KLs are the exact chain-rule decomposition; a mean-field g
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, ClassVar, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import pyro
 import pyro.distributions as dist
@@ -41,7 +42,8 @@ from torch.nn.functional import softplus
 
 from pyrovae.conv import ConvEncoder
 from pyrovae.errors import PyrovaeError
-from pyrovae.nets import MLP, activation as make_activation
+from pyrovae.nets import MLP
+from pyrovae.nets import activation as make_activation
 from pyrovae.registry import GUIDES
 from pyrovae.sites import ModelSites, primary, register
 

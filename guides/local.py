@@ -9,7 +9,8 @@ the rows it touched, `torch.optim.SparseAdam`) leaves the other examples' parame
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import pyro
 import pyro.distributions as dist
@@ -20,9 +21,9 @@ from torch.distributions import biject_to
 from torch.distributions.transforms import ReshapeTransform
 from torch.nn.functional import softplus
 
+from pyrovae.batch import Data, as_batch
 from pyrovae.errors import PyrovaeError
 from pyrovae.registry import GUIDES
-from pyrovae.batch import Data, as_batch
 from pyrovae.sites import ModelSites, is_real, primary
 
 __all__ = ["COVARIANCES", "LocalGaussian", "flatten", "inverse_softplus", "unflatten"]
@@ -153,7 +154,7 @@ class LocalGaussian(nn.Module):
     ) -> None:
         """Overwrite the parameters of `rows`: means, and standard deviations or (full covariance)
         Cholesky factors per site."""
-        for name, shape in self.sites.latents.items():
+        for name, _shape in self.sites.latents.items():
             self.loc[_key(name)].weight[rows] = loc[name].reshape(len(rows), -1).to(self.loc[_key(name)].weight)
             if scale is None or self.covariance == "point":
                 continue

@@ -3,10 +3,10 @@
 if __name__ != "pyrovae.models":
     raise ImportError(f"import pyrovae.models, not {__name__!r}: this folder is installed as pyrovae.models")
 
-from pyrovae.models.linear_gaussian import LinearGaussian
-from pyrovae.models.vae import VAE
-from pyrovae.models.priors import FlowPrior, StandardPrior, VampPrior
-from pyrovae.models.hierarchical import Hierarchical
 from pyrovae.models.fully_observed import MADEModel, RealNVPModel
+from pyrovae.models.hierarchical import Hierarchical
+from pyrovae.models.linear_gaussian import LinearGaussian
+from pyrovae.models.priors import FlowPrior, StandardPrior, VampPrior
+from pyrovae.models.vae import VAE
 
 __all__ = ["FlowPrior", "Hierarchical", "LinearGaussian", "MADEModel", "RealNVPModel", "StandardPrior", "VAE", "VampPrior"]

@@ -15,7 +15,7 @@ They are the baselines that latent-variable models are compared with; pair them 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import pyro
 import pyro.distributions as dist

@@ -9,7 +9,7 @@ MLP, a conv net or a PixelCNN, each looked up by name in `pyrovae.registry.PRIOR
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import pyro
 import pyro.distributions as dist

@@ -9,7 +9,7 @@ ELBO, the IWAE bound and the importance-sampled log p(x) (Kingma & Welling 2019,
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import pyro
 import pyro.distributions as dist

@@ -22,7 +22,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import pyro.distributions as dist
 import torch

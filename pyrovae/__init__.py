@@ -7,9 +7,8 @@ sites, trained by an inference method on an objective, and scored by importance 
 
 __version__ = "0.1.0"
 
+from pyrovae import data, guides, models, objectives
 from pyrovae.errors import PyrovaeError
-from pyrovae import data, objectives
-from pyrovae import models, guides
 from pyrovae.evaluate import Evaluation, evaluate
 from pyrovae.guides import build_guide
 from pyrovae.infer import AmortizedVI, TrainSettings, train

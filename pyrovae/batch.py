@@ -10,8 +10,9 @@ arguments (a `PackedSequence`, reversed sequences) from the sliced ones at call 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Union
 
 import torch
 

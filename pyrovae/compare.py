@@ -13,9 +13,10 @@ import io
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pyro
 import torch
@@ -26,7 +27,6 @@ from pyrovae.errors import PyrovaeError
 from pyrovae.evaluate import evaluate
 from pyrovae.experiment import Config, build, load
 from pyrovae.heldout import ProposalSettings, gap_decomposition, heldout_scores
-from pyrovae.infer.local import model_sites
 from pyrovae.registry import METHODS
 from pyrovae.run import RunDir, atomic_write
 

@@ -13,7 +13,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import pyro.distributions as dist
 import torch

@@ -7,8 +7,8 @@ posterior is the same for every x, i.e. it carries no information about x.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import pyro
 import torch

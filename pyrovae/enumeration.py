@@ -16,7 +16,8 @@ site inside the per-example plate is summed per example, independently of the ot
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pyro
 import torch

@@ -8,8 +8,9 @@ K up to thousands. Works on every Pyro program whose latent sites sit in a per-e
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, cast
+from typing import Any, cast
 
 import torch
 from torch import nn

@@ -8,12 +8,12 @@ import resource
 import time
 import types
 import typing
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection
+from typing import Any
 
 import torch
-from torch import nn
 
 import pyrovae
 from pyrovae import plots, usercode
@@ -78,7 +78,7 @@ class Config:
         return {**dataclasses.asdict(self), "hidden": list(self.hidden), "pyrovae": pyrovae.__version__}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "Config":
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
         """A config from a saved run's settings: every field present, each of its annotated type."""
         names = [f.name for f in dataclasses.fields(cls)]
         data = {**ADDED_LATER, **data}

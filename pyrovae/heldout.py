@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-import pyro
 import torch
-from torch import nn
 
 from pyrovae.batch import Data, as_batch
-from pyrovae.data import minibatches
 from pyrovae.errors import PyrovaeError
 from pyrovae.evaluate import Evaluation, chunk_sizes, evaluate
-from pyrovae.guides.local import LocalGaussian
 from pyrovae.infer.local import fit_local, frozen, model_sites
 from pyrovae.objectives import make_objective
 

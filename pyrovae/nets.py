@@ -8,7 +8,8 @@ by name in `pyrovae.registry.LIKELIHOODS`, re-exported here: ``LIKELIHOODS.get(n
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pyro.distributions as dist
 import torch
@@ -85,7 +86,7 @@ class IndependentBernoulli(dist.Independent):
     def __init__(self, logits: torch.Tensor) -> None:
         super().__init__(dist.Bernoulli(logits=logits, validate_args=False), 1, validate_args=False)
 
-    def expand(self, batch_shape: torch.Size, _instance: Any = None) -> "IndependentBernoulli":
+    def expand(self, batch_shape: torch.Size, _instance: Any = None) -> IndependentBernoulli:
         return super().expand(batch_shape, self._get_checked_instance(IndependentBernoulli, _instance))
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ estimate of minus the bound for the whole data set (minibatches scaled up exactl
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pyro
 import pyro.infer

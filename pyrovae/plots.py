@@ -44,7 +44,7 @@ def image_grid(images: torch.Tensor, image_shape: tuple[int, int], path: Path, t
     _save(fig, path)
 
 
-def training_curve(history: "History", path: Path) -> None:
+def training_curve(history: History, path: Path) -> None:
     """Training loss and validation ELBO against epochs (nats per example)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [r["epoch"] for r in history.rows]
@@ -55,7 +55,7 @@ def training_curve(history: "History", path: Path) -> None:
     _save(fig, path)
 
 
-def write_run_plots(experiment: "Experiment", history: "History", out: Path) -> None:
+def write_run_plots(experiment: Experiment, history: History, out: Path) -> None:
     """training.png, and for image data samples.png and (with a trained guide) reconstructions.png."""
     if history.rows:
         training_curve(history, out / "training.png")

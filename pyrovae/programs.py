@@ -11,7 +11,8 @@ it is refused rather than left untrained.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import pyro
 import torch

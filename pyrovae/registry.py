@@ -4,8 +4,9 @@ parts a model is built from: priors p(z), decoder networks and likelihood heads 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Generic, TypeVar
 
 from pyrovae.errors import PyrovaeError
 

@@ -8,22 +8,23 @@ user's own model with other site and plate names and no pyrovae base class.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
-import pyro.distributions as dist
-from torch.distributions import biject_to, constraints
 from pyro.poutine.util import site_is_subsample
+from torch.distributions import biject_to, constraints
 
-from pyrovae.batch import Batch, Data, as_batch
+from pyrovae.batch import Data, as_batch
 from pyrovae.capture import leaves_no_trace
-from pyrovae.programs import program_modules
 from pyrovae.errors import PyrovaeError
+from pyrovae.programs import program_modules
 
 __all__ = ["DATA_PLATE", "ModelSites", "call_kwargs", "data_plate", "direct_parameters", "inspect_model", "is_real", "primary", "register"]
 

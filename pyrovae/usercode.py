@@ -17,8 +17,9 @@ import re
 import sys
 import traceback
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from pyrovae.errors import PyrovaeError
 

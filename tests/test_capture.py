@@ -76,7 +76,7 @@ def test_programs_that_cannot_be_captured_run_eagerly():
     x = torch.randn(20, 5)
     model = _DataDependent()
     method = AmortizedVI(model, build_guide("diagonal", model, x, hidden=(8,)), TrainSettings(batch_size=10), len(x))
-    for i in range(3):
+    for _i in range(3):
         assert torch.isfinite(method.step(x[:10], torch.arange(10)))
     assert all(g is None for g in method.captured.graphs.values())
     assert "tracer stopped" in next(iter(method.captured.refused.values()))
@@ -90,7 +90,7 @@ def test_a_program_with_param_store_parameters_is_not_captured_and_trains_them()
     method = AmortizedVI(model, build_guide("diagonal", model, x, hidden=(8,)), TrainSettings(batch_size=10, lr=0.1), len(x))
     method.step(x[:10], torch.arange(10))
     noise = pyro.param("noise").item()
-    for i in range(3):
+    for _i in range(3):
         assert torch.isfinite(method.step(x[:10], torch.arange(10)))
     assert method.captured is None and pyro.param("noise").item() != noise
 

@@ -80,7 +80,6 @@ def test_elbo_below_log_likelihood_and_gap_is_kl(setup):
     exact = model.log_marginal(x)
     result = evaluate(model, guide, x, num_samples=20000)
     assert (result.elbo < exact).all()
-    q = dist.Normal(guide.loc, guide.scale).to_event(1)
     p = model.posterior(x)
     # KL(q || p) between a diagonal and a full Gaussian, in closed form
     kl = _kl_diag_full(guide.loc, guide.scale, p)

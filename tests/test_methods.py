@@ -14,12 +14,12 @@ from pyro import poutine
 from torch import nn
 
 import pyrovae.compare as compare_module
-from pyrovae.batch import as_batch
 from pyrovae import evaluate
+from pyrovae.batch import as_batch
 from pyrovae.compare import ProposalSettings, compare, gap_decomposition
 from pyrovae.data import load_dataset
 from pyrovae.guides import build_guide
-from pyrovae.infer import MAP, AmortizedVI, LocalVI, MCMCEM, TrainSettings
+from pyrovae.infer import MAP, MCMCEM, AmortizedVI, LocalVI, TrainSettings
 from pyrovae.models import LinearGaussian
 from pyrovae.registry import METHODS
 

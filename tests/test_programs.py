@@ -340,7 +340,7 @@ def test_a_global_latent_trains_to_its_exact_posterior_from_minibatches():
     x = torch.randn(40) + 2.0
     method = AmortizedVI(global_model, global_guide, TrainSettings(lr=0.02, batch_size=10), len(x))
     generator = torch.Generator().manual_seed(0)
-    for step in range(3000):
+    for _step in range(3000):
         index = torch.randperm(40, generator=generator)[:10]
         method.step(x[index], index)
     assert method.sites.global_latents == {"w": torch.Size([])}

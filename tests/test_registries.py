@@ -13,7 +13,7 @@ import pyrovae  # noqa: F401  (registers every entry)
 from pyrovae import registry
 from pyrovae.conv import AutoregressiveBernoulli
 from pyrovae.errors import PyrovaeError
-from pyrovae.models import Hierarchical, VAE
+from pyrovae.models import VAE, Hierarchical
 from pyrovae.models.priors import make_prior
 
 SHAPE = (64,)  # an 8x8 image, flattened

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import os
+import subprocess
 import textwrap
 from pathlib import Path
 
-from test_cli import run_cli
+from test_cli import run_cli as run_process
+
+from pyrovae.cli import main
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`pyrovae ARGS` in this process (a subprocess costs seconds of imports); as `run_process` answers."""
+    out, err, before = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        os.chdir(cwd or before)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 M2 = Path(__file__).parent / "programs" / "ss_m2.py"
 
@@ -35,14 +53,14 @@ PPCA = textwrap.dedent(
 
 def test_a_semi_supervised_script_trains_evaluates_and_samples_from_the_command_line(tmp_path):
     out = tmp_path / "m2"
-    done = run_cli("fit", "--model", f"{M2}:SSVAE", "--guide", f"{M2}:make_guide", "--objective", "elbo-enum", "--dataset", "digits",
-                   "--fields", "x,y", "--epochs", "1", "--eval-samples", "20", "--out", str(out), "--quiet", cwd=tmp_path)
+    done = run_process("fit", "--model", f"{M2}:SSVAE", "--guide", f"{M2}:make_guide", "--objective", "elbo-enum", "--dataset", "digits",
+                       "--fields", "x,y", "--epochs", "1", "--eval-samples", "20", "--out", str(out), "--quiet", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["model"] == f"{M2.resolve()}:SSVAE" and config["fields"] == "x,y"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    done = run_cli("evaluate", str(out), "--samples", "50", "--json", cwd=elsewhere)  # the script is found from where it is
+    done = run_process("evaluate", str(out), "--samples", "50", "--json", cwd=elsewhere)  # the script is found from where it is
     assert done.returncode == 0, done.stderr
     metrics = json.loads(done.stdout)
     assert metrics["examples"] == 300 and math.isfinite(metrics["log_likelihood"]) and metrics["gap"] > -0.1

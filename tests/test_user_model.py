@@ -65,7 +65,7 @@ def trained() -> tuple[nn.Module, nn.Module, torch.Tensor, float]:
     guide = build_guide("diagonal", model, x, hidden=(16,))
     method = AmortizedVI(model, guide, TrainSettings(lr=1e-2, batch_size=20), num_examples=len(x))
     before = evaluate(model, guide, x, num_samples=50).elbo.mean().item()
-    for step in range(150):
+    for _step in range(150):
         index = torch.randperm(len(x))[:20]
         method.step(x[index], index)
     return model, guide, x, before

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from pyrovae.batch import Batch, Data, as_batch
+from pyrovae.batch import Data, as_batch
 from pyrovae.capture import CapturedLoss
 from pyrovae.errors import PyrovaeError
 from pyrovae.handlers import scale_latents, scale_plate

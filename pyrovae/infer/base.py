@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 import dataclasses
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import pyro
-from pyro.poutine.util import site_is_subsample
-from pyro.infer.util import is_validation_enabled
 import torch
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 
-from pyrovae.batch import Batch, Data, as_batch
+from pyrovae.batch import Data, as_batch
 from pyrovae.errors import PyrovaeError
 from pyrovae.programs import ProgramParameters, check_complete, program_modules
 from pyrovae.protocols import guide_traits

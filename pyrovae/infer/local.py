@@ -13,7 +13,8 @@ import contextlib
 import functools
 import math
 import warnings
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from pyrovae.infer.base import InferenceMethod, TrainSettings, unique_parameters
 from pyrovae.objectives import make_objective
 from pyrovae.protocols import guide_traits
 from pyrovae.registry import METHODS
-from pyrovae.sites import ModelSites, inspect_model, direct_parameters
+from pyrovae.sites import ModelSites, direct_parameters, inspect_model
 
 __all__ = ["LocalVI", "fit_local", "frozen", "model_sites", "refuse_discrete"]
 

@@ -10,20 +10,20 @@ model) is also the potential of MCMC-EM's HMC chains and its M-step objective.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
 import torch
-from torch import nn
 
+from pyrovae.batch import Data, as_batch
+from pyrovae.errors import PyrovaeError
 from pyrovae.guides.local import flatten, unflatten
 from pyrovae.importance import log_weights
 from pyrovae.infer.base import TrainSettings
 from pyrovae.infer.local import LocalVI, fit_local
 from pyrovae.registry import METHODS
-from pyrovae.batch import Data, as_batch
-from pyrovae.errors import PyrovaeError
 from pyrovae.sites import ModelSites, primary
 
 __all__ = ["MAP", "fit_map", "log_joint"]

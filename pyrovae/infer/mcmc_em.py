@@ -17,7 +17,8 @@ example is accepted or rejected on its own energy change.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from pyro import poutine
@@ -167,7 +168,7 @@ class MCMCEM(InferenceMethod):
         steps = self.hmc_steps + (self.burn_in if fresh.any() else 0)
         log_step = self.log_step[index]
         accepted = []
-        for i in range(steps):
+        for _i in range(steps):
             z, prob = hmc_transition(lambda v: -log_joint(model, self.sites, v, x, **kwargs), z, log_step.exp(), self.leapfrog_steps)
             gain = prob - self.target_accept if self.adapt == "example" else (prob.mean() - self.target_accept).expand_as(prob)
             rate = torch.where(count < self.adapt_until, self.adapt_rate / (1 + count).float().sqrt(), torch.zeros_like(prob))

@@ -15,7 +15,8 @@ apart (Kingma & Welling 2019, sec. 2.6-2.7 for the importance weights).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pyro
 import torch
