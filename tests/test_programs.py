@@ -120,10 +120,12 @@ def test_a_tensor_that_takes_a_gradient_outside_every_module_and_the_store_is_re
             pyro.sample("x", dist.Normal(hidden(z), 1.0).to_event(1), obs=x)
 
     x, _ = _linear_gaussian_data(20)
-    method = AmortizedVI(model, build_guide("diagonal", model, x, hidden=(8,)), TrainSettings(batch_size=20), len(x))
-    with pytest.raises(PyrovaeError, match="require grad but are in no module") as error:
-        method.step(x, torch.arange(20))
-    assert "\n" not in str(error.value)
+    guide = build_guide("diagonal", model, x, hidden=(8,))
+    for name in ("amortized", "local", "map", "mcmc-em", "wake-sleep"):
+        method = METHODS.get(name)(model, guide, TrainSettings(batch_size=20), len(x))
+        with pytest.raises(PyrovaeError, match="require grad but are in no module") as error:
+            method.step(x, torch.arange(20))
+        assert "\n" not in str(error.value)
 
 
 # --- bound methods ---------------------------------------------------------------------------------
@@ -624,3 +626,25 @@ def test_data_sets_give_labels_and_masks_as_the_models_arguments():
     x, mask, lengths = chorales.batch("train", torch.arange(5)).args
     assert mask.dtype == torch.bool and torch.equal(mask.sum(-1), lengths) and x.shape[:2] == mask.shape
     assert (x[~mask] == 0).all()  # padding is padding
+
+
+def test_wake_sleep_takes_programs_that_cannot_vectorize_and_enumerated_models():
+    x, _ = _linear_gaussian_data(20)
+    guide = build_guide("diagonal", broadcasting_model, x, hidden=(8,))
+    ws = METHODS.get("wake-sleep")(concatenating_model, guide, TrainSettings(batch_size=20), 20)
+    assert math.isfinite(ws.step(x, torch.arange(20)))  # one particle: no particle plate needed
+    rws = METHODS.get("wake-sleep")(concatenating_model, guide, TrainSettings(batch_size=20), 20, variant="rws", particles=3)
+    with pytest.raises(PyrovaeError, match="cannot run over a vectorized particle dimension") as error:
+        rws.step(x, torch.arange(20))
+    assert "\n" not in str(error.value)
+
+    def learned_guide(x):
+        scale = pyro.param("ws_scale", torch.tensor(1.5), constraint=dist.constraints.positive)
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(x.new_zeros(len(x)), scale))
+
+    pyro.clear_param_store()
+    points = torch.tensor([-3.2, -0.4, 0.1, 2.5, 3.3, 4.5])
+    rws = METHODS.get("wake-sleep")(mixture_model, learned_guide, TrainSettings(objective="elbo-enum", batch_size=6), 6, variant="rws", particles=2000)
+    bound = -rws.step(points, torch.arange(6))  # IWAE-2000 with y summed exactly: within MC error of log p(x)
+    assert abs(bound - _exact_mixture(points).mean().item()) < 0.02

@@ -179,10 +179,13 @@ class MCMCEM(InferenceMethod):
         return z
 
     def step(self, x: Data, index: torch.Tensor, beta: float = 1.0) -> float:
+        first = not self.prepared
         z = self.e_step(x, index, beta)
         kwargs, _ = self.minibatch_kwargs(x, index)
         self.optimizer.zero_grad(set_to_none=True)
         loss = -log_joint(scale_latents(self.model, beta), self.sites, z, x, **kwargs).mean()
+        if first and loss.requires_grad:
+            self.check_complete(loss)
         if loss.requires_grad:  # a frozen model: the E-step alone
             loss.backward()
             self.optimizer.step()

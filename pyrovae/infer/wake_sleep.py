@@ -14,6 +14,8 @@ apart (Kingma & Welling 2019, sec. 2.6-2.7 for the importance weights).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +27,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from pyrovae.batch import Data, as_batch
+from pyrovae.enumeration import log_weights_enum
 from pyrovae.errors import PyrovaeError
 from pyrovae.handlers import scale_latents
 from pyrovae.importance import PARTICLES, log_weights
@@ -39,7 +42,7 @@ VARIANTS = ("ws", "rws")
 
 def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
     """d loss / d params, None for the parameters the loss does not reach."""
-    if not loss.requires_grad:
+    if not loss.requires_grad or not params:
         return (None,) * len(params)
     return torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
 
@@ -48,10 +51,12 @@ def _no_model(*args: Any, **kwargs: Any) -> None:
     """A program with no sites: `log_weights(_no_model, guide)` is -log q(z|x)."""
 
 
-def detached_guide(guide: Callable, particles: int, nesting: int, *args: Any, **kwargs: Any) -> Callable:
+def detached_guide(guide: Callable, particles: int | None, nesting: int, *args: Any, **kwargs: Any) -> Callable:
     """`guide` replayed at K draws made without gradient: log q(z|x) is differentiable in the
-    guide's parameters, the values z are not (the score-function form of wake-sleep)."""
-    with pyro.plate(PARTICLES, particles, dim=-(nesting + 1)), torch.no_grad():
+    guide's parameters, the values z are not (the score-function form of wake-sleep). With
+    `particles` None, one draw and no particle plate (a program that cannot broadcast over one)."""
+    plate = pyro.plate(PARTICLES, particles, dim=-(nesting + 1)) if particles is not None else contextlib.nullcontext()
+    with plate, torch.no_grad():
         trace = poutine.trace(guide).get_trace(*args, **kwargs)
     return poutine.replay(guide, trace=trace)
 
@@ -138,20 +143,23 @@ class WakeSleep(InferenceMethod):
 
     def step(self, x: Data, index: torch.Tensor, beta: float = 1.0) -> float:
         batch = as_batch(x)
+        first = not self.prepared
         self.prepare(batch)
         kwargs, factor = self.minibatch_kwargs(batch, index)
         args, call_kwargs = batch.call_args()
         kwargs = {**call_kwargs, **kwargs}
         model, guide = scale_latents(self.model, beta), scale_latents(self.guide, beta)
         nesting, k = self.settings.max_plate_nesting, self.particles
-        replayed = detached_guide(guide, k, nesting, *args, **kwargs)
-        weights = log_weights(model, replayed, k, nesting, *args, plate_name=self.plate, **kwargs)
+        # one particle needs no particle plate; K > 1 replays K draws in one, which the program must allow
+        replayed = detached_guide(guide, k if k > 1 else None, nesting, *args, **kwargs)
+        weigh = functools.partial(log_weights_enum if self.sites.enumerated else log_weights, vectorize=True if k > 1 else False)
+        weights = weigh(model, replayed, k, nesting, *args, plate_name=self.plate, **kwargs)
         scale = factor * weights.data_scale / self.num_examples  # to nats per example of the data set
         w = torch.softmax(weights.values.detach(), 0)
         model_loss = -scale * (w * weights.values).sum()  # its theta-gradient is -sum_k w_k grad log p
         guide_loss = batch.primary.new_zeros(())
         if self.variant == "rws":
-            log_q = -log_weights(_no_model, replayed, k, nesting, *args, plate_name=self.plate, **kwargs).values
+            log_q = -log_weights(_no_model, replayed, k, nesting, *args, plate_name=self.plate, vectorize=True if k > 1 else False, **kwargs).values
             guide_loss = guide_loss - scale * (w * log_q).sum()
         if self.sleep:
             if not batch.is_tensor:
@@ -162,6 +170,8 @@ class WakeSleep(InferenceMethod):
                     raise PyrovaeError(f"the sleep phase needs one observed site to dream, the model has {len(observed)}")
                 self.observed = observed[0]
             guide_loss = guide_loss - sleep_log_q(model, guide, batch.primary, self.observed).mean()
+        if first:
+            self.check_complete(model_loss + guide_loss)
         # both phases' gradients before either step: model and guide may share a module's tensors
         steps = [(self.model_optimizer, self.theta, _grads(model_loss, self.theta))]
         if self.guide_optimizer is not None and guide_loss.requires_grad:
