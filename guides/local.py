@@ -94,6 +94,14 @@ class LocalGaussian(nn.Module):
         self.sites, self.covariance, self.num_examples = sites, covariance, num_examples
         self.loc = nn.ModuleDict()
         self.scale = nn.ModuleDict()
+        # latents outside the per-example plate: one (diagonal) Gaussian or point each, dense
+        self.global_loc = nn.ParameterDict()
+        self.global_scale = nn.ParameterDict()
+        for name in sites.global_latents:
+            d = math.prod(sites.real_shape(name))
+            self.global_loc[_key(name)] = nn.Parameter(torch.zeros(d))
+            if covariance != "point":
+                self.global_scale[_key(name)] = nn.Parameter(inverse_softplus(torch.full((d,), init_scale)))
         for name in sites.latents:
             d = math.prod(sites.real_shape(name))
             self.loc[_key(name)] = _table(num_examples, d, torch.zeros(d))
@@ -111,6 +119,23 @@ class LocalGaussian(nn.Module):
             what = ", ".join(f"{k!r} is {v}" for k, v in discrete.items())
             return f"it serves continuous latents, but {what}"
         return None
+
+    def tables(self) -> list[nn.Parameter]:
+        """The per-example tables (sparse gradients: `torch.optim.SparseAdam`)."""
+        return [*self.loc.parameters(), *self.scale.parameters()]
+
+    def global_parameters(self) -> list[nn.Parameter]:
+        """The global latents' parameters (dense gradients)."""
+        return [*self.global_loc.parameters(), *self.global_scale.parameters()]
+
+    def global_distribution(self, name: str) -> dist.Distribution:
+        """q(z_name) of a latent outside the per-example plate, on its real shape."""
+        shape = self.sites.real_shape(name)
+        loc = self.global_loc[_key(name)].reshape(shape)
+        if self.covariance == "point":
+            return dist.Delta(loc, event_dim=len(shape))
+        scale = (softplus(self.global_scale[_key(name)]) + 1e-5).reshape(shape)
+        return dist.Normal(loc, scale).to_event(len(shape))
 
     def distribution(self, name: str, rows: torch.Tensor) -> dist.Distribution:
         """q(z_name | x_rows) for the examples `rows`, on the site's real (unconstrained) shape."""
@@ -140,6 +165,8 @@ class LocalGaussian(nn.Module):
         x = primary(args, kwargs)
         rows = rows if rows is not None else index if index is not None else torch.arange(len(x), device=x.device)
         rows = rows.reshape(self.sites.example_shape(len(rows)))
+        for name in self.sites.global_latents:
+            pyro.sample(name, self.sites.constrain(name, self.global_distribution(name)))
         with self.sites.plate_for(x, index, size):
             for name in self.sites.latents:
                 pyro.sample(name, self.sites.constrain(name, self.distribution(name, rows)))

@@ -86,7 +86,7 @@ class ProgramParameters:
     """
 
     def __init__(self, *programs: Any) -> None:
-        self.programs = programs
+        self.programs = tuple(p for p in programs if p is not None)  # local VI, MCMC-EM need no guide
         self.modules = nn.ModuleList(_unique_modules(m for p in programs for m in program_modules(p)))
         self.named: dict[str, torch.Tensor] = {}  # parameters read through Pyro's param store, in first-use order
         self.trace: Any = None  # the last program's trace from `discover`

@@ -75,10 +75,11 @@ class ModelSites:
     def real_shape(self, name: str) -> torch.Size:
         """The event shape a guide's real-valued distribution has for site `name`: the site's
         own, or its unconstrained shape (a simplex of K is K - 1 reals, Pyro's `biject_to`)."""
+        shape = self.latents[name] if name in self.latents else self.global_latents[name]
         support = self.supports.get(name)
         if support is None or support.is_discrete or is_real(support):  # a discrete site is refused, not served
-            return self.latents[name]
-        return torch.Size(biject_to(support).inverse_shape(self.latents[name]))
+            return shape
+        return torch.Size(biject_to(support).inverse_shape(shape))
 
     def constrain(self, name: str, q: Any) -> Any:
         """`q`, a distribution on `real_shape(name)`, carried onto the site's support by `biject_to`
@@ -92,7 +93,7 @@ class ModelSites:
         """Latent sites a real-valued guide cannot serve, with why: discrete ones, and (if asked)
         constrained ones."""
         out = {}
-        for name in self.latents:
+        for name in (*self.latents, *self.global_latents):
             support = self.supports.get(name)
             if support is None:
                 continue

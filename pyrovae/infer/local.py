@@ -22,7 +22,7 @@ from torch import nn
 from pyrovae.batch import Data, as_batch
 from pyrovae.errors import PyrovaeError
 from pyrovae.guides.local import LocalGaussian
-from pyrovae.handlers import scale_latents
+from pyrovae.handlers import scale_latents, scale_plate
 from pyrovae.infer.base import InferenceMethod, TrainSettings, unique_parameters
 from pyrovae.objectives import make_objective
 from pyrovae.protocols import guide_traits
@@ -77,9 +77,10 @@ class LocalOptimizer:
     their parameters (dense Adam would drift them with its momentum).
     """
 
-    def __init__(self, dense: list[nn.Parameter], local: nn.Module, lr: float, local_lr: float) -> None:
+    def __init__(self, dense: list[nn.Parameter], local: LocalGaussian, lr: float, local_lr: float) -> None:
         self.dense = torch.optim.Adam(dense, lr=lr) if dense else None
-        self.local = torch.optim.SparseAdam(list(local.parameters()), lr=local_lr)
+        tables = local.tables()  # none when every latent is global
+        self.local = torch.optim.SparseAdam(tables, lr=local_lr) if tables else None
 
     def zero_grad(self) -> None:
         for opt in (self.dense, self.local):
@@ -92,12 +93,12 @@ class LocalOptimizer:
                 opt.step()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"dense": None if self.dense is None else self.dense.state_dict(), "local": self.local.state_dict()}
+        return {"dense": None if self.dense is None else self.dense.state_dict(), "local": None if self.local is None else self.local.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.dense is not None:
-            self.dense.load_state_dict(state["dense"])
-        self.local.load_state_dict(state["local"])
+        for optimizer, saved in ((self.dense, state["dense"]), (self.local, state["local"])):
+            if optimizer is not None:
+                optimizer.load_state_dict(saved)
 
 
 def fit_local(
@@ -136,7 +137,7 @@ def fit_local(
     if sites.enumerated and objective == "elbo":
         objective = "elbo-enum"  # the model's enumerated sites are summed, not sampled
     loss_fn = make_objective(objective, particles, sites.max_plate_nesting, plate=sites.plate)
-    optimizer = torch.optim.SparseAdam(list(local.parameters()), lr=lr)
+    optimizer = torch.optim.SparseAdam(local.tables(), lr=lr)
     args, kwargs = batch.call_args()
     with frozen(model):
         for i in range(steps):
@@ -198,19 +199,19 @@ class LocalVI(InferenceMethod):
             self.encoder = guide
         if semi_amortized_steps > 0 and self.encoder is None:
             raise PyrovaeError("semi-amortized local VI needs an amortized guide to start from (e.g. --guide diagonal)")
-        dense = unique_parameters(model)
+        dense = unique_parameters(model) + self.local.global_parameters()
         if semi_amortized_steps > 0:
-            dense = unique_parameters(model, guide)
+            dense = unique_parameters(model, guide) + self.local.global_parameters()
         self.optimizer = LocalOptimizer(dense, self.local, settings.lr, local_lr)
 
     def check_sites(self, sites: ModelSites) -> None:
         """Per-example Gaussians (or points) serve continuous per-example latents only."""
         refuse_discrete(self.name, sites)
         super().check_sites(sites)
-        if sites.global_latents:
+        if sites.global_latents and self.semi_amortized_steps > 0:
             raise PyrovaeError(
-                f"the {self.name} method keeps parameters per example only, but the model has global latent(s) "
-                f"{', '.join(map(repr, sites.global_latents))}: train it with --method amortized and a guide for them"
+                f"semi-amortized local VI refines per-example q_i only, but the model has global latent(s) "
+                f"{', '.join(map(repr, sites.global_latents))}: use persistent local VI (semi_amortized_steps=0) or --method amortized"
             )
 
     def add_parameters(self, model: list[torch.Tensor], guide: list[torch.Tensor]) -> None:
@@ -230,6 +231,9 @@ class LocalVI(InferenceMethod):
         batch = as_batch(x)
         kwargs, factor = self.minibatch_kwargs(batch, index)
         model, guide = scale_latents(self.model, beta), scale_latents(guide, beta)
+        if factor != 1.0 and self.sites is not None and self.sites.global_latents:
+            # global latents count once, per-example sites N / B times (as in AmortizedVI.loss)
+            model, guide, factor = scale_plate(model, self.plate, factor), scale_plate(guide, self.plate, factor), 1.0
         args, call_kwargs = batch.call_args()
         total = factor * self.objective.differentiable_loss(model, guide, *args, **call_kwargs, **kwargs)
         return total / (self.num_examples if index is not None else len(batch))
