@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", help="elbo, elbo-analytic, elbo-enum (sums enumerated discrete sites) or iwae")
     p.add_argument("--fields", help="the data's fields the model takes, in order (x, y, lengths, mask), e.g. x,y for model(xs, ys)")
     p.add_argument("--plate", help="the model's per-example plate (default: 'data', else the plate sized like the data)")
+    p.add_argument("--collate", metavar="FILE.py:NAME", help="collate(args, kwargs) -> (args, kwargs): derived arguments built from each sliced batch (a packed sequence)")
     p.add_argument("--particles", type=int, help="samples per example in the objective (K of iwae)")
     p.add_argument("--dataset", help="a registered data set, or a .npy/.npz/.pt file of your own")
     p.add_argument("--data-option", type=_option, action="append", metavar="KEY=VALUE", help="data set option, e.g. binarize=false (digits), binarize=dynamic (mnist)")
@@ -157,7 +158,7 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
         method_options=_pairs(args.method_option), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         particles=args.particles, warmup=args.warmup, patience=args.patience, seed=args.seed,
         eval_samples=args.eval_samples, device=args.device, capture=None if args.eager is None else not args.eager,
-        fields=args.fields, plate=args.plate,
+        fields=args.fields, plate=args.plate, collate=args.collate,
     )
     return {name: value for name, value in fields.items() if value is not None}
 

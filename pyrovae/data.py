@@ -76,6 +76,7 @@ class Dataset:
     image_shape: tuple[int, int] | None = None
     dynamic_binarization: bool = False
     fields: tuple[str, ...] = ("x",)  # what `batch` gives a model, in order (see `with_fields`)
+    collate: Callable[[tuple, dict], tuple[tuple, dict]] | None = None  # derived arguments (`pyrovae.batch.Batch`)
 
     def split(self, name: str) -> Split:
         """Returns the split ``name``, or raises naming the splits this data set has."""
@@ -108,7 +109,7 @@ class Dataset:
         Labels are ``int64``; masks ``bool`` ``(B, T_max)``; lengths ``int64``.
         """
         x = self._rows(split, index, generator, device)
-        if self.fields == ("x",):
+        if self.fields == ("x",) and self.collate is None:
             return x
         part, rows = self.split(split), torch.as_tensor(index, dtype=torch.long)
         values = {
@@ -117,7 +118,7 @@ class Dataset:
             "lengths": lambda: part.lengths[rows.cpu()].long().to(x.device),
             "mask": lambda: self.mask(split, rows, x.device),
         }
-        return Batch(tuple(values[f]() for f in self.fields))
+        return Batch(tuple(values[f]() for f in self.fields), {}, self.collate)
 
     def _rows(self, split: str, index: torch.Tensor, generator: torch.Generator | None, device: torch.device | str | None) -> torch.Tensor:
         rows = self.split(split).x

@@ -72,6 +72,7 @@ class Config:
     device: str = "cpu"
     capture: bool = True
     fields: str = "x"  # the data's fields a model takes, in order: x, y, lengths, mask
+    collate: str | None = None  # FILE.py:NAME of collate(args, kwargs) -> (args, kwargs), run on every batch
     plate: str | None = None  # the model's per-example plate (None: "data", else found by size)
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,7 +94,7 @@ class Config:
 
 
 SAVED_EXTRAS = ("format", "pyrovae")  # written beside the settings in config.json
-ADDED_LATER = {"fields": "x", "plate": None}  # settings runs saved before they existed take as their default
+ADDED_LATER = {"fields": "x", "plate": None, "collate": None}  # settings runs saved before they existed take as their default
 
 
 def _kind(hint: Any) -> tuple[Callable[[Any], bool], str]:
@@ -197,6 +198,11 @@ def build(config: Config) -> Experiment:
     data = load_dataset(config.dataset, config.data_dir, **config.dataset_options)
     if config.fields != "x":
         data = data.with_fields(config.fields)
+    if config.collate is not None:
+        collate = usercode.load_object(config.collate)
+        if not callable(collate):
+            raise PyrovaeError(f"--collate {config.collate} is a {type(collate).__name__}, not a function collate(args, kwargs)")
+        data = dataclasses.replace(data, collate=collate)
     instances: dict[str, object] = {}  # FILE:Class.model and FILE:Class.guide share one Class
     if user_model:
         model = usercode.build_program(config.model, data.event_shape, instances, **config.model_options)
@@ -330,7 +336,8 @@ def fit(
     """
     run = RunDir(out) if out is not None else None
     checkpoint, rewrite = None, False
-    config = dataclasses.replace(config, model=usercode.describe(config.model), guide=usercode.describe(config.guide))
+    config = dataclasses.replace(config, model=usercode.describe(config.model), guide=usercode.describe(config.guide),
+                                 collate=config.collate and usercode.describe(config.collate))
     if resume:
         if run is None:
             raise PyrovaeError("--resume needs the run directory (--out)")

@@ -141,7 +141,7 @@ def _weights(model_trace: Trace, guide_trace: Trace, num: int, nesting: int, pla
 # Programs seen failing over a particle dimension, by identity: weighed one draw at a time from
 # then on, without trying again. A stale id costs speed only, never a number.
 _SEQUENTIAL: set[tuple[int, ...]] = set()
-_VECTORIZE_ERRORS = (RuntimeError, IndexError, ValueError, TypeError, AssertionError)
+VECTORIZE_ERRORS = (RuntimeError, IndexError, ValueError, TypeError, AssertionError)
 
 
 def _identity(program: Callable) -> tuple[int, ...]:
@@ -160,7 +160,7 @@ def over_particles(weigh: Callable[[int | None], LogWeights], num_samples: int, 
     if vectorize is not False and key not in _SEQUENTIAL:
         try:
             return weigh(num_samples)
-        except _VECTORIZE_ERRORS as error:
+        except VECTORIZE_ERRORS as error:
             where = one_line(error).split(" Trace Shapes:")[0]  # Pyro appends the trace's shapes
             if vectorize:
                 raise PyrovaeError(f"the program cannot run over a vectorized particle dimension: {where}") from error

@@ -6,6 +6,7 @@ estimate of minus the bound for the whole data set (minibatches scaled up exactl
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -18,8 +19,9 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
 from pyrovae.errors import PyrovaeError
-from pyrovae.importance import PARTICLES, _per_example, apply_model_masks, log_weights
+from pyrovae.importance import PARTICLES, VECTORIZE_ERRORS, _per_example, apply_model_masks, log_weights
 from pyrovae.registry import OBJECTIVES
+from pyrovae.run import one_line
 from pyrovae.sites import DATA_PLATE
 
 __all__ = ["FreeBitsELBO", "IWAE", "make_objective"]
@@ -48,13 +50,48 @@ class IWAE:
             return self.differentiable_loss(model, guide, *args, **kwargs).item()
 
 
+class ParticlesOrLoop:
+    """Pyro's ELBO over K particles in one vectorized pass; for a program whose code cannot
+    broadcast over the extra particle dimension, Pyro's own loop over the K particles from then
+    on (the same estimator, K passes), said once through the logger ``"pyrovae"``."""
+
+    def __init__(self, cls: type, num_particles: int, max_plate_nesting: int) -> None:
+        self.cls, self.num_particles = cls, num_particles
+        self.elbo = cls(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=max_plate_nesting)
+        self.looped = False
+
+    @property
+    def max_plate_nesting(self) -> int:
+        return self.elbo.max_plate_nesting
+
+    @max_plate_nesting.setter
+    def max_plate_nesting(self, value: int) -> None:
+        self.elbo.max_plate_nesting = value
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.looped:
+            return self.elbo.differentiable_loss(model, guide, *args, **kwargs)
+        try:
+            return self.elbo.differentiable_loss(model, guide, *args, **kwargs)
+        except VECTORIZE_ERRORS as error:
+            logging.getLogger("pyrovae").warning(
+                "the program cannot run over a vectorized particle dimension (%s): its %d particles run one at a time",
+                one_line(error).split(" Trace Shapes:")[0], self.num_particles,
+            )
+            self.elbo = self.cls(num_particles=self.num_particles, vectorize_particles=False, max_plate_nesting=self.elbo.max_plate_nesting)
+            self.looped = True
+            return self.elbo.differentiable_loss(model, guide, *args, **kwargs)
+
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+
+
 def _elbo(cls: type) -> Callable[..., Any]:
     def make(num_particles: int = 1, max_plate_nesting: int = 1, plate: str = DATA_PLATE) -> Any:
-        return cls(
-            num_particles=num_particles,
-            vectorize_particles=num_particles > 1,
-            max_plate_nesting=max_plate_nesting,
-        )
+        if num_particles > 1:
+            return ParticlesOrLoop(cls, num_particles, max_plate_nesting)
+        return cls(num_particles=1, vectorize_particles=False, max_plate_nesting=max_plate_nesting)
 
     return make
 

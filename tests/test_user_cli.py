@@ -151,3 +151,41 @@ def test_model_and_guide_named_as_methods_of_one_class_share_its_instance(tmp_pa
     rows = metrics["history"]
     assert rows[-1]["valid_elbo"] > rows[0]["valid_elbo"] + 1.0  # one instance: its trained encoder is the guide scored
     assert metrics["log_likelihood"] >= metrics["elbo"] - 0.05
+
+
+REVERSED = textwrap.dedent(
+    """
+    import pyro, pyro.distributions as dist, torch
+    from torch import nn
+
+    def reverse(args, kwargs):
+        '''Derived arguments, as a DMM's packed reversed sequences: built from each sliced batch.'''
+        (x,) = args
+        return (x,), {"x_reversed": x.flip(-1)}
+
+    class Reader(nn.Module):
+        def __init__(self, data_shape):
+            super().__init__()
+            self.decoder = nn.Linear(2, data_shape[0])
+
+        def forward(self, x, x_reversed):
+            assert torch.equal(x_reversed, x.flip(-1)), "collate was not applied to this batch"
+            pyro.module("reader", self)
+            with pyro.plate("data", len(x)):
+                z = pyro.sample("z", dist.Normal(x.new_zeros(len(x), 2), 1.0).to_event(1))
+                pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
+    """
+)
+
+
+def test_a_collate_builds_derived_arguments_for_every_batch_and_chunk(tmp_path):
+    script = tmp_path / "reader.py"
+    script.write_text(REVERSED)
+    out = tmp_path / "run"
+    done = run_cli("fit", "--model", f"{script}:Reader", "--collate", f"{script}:reverse", "--dataset", "digits", "--epochs", "1",
+                   "--batch-size", "64", "--eval-samples", "30", "--hidden", "16", "--out", str(out), "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "config.json").read_text())["collate"] == f"{script.resolve()}:reverse"
+    done = run_cli("evaluate", str(out), "--samples", "10", "--json")
+    assert done.returncode == 0, done.stderr
+    assert math.isfinite(json.loads(done.stdout)["log_likelihood"])
