@@ -124,6 +124,7 @@ def build_guide(name: str, model: Callable, example: Data, plate: str | None = N
     guide_cls = GUIDES.get(name)
     batch = as_batch(example)
     sites = inspect_model(model, batch, plate=plate)
+    sites.refuse_subsampled(f"guide {name!r}")
     reason = guide_cls.supports(model, sites)
     if reason:
         raise PyrovaeError(f"guide {name!r} cannot serve this model: {reason}")

@@ -118,6 +118,8 @@ class LocalGaussian(nn.Module):
         if discrete:
             what = ", ".join(f"{k!r} is {v}" for k, v in discrete.items())
             return f"it serves continuous latents, but {what}"
+        if sites.subsampled:
+            return f"{sites.subsampled}, and its rows are the examples it is given"
         return None
 
     def tables(self) -> list[nn.Parameter]:

@@ -113,6 +113,7 @@ def evaluate(
         raise PyrovaeError("nothing to evaluate: the data split is empty")
     max_elements = max_elements or default_max_elements(batches[0].device)
     sites = inspect_model(model, batches[0], plate=plate)
+    sites.refuse_subsampled("a per-example score")
     if sites.global_latents:
         raise PyrovaeError(
             f"the model has global latent(s) {', '.join(map(repr, sites.global_latents))}: log p(x) and the ELBO do not "

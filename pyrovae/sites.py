@@ -68,6 +68,12 @@ class ModelSites:
     enumerated: tuple[str, ...] = ()
     global_latents: dict[str, torch.Size] = field(default_factory=dict)
     discrete: tuple[str, ...] = ()
+    subsampled: str | None = None  # why, when the model subsamples its plate itself (AIR's subsample_size)
+
+    def refuse_subsampled(self, what: str) -> None:
+        """One line for the uses a self-subsampling program cannot have: per-example scores, tables, built-in guides."""
+        if self.subsampled:
+            raise PyrovaeError(f"{self.subsampled}: {what} needs every example it is given; remove subsample_size, or take index=/size= and pass subsample=index")
 
     def describe(self) -> str:
         return ", ".join(f"{k}{tuple(v)}" for k, v in self.latents.items())
@@ -179,11 +185,9 @@ def inspect_model(model: Callable, data: Data, plate: str | None = None, **kwarg
     frames = {f.name: f for s in sites for f in s["cond_indep_stack"] if f.vectorized}
     name = _find_plate(frames, plate, n)
     frame = frames[name]
-    if frame.size != frame.full_size:
-        raise PyrovaeError(
-            f"the model subsamples its plate {name!r} itself ({frame.size} of {frame.full_size} examples): pyrovae draws the "
-            "minibatches; remove subsample_size, or take index=/size= and pass subsample=index"
-        )
+    # Pyro scales a plate that subsamples itself exactly, so amortized VI with a guide that
+    # subsamples it too trains as under SVI; what needs every example refuses (`refuse_subsampled`)
+    subsampled = f"the model subsamples its plate {name!r} itself ({frame.size} of {frame.full_size} examples)" if frame.size != frame.full_size else None
     latents: dict[str, torch.Size] = {}
     global_latents: dict[str, torch.Size] = {}
     supports: dict[str, Any] = {}
@@ -209,7 +213,7 @@ def inspect_model(model: Callable, data: Data, plate: str | None = None, **kwarg
             global_latents[site["name"]] = fn.event_shape
     if not observed:
         raise PyrovaeError("the model observes nothing: pass the data as obs= of a sample site")
-    return ModelSites(latents, tuple(observed), nesting, name, frame.dim, supports, tuple(enumerated), global_latents, tuple(discrete))
+    return ModelSites(latents, tuple(observed), nesting, name, frame.dim, supports, tuple(enumerated), global_latents, tuple(discrete), subsampled)
 
 
 def _find_plate(frames: dict[str, Any], plate: str | None, n: int) -> str:

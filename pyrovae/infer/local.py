@@ -207,6 +207,7 @@ class LocalVI(InferenceMethod):
     def check_sites(self, sites: ModelSites) -> None:
         """Per-example Gaussians (or points) serve continuous per-example latents only."""
         refuse_discrete(self.name, sites)
+        sites.refuse_subsampled(f"the {self.name} method")
         super().check_sites(sites)
         if sites.global_latents and self.semi_amortized_steps > 0:
             raise PyrovaeError(

@@ -129,6 +129,7 @@ class MCMCEM(InferenceMethod):
     def check_sites(self, sites: ModelSites) -> None:
         """HMC moves real-valued per-example latents."""
         refuse_discrete(self.name, sites)
+        sites.refuse_subsampled(f"the {self.name} method")
         super().check_sites(sites)
         constrained = [n for n in sites.latents if not is_real(sites.supports.get(n, constraints.real))]
         if sites.global_latents or constrained:
