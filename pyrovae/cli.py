@@ -17,7 +17,11 @@ __all__ = ["main"]
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line and exit status 2."""
+    """argparse that reports a usage error as one line and exit status 2, and takes no
+    abbreviated flags (`--epoch 1` would silently be `--epochs 1`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"pyrovae: error: {message} (see {self.prog} --help)\n")
@@ -47,7 +51,10 @@ def _option(text: str) -> tuple[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    import pyrovae
+
     parser = _Parser(prog="pyrovae", description="Deep latent-variable models as Pyro programs.")
+    parser.add_argument("--version", action="version", version=f"pyrovae {pyrovae.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     threads = _Parser(add_help=False)
     threads.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; use 1 on a busy machine)")

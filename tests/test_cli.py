@@ -189,3 +189,16 @@ def test_console_script_and_module_agree():
     assert done.returncode == 0 and "fit" in done.stdout
     done = run_cli("fit", "--model", "nope")
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_version_and_no_abbreviated_flags(capsys):
+    import pyrovae
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"pyrovae {pyrovae.__version__}"
+    for argv in (["fit", "--epoch", "1"], ["fit", "--lat", "3"], ["compare", "--budg", "5"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and "unrecognized arguments" in err and len(err.strip().splitlines()) == 1, (argv, err)

@@ -51,6 +51,7 @@ class InferenceMethod:
     gives_elbo: ClassVar[bool] = True
     trains_guide: ClassVar[bool] = True  # leaves an amortized guide that can score held-out data
     objective: Any = None  # the bound it ascends, where it has one (`pyrovae.objectives`)
+    checks_guide: ClassVar[bool] = True  # the guide given is the one trained and scored: it must serve the model
 
     def __init__(self, model: Callable, guide: Callable, settings: TrainSettings, num_examples: int, *, sites: ModelSites | None = None) -> None:
         """`sites`: the model's sites (`pyrovae.sites.inspect_model`), where the guide does not carry them."""
@@ -96,8 +97,6 @@ class InferenceMethod:
         if model_store or guide_store:
             self.add_parameters(model_store, guide_store)
         self.prepared = True
-
-    checks_guide: ClassVar[bool] = True  # the guide given is the one trained and scored
 
     def check_sites(self, sites: ModelSites) -> None:
         """Refuse, in one line, a model whose latent sites this method cannot infer."""
