@@ -21,7 +21,8 @@ class _Parser(argparse.ArgumentParser):
     abbreviated flags (`--epoch 1` would silently be `--epochs 1`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, allow_abbrev=False, **kwargs)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"pyrovae: error: {message} (see {self.prog} --help)\n")
