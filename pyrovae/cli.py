@@ -7,7 +7,8 @@ import ast
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pyrovae {pyrovae.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     threads = _Parser(add_help=False)
-    threads.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; use 1 on a busy machine)")
+    threads.add_argument("--threads", type=int, help=f"torch CPU threads (default {DEFAULT_THREADS}: as fast for models this small, and the same answer on a busy machine)")
 
     p = sub.add_parser("list", help="models, guides, objectives, inference methods and data sets")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -118,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from pyrovae.compare import add_compare_parser
 
-    add_compare_parser(sub).add_argument("--threads", type=int, help="torch CPU threads")
+    add_compare_parser(sub).add_argument("--threads", type=int, help=f"torch CPU threads (default {DEFAULT_THREADS})")
     return parser
 
 
@@ -238,16 +239,33 @@ def _compare(args: argparse.Namespace) -> None:
 COMMANDS = {"list": _list, "fit": _fit, "evaluate": _evaluate, "sample": _sample, "compare": _compare}
 
 
+# Torch CPU threads when --threads is not given. pyrovae's models are small: one thread runs
+# them as fast as two on a quiet machine (benchmarks/throughput.py), and a budgeted `compare`
+# on a busy one took 168 steps with torch's default pool against 6,469 with one thread,
+# reordering the table. One thread gives the same answer however busy the machine is.
+DEFAULT_THREADS = 1
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Torch's CPU thread count for one command (`--threads`, else `DEFAULT_THREADS`), put back after."""
+    if threads is not None and threads < 1:
+        raise PyrovaeError(f"--threads must be positive, got {threads}")
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or DEFAULT_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if getattr(args, "threads", None) is not None:
-            if args.threads < 1:
-                raise PyrovaeError(f"--threads must be positive, got {args.threads}")
-            import torch
-
-            torch.set_num_threads(args.threads)
-        COMMANDS[args.command](args)
+        with torch_threads(getattr(args, "threads", None)):
+            COMMANDS[args.command](args)
     except PyrovaeError as error:
         print(f"pyrovae: error: {error}", file=sys.stderr)
         return 2

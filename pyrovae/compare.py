@@ -126,6 +126,10 @@ def compare(
     """
     if (budget_seconds is None) == (steps is None):
         raise PyrovaeError("give exactly one of a budget in seconds or a number of steps")
+    _positive(budget_seconds=budget_seconds, steps=steps, checkpoints=checkpoints, eval_examples=eval_examples,
+              checkpoint_examples=checkpoint_examples, batch_size=batch_size, latent=latent, lr=lr, samples=proposal.samples)
+    if proposal.steps < 0:
+        raise PyrovaeError(f"--proposal-steps must be >= 0, got {proposal.steps}")
     specs = [parse_method(m) for m in methods]
     config = Config(model=model_name, guide=guide, method="amortized", objective=objective, dataset=dataset, dataset_options=dataset_options or {},
                     data_dir=data_dir, latent=latent, hidden=tuple(hidden), batch_size=batch_size, lr=lr, seed=seed, epochs=0, fields=fields,
@@ -151,6 +155,14 @@ class _Budget:
     eval_examples: int
     checkpoint_examples: int
     proposal: ProposalSettings
+
+
+def _positive(**values: float | None) -> None:
+    """Refuse, in one line, a budget, count or size that is not a positive finite number."""
+    for name, value in values.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            flag = {"budget_seconds": "budget", "samples": "samples"}.get(name, name).replace("_", "-")
+            raise PyrovaeError(f"--{flag} must be positive, got {value}")
 
 
 def _arm(spec: str, name: str, options: dict[str, Any], config: Config, budget: _Budget, log: Callable[[str], None]) -> dict[str, Any]:
@@ -293,7 +305,12 @@ def run_compare(args: argparse.Namespace) -> None:
         return
     if args.budget is None and args.steps is None:
         raise PyrovaeError("give --budget SECONDS or --steps N")
-    hidden = tuple(int(h) for h in str(args.hidden).split(",") if h.strip())
+    try:
+        hidden = tuple(int(h) for h in str(args.hidden).split(",") if h.strip())
+    except ValueError:
+        raise PyrovaeError(f"--hidden takes comma-separated sizes like 200,200, got {args.hidden!r}") from None
+    if not hidden or min(hidden) < 1:
+        raise PyrovaeError(f"--hidden sizes must be positive, got {args.hidden!r}")
     rows = compare(
         args.model, args.dataset, [m for m in args.methods.split(",") if m], args.budget, args.steps, args.out,
         latent=args.latent, hidden=hidden, batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoints=args.checkpoints,

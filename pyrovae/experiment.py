@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import resource
 import time
 import types
@@ -186,8 +187,12 @@ def build(config: Config) -> Experiment:
     check_types({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
     if config.epochs < 0:
         raise PyrovaeError(f"--epochs must be >= 0, got {config.epochs}")
-    if config.lr <= 0:
-        raise PyrovaeError(f"--lr must be positive, got {config.lr}")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise PyrovaeError(f"--lr must be a positive number, got {config.lr}")
+    if config.batch_size < 1:
+        raise PyrovaeError(f"--batch-size must be positive, got {config.batch_size}")
+    if config.particles < 1:
+        raise PyrovaeError(f"--particles must be at least 1, got {config.particles}")
     if config.eval_samples < 0:
         raise PyrovaeError(f"--eval-samples must be >= 0, got {config.eval_samples}")
     user_model = usercode.is_spec(config.model)

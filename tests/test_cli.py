@@ -202,3 +202,30 @@ def test_version_and_no_abbreviated_flags(capsys):
             main(argv)
         err = capsys.readouterr().err
         assert done.value.code == 2 and "unrecognized arguments" in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+@pytest.mark.parametrize("argv", [
+    ["compare", "--budget", "-1"], ["compare", "--budget", "0"], ["compare", "--steps", "0"], ["compare", "--steps", "2", "--checkpoints", "0"],
+    ["compare", "--steps", "2", "--eval-examples", "0"], ["compare", "--steps", "2", "--hidden", "abc"], ["compare", "--budget", "nan"],
+    ["fit", "--batch-size", "0"], ["fit", "--lr", "nan"], ["fit", "--lr", "-1"], ["fit", "--particles", "0"],
+])
+def test_bad_budgets_and_sizes_are_refused_in_one_line_before_anything_is_written(argv, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main([*argv, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("pyrovae: error: --"), (argv, err)
+    assert not out.exists()
+
+
+def test_commands_run_on_one_torch_thread_unless_told_and_put_the_count_back():
+    import torch
+
+    from pyrovae.cli import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(None):
+        assert torch.get_num_threads() == 1
+    with torch_threads(2):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == before
+    assert main(["evaluate", "no-such-run", "--threads", "0"]) == 2
