@@ -2,6 +2,7 @@
 objective matrix, and a full-covariance posterior that closes the gap a diagonal one cannot."""
 
 import inspect
+import math
 import warnings
 
 import pyro
@@ -258,3 +259,25 @@ def test_sylvester_q_has_orthonormal_columns(variant):
     q = step.condition(torch.randn(5, 4)).q  # (5, 6, M) for five examples
     eye = torch.eye(q.shape[-1]).expand(5, -1, -1)
     assert torch.allclose(q.transpose(-1, -2) @ q, eye, atol=1e-5)
+
+
+@pytest.mark.parametrize("latent", [2, 10, 50])
+@pytest.mark.parametrize("guide_name", ["spline", "iaf", "sylvester", "full"])
+def test_captured_training_of_every_latent_size(guide_name, latent):
+    """The spline guide once crashed inside the captured graph at latent 10 ("shape '[]' is invalid
+    for input of size 0"): the guides train captured at small, middle and large latent sizes, as
+    the program trains."""
+    from pyrovae.models import VAE
+
+    x = torch.bernoulli(torch.full((20, 64), 0.3), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for capture_on in (True, False):
+        torch.manual_seed(0)
+        model = VAE((64,), latent, (16,))
+        guide = build_guide(guide_name, model, x, hidden=(16,))
+        method = AmortizedVI(model, guide, TrainSettings(batch_size=10, capture=capture_on), len(x))
+        pyro.set_rng_seed(1)
+        losses[capture_on] = [float(method.step(x[i % 2 * 10:][:10], torch.arange(10) + i % 2 * 10)) for i in range(3)]
+        if capture_on:
+            assert any(g is not None for g in method.captured.graphs.values()), method.captured.refused
+    assert all(math.isfinite(v) for v in losses[True]) and losses[True] == pytest.approx(losses[False], rel=1e-4)
