@@ -359,8 +359,7 @@ def fit(
             run.save_config(config.to_dict())
         if checkpoint is None:
             log(f"{run.path} has no checkpoint yet (it was stopped before its first one): training it from the start")
-    scorable = guide_traits(experiment.guide).gives_elbo or not experiment.method.trains_guide
-    has_valid = "valid" in experiment.data.splits and scorable
+    has_valid = "valid" in experiment.data.splits and scorable(experiment)
 
     def validate() -> float:
         """The validation ELBO; methods without an encoder get quick per-example proposals on 500 examples."""
@@ -381,6 +380,15 @@ def fit(
     return experiment, metrics
 
 
+def scorable(experiment: Experiment) -> bool:
+    """Whether held-out examples can be scored one by one: a guide that gives an ELBO (or a
+    method scored by fitted proposals), and no global latent or self-subsampled plate (the
+    bound of such a model does not split per example: its training bound is what there is)."""
+    sites = experiment.method.sites
+    per_example = sites is None or not (sites.global_latents or sites.subsampled)
+    return per_example and (guide_traits(experiment.guide).gives_elbo or not experiment.method.trains_guide)
+
+
 def _metrics(experiment: Experiment, history: History) -> dict[str, Any]:
     config = experiment.config
     split = "valid" if "valid" in experiment.data.splits else "train"
@@ -394,7 +402,7 @@ def _metrics(experiment: Experiment, history: History) -> dict[str, Any]:
         "peak_memory_mb": _peak_memory_mb(),
         "history": history.rows,
     }
-    if config.eval_samples > 0 and (guide_traits(experiment.guide).gives_elbo or not experiment.method.trains_guide):
+    if config.eval_samples > 0 and scorable(experiment):
         start = time.perf_counter()
         summary = experiment.evaluate(split, config.eval_samples).summary()
         metrics.update(elbo=summary["elbo"], log_likelihood=summary["log_likelihood"], gap=summary["gap"], eval_seconds=time.perf_counter() - start)

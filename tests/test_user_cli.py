@@ -189,3 +189,34 @@ def test_a_collate_builds_derived_arguments_for_every_batch_and_chunk(tmp_path):
     done = run_cli("evaluate", str(out), "--samples", "10", "--json")
     assert done.returncode == 0, done.stderr
     assert math.isfinite(json.loads(done.stdout)["log_likelihood"])
+
+
+GLOBAL = textwrap.dedent(
+    """
+    import pyro, pyro.distributions as dist, torch
+
+    def model(x):
+        mean = pyro.sample("mean", dist.Normal(torch.zeros(x.shape[1]), 1.0).to_event(1))  # one for the whole data set
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(mean, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        loc = pyro.param("loc", torch.zeros(x.shape[1]))
+        scale = pyro.param("scale", torch.ones(x.shape[1]), constraint=dist.constraints.positive)
+        pyro.sample("mean", dist.Normal(loc, scale).to_event(1))
+    """
+)
+
+
+def test_a_model_with_a_global_latent_fits_and_evaluate_refuses_per_example_scores(tmp_path):
+    script = tmp_path / "global.py"
+    script.write_text(GLOBAL)
+    out = tmp_path / "run"
+    done = run_cli("fit", "--model", f"{script}:model", "--guide", f"{script}:guide", "--dataset", "digits", "--epochs", "2",
+                   "--lr", "0.05", "--out", str(out), "--quiet")
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["elbo"] is None and metrics["log_likelihood"] is None  # no per-example score exists
+    assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
+    done = run_cli("evaluate", str(out), "--samples", "10")
+    assert done.returncode == 2 and "global latent" in done.stderr and len(done.stderr.strip().splitlines()) == 1
