@@ -87,7 +87,7 @@ def test_every_guide_parameter_gets_a_gradient(name, options):
     guide = build_guide(name, model, x, hidden=(16,), **options)
     method = AmortizedVI(model, guide, TrainSettings(), num_examples=len(x))
     loss = method.step(x, torch.arange(len(x)))
-    assert torch.isfinite(torch.tensor(loss))
+    assert torch.isfinite(torch.as_tensor(loss))
     for param_name, p in guide.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), param_name
         assert p.grad.abs().sum() > 0, param_name
@@ -157,7 +157,7 @@ def test_swap_matrix_one_finite_step(model_name, guide_name, objective):
         pyro.util.check_model_guide_match(model_trace, guide_trace, max_plate_nesting=1)
         method = AmortizedVI(model, guide, TrainSettings(objective=objective, particles=2), num_examples=len(x))
         loss = method.step(batch, index)
-    assert torch.isfinite(torch.tensor(loss))
+    assert torch.isfinite(torch.as_tensor(loss))
     if GUIDES.get(guide_name).gives_elbo:
         result = evaluate(model, guide, batch, num_samples=8)
         assert torch.isfinite(result.elbo).all() and torch.isfinite(result.log_likelihood).all()
