@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pyrovae.batch import Data, as_batch
+from pyrovae.conv import ConvEncoder
 from pyrovae.errors import PyrovaeError
 from pyrovae.nets import MLP, activation
 from pyrovae.protocols import model_traits
@@ -60,8 +61,6 @@ class AmortizedGuide(nn.Module):
         if encoder not in ("mlp", "conv"):
             raise PyrovaeError(f"unknown encoder {encoder!r}: choose mlp or conv")
         if encoder == "conv":
-            from pyrovae.conv import ConvEncoder
-
             trunk: nn.Module = ConvEncoder(self.data_shape, hidden[-1])
         else:
             trunk = MLP(math.prod(self.data_shape), hidden[:-1], hidden[-1], activation)

@@ -37,11 +37,14 @@ from typing import Any, ClassVar
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions.transforms import ConditionalAffineAutoregressive
+from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 from torch.nn.functional import softplus
 
 from pyrovae.conv import ConvEncoder
 from pyrovae.errors import PyrovaeError
+from pyrovae.guides.flows import Reverse
 from pyrovae.nets import MLP
 from pyrovae.nets import activation as make_activation
 from pyrovae.registry import GUIDES
@@ -238,11 +241,6 @@ class TopDownGuide(nn.Module):
 
 def _iaf_steps(dim: int, context: int, steps: int, hidden: Sequence[int] | None) -> nn.ModuleList:
     """`steps` conditional IAF steps on a layer of size `dim`, reversed between steps (empty if 0)."""
-    from pyro.distributions.transforms import ConditionalAffineAutoregressive
-    from pyro.nn import ConditionalAutoRegressiveNN
-
-    from pyrovae.guides.flows import Reverse
-
     hidden = [int(h) for h in hidden] if hidden else [10 * dim, 10 * dim]
     if steps and min(hidden) < dim:
         raise PyrovaeError(f"flow_hidden {hidden} must be at least the layer size {dim}")

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from pyrovae.errors import PyrovaeError
 from pyrovae.registry import GUIDES
 from pyrovae.sites import ModelSites
 
@@ -35,8 +36,6 @@ class NoGuide(nn.Module):
         super().__init__()
         reason = self.supports(None, sites)
         if reason:
-            from pyrovae.errors import PyrovaeError
-
             raise PyrovaeError(reason)
 
     @classmethod

@@ -161,7 +161,7 @@ def _positive(**values: float | None) -> None:
     """Refuse, in one line, a budget, count or size that is not a positive finite number."""
     for name, value in values.items():
         if value is not None and not (math.isfinite(value) and value > 0):
-            flag = {"budget_seconds": "budget", "samples": "samples"}.get(name, name).replace("_", "-")
+            flag = {"budget_seconds": "budget"}.get(name, name).replace("_", "-")
             raise PyrovaeError(f"--{flag} must be positive, got {value}")
 
 

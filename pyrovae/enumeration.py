@@ -16,7 +16,7 @@ site inside the per-example plate is summed per example, independently of the ot
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pyro
@@ -30,17 +30,10 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
 from pyrovae.errors import PyrovaeError
-from pyrovae.importance import PARTICLES, LogWeights, apply_model_masks, over_particles
-from pyrovae.sites import DATA_PLATE
+from pyrovae.importance import PARTICLES, LogWeights, _sample_sites, apply_model_masks, log_weights, over_particles
+from pyrovae.sites import DATA_PLATE, ModelSites
 
-__all__ = ["EnumLogWeights", "enumerated_sites", "log_weights_enum"]
-
-
-class EnumLogWeights(LogWeights):
-    """`LogWeights` that also unpacks as ``values, data_scale = log_weights_enum(...)``."""
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter((self.values, self.data_scale))
+__all__ = ["enumerated_sites", "log_weights_enum", "weights_for"]
 
 
 def enumerated_sites(model: Callable, *args: Any, **kwargs: Any) -> list[str]:
@@ -66,7 +59,7 @@ def log_weights_enum(
     plate_name: str = DATA_PLATE,
     vectorize: bool | None = None,
     **kwargs: Any,
-) -> EnumLogWeights:
+) -> LogWeights:
     """Like `importance.log_weights`, with the model's enumerated sites summed out exactly.
 
     `values[k, i]` keeps the particle and per-example dims (every other plate is summed);
@@ -76,8 +69,12 @@ def log_weights_enum(
     def weigh(k: int | None) -> LogWeights:
         return _enumerated(model, guide, k, max_plate_nesting, plate_name, args, kwargs)
 
-    weights = over_particles(weigh, num_samples, vectorize, (model, guide))
-    return EnumLogWeights(weights.values, weights.data_scale)
+    return over_particles(weigh, num_samples, vectorize, (model, guide))
+
+
+def weights_for(sites: ModelSites) -> Callable[..., LogWeights]:
+    """The log-weights of a model: summed over its enumerated sites where it has any."""
+    return log_weights_enum if sites.enumerated else log_weights
 
 
 def _enumerated(model: Callable, guide: Callable, num_samples: int | None, max_plate_nesting: int, plate_name: str, args: tuple, kwargs: dict) -> LogWeights:
@@ -157,6 +154,4 @@ def _check_sites(model_trace: Trace, guide_trace: Trace, plate: str) -> float:
     return data_scale
 
 
-def _sample_sites(trace: Trace) -> list[Any]:
-    return [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
 

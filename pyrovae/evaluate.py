@@ -17,7 +17,7 @@ from torch import nn
 
 from pyrovae.batch import Batch, Data, as_batch
 from pyrovae.capture import CapturedLoss
-from pyrovae.enumeration import log_weights_enum
+from pyrovae.enumeration import weights_for
 from pyrovae.errors import PyrovaeError
 from pyrovae.importance import log_weights
 from pyrovae.protocols import guide_traits, model_traits
@@ -126,11 +126,11 @@ def evaluate(
     width = model_traits(model).elements_per_sample or math.prod(batches[0].primary.shape[1:]) or 1
     width *= max([1] + [_cardinality(sites.supports[n]) for n in sites.enumerated])
     plans = [chunk_sizes(len(batch), num_samples, width, max_elements, iwae_k or 1) for batch in batches]
-    tensors = all(b.is_tensor for b in batches)
+    capturable = all(b.is_tensor for b in batches) and not sites.enumerated
     if capture is None:
         passes = sum(math.ceil(len(b) / step) * math.ceil(num_samples / samples) for b, (step, samples) in zip(batches, plans))
-        capture = passes >= CAPTURE_FROM_PASSES and tensors and not sites.enumerated
-    captured = _captured_log_weights(model, guide, nesting, sites.plate) if capture and tensors and not sites.enumerated else None
+        capture = passes >= CAPTURE_FROM_PASSES
+    captured = _captured_log_weights(model, guide, nesting, sites.plate) if capture and capturable else None
     weigh = captured or _eager_log_weights(model, guide, nesting, sites)
     elbos, lls, iwaes = [], [], []
     for batch, (step, samples) in zip(batches, plans):
@@ -160,7 +160,7 @@ def _cardinality(support: Any) -> int:
 
 
 def _eager_log_weights(model: Callable, guide: Callable, nesting: int, sites: ModelSites) -> Callable[[Batch, int], torch.Tensor]:
-    weights = log_weights_enum if sites.enumerated else log_weights
+    weights = weights_for(sites)
 
     def weigh(batch: Batch, k: int) -> torch.Tensor:
         args, kwargs = batch.call_args()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyro
@@ -22,7 +22,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
 from pyrovae.errors import PyrovaeError
-from pyrovae.run import one_line
+from pyrovae.run import first_line
 from pyrovae.sites import DATA_PLATE
 
 __all__ = ["LogWeights", "apply_model_masks", "log_weights", "over_particles"]
@@ -36,6 +36,10 @@ class LogWeights:
     def __init__(self, values: torch.Tensor, data_scale: float) -> None:
         self.values = values
         self.data_scale = data_scale
+
+    def __iter__(self) -> Iterator[Any]:
+        """``values, data_scale = log_weights(...)``."""
+        return iter((self.values, self.data_scale))
 
 
 def _per_example(site: dict, particle_dim: int, num: int, plate: str = DATA_PLATE) -> torch.Tensor:
@@ -161,7 +165,7 @@ def over_particles(weigh: Callable[[int | None], LogWeights], num_samples: int, 
         try:
             return weigh(num_samples)
         except VECTORIZE_ERRORS as error:
-            where = one_line(error).split(" Trace Shapes:")[0]  # Pyro appends the trace's shapes
+            where = first_line(error)
             if vectorize:
                 raise PyrovaeError(f"the program cannot run over a vectorized particle dimension: {where}") from error
             logging.getLogger("pyrovae").warning(

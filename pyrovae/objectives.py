@@ -21,7 +21,7 @@ from torch.distributions import kl_divergence
 from pyrovae.errors import PyrovaeError
 from pyrovae.importance import PARTICLES, VECTORIZE_ERRORS, _per_example, apply_model_masks, log_weights
 from pyrovae.registry import OBJECTIVES
-from pyrovae.run import one_line
+from pyrovae.run import first_line
 from pyrovae.sites import DATA_PLATE
 
 __all__ = ["FreeBitsELBO", "IWAE", "make_objective"]
@@ -76,7 +76,7 @@ class ParticlesOrLoop:
         except VECTORIZE_ERRORS as error:
             logging.getLogger("pyrovae").warning(
                 "the program cannot run over a vectorized particle dimension (%s): its %d particles run one at a time",
-                one_line(error).split(" Trace Shapes:")[0], self.num_particles,
+                first_line(error), self.num_particles,
             )
             self.elbo = self.cls(num_particles=self.num_particles, vectorize_particles=False, max_plate_nesting=self.elbo.max_plate_nesting)
             self.looped = True

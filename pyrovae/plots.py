@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import matplotlib
 
@@ -13,12 +14,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from pyrovae.batch import as_batch  # noqa: E402
+from pyrovae.data import Dataset  # noqa: E402
+from pyrovae.infer.loop import History  # noqa: E402
 from pyrovae.run import atomic_write  # noqa: E402
 from pyrovae.sampling import reconstruct, sample  # noqa: E402
 
-if TYPE_CHECKING:
-    from pyrovae.experiment import Experiment
-    from pyrovae.infer import History
+
+class Run(Protocol):
+    """What the plots read of a run (`pyrovae.experiment.Experiment`, a layer above)."""
+
+    data: Dataset
+    model: Callable
+    guide: Callable
+    method: Any
+
+    def split(self, name: str) -> Any: ...
+
+    def train_mode(self, training: bool) -> None: ...
 
 __all__ = ["image_grid", "training_curve", "write_run_plots"]
 
@@ -55,7 +67,7 @@ def training_curve(history: History, path: Path) -> None:
     _save(fig, path)
 
 
-def write_run_plots(experiment: Experiment, history: History, out: Path) -> None:
+def write_run_plots(experiment: Run, history: History, out: Path) -> None:
     """training.png, and for image data samples.png and (with a trained guide) reconstructions.png."""
     if history.rows:
         training_curve(history, out / "training.png")

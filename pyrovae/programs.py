@@ -11,8 +11,8 @@ it is refused rather than left untrained.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 import pyro
 import torch
@@ -23,7 +23,9 @@ from pyrovae.batch import Batch
 from pyrovae.capture import leaves_no_trace
 from pyrovae.errors import PyrovaeError
 
-__all__ = ["ProgramParameters", "check_complete", "gradient_leaves", "program_modules"]
+__all__ = ["ProgramParameters", "check_complete", "gradient_leaves", "program_modules", "unique"]
+
+T = TypeVar("T")
 
 
 def program_modules(program: Any) -> list[nn.Module]:
@@ -33,7 +35,7 @@ def program_modules(program: Any) -> list[nn.Module]:
         return [program]
     if isinstance(program, functools.partial):  # also how Pyro's handlers wrap a program
         parts = [program.func, *program.args, *program.keywords.values()]
-        return _unique_modules(m for part in parts if callable(part) for m in program_modules(part))
+        return unique(m for part in parts if callable(part) for m in program_modules(part))
     owner = getattr(program, "__self__", None)
     if isinstance(owner, nn.Module):
         return [owner]
@@ -43,10 +45,11 @@ def program_modules(program: Any) -> list[nn.Module]:
     return program_modules(wrapped) if callable(wrapped) and wrapped is not program else []
 
 
-def _unique(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    seen: dict[int, torch.Tensor] = {}
-    for t in tensors:
-        seen.setdefault(id(t), t)
+def unique(items: Iterable[T]) -> list[T]:
+    """`items` in order, each object once (by identity: tensors have no usable ==)."""
+    seen: dict[int, T] = {}
+    for item in items:
+        seen.setdefault(id(item), item)
     return list(seen.values())
 
 
@@ -62,7 +65,7 @@ def gradient_leaves(loss: torch.Tensor) -> list[torch.Tensor]:
         if variable is not None:
             leaves.append(variable)
         stack.extend(next_fn for next_fn, _ in node.next_functions)
-    return _unique(leaves)
+    return unique(leaves)
 
 
 def check_complete(loss: torch.Tensor, parameters: Iterable[torch.Tensor]) -> None:
@@ -87,7 +90,7 @@ class ProgramParameters:
 
     def __init__(self, *programs: Any) -> None:
         self.programs = tuple(p for p in programs if p is not None)  # local VI, MCMC-EM need no guide
-        self.modules = nn.ModuleList(_unique_modules(m for p in programs for m in program_modules(p)))
+        self.modules = nn.ModuleList(unique(m for p in programs for m in program_modules(p)))
         self.named: dict[str, torch.Tensor] = {}  # parameters read through Pyro's param store, in first-use order
         self.trace: Any = None  # the last program's trace from `discover`
 
@@ -104,7 +107,7 @@ class ProgramParameters:
         self._state_module().load_state_dict(state)
 
     def module_parameters(self) -> list[torch.Tensor]:
-        return [p for p in _unique(self.modules.parameters()) if p.requires_grad]
+        return [p for p in unique(self.modules.parameters()) if p.requires_grad]
 
     def discover(self, batch: Batch, **extra: Any) -> list[torch.Tensor]:
         """Trace every program once on `batch` and return the parameters they read outside the
@@ -124,14 +127,14 @@ class ProgramParameters:
         return self.store_tensors()
 
     def store_tensors(self) -> list[torch.Tensor]:
-        return list(_unique(self.named.values()))
+        return list(unique(self.named.values()))
 
     @property
     def store_names(self) -> list[str]:
         return list(self.named)
 
     def all(self) -> list[torch.Tensor]:
-        return _unique([*self.module_parameters(), *self.store_tensors()])
+        return unique([*self.module_parameters(), *self.store_tensors()])
 
     def store_state(self) -> dict[str, torch.Tensor]:
         """The unconstrained values of the store entries, for a checkpoint."""
@@ -158,12 +161,3 @@ def _param_tensor(name: str, site: dict) -> torch.Tensor | None:
 _MODULE_SEPARATOR = "$$$"  # how pyro.module names its parameters (pyro.params.param_store.param_with_module_name)
 
 
-def _unique_modules(modules: Iterable[nn.Module]) -> list[nn.Module]:
-    seen: dict[int, nn.Module] = {}
-    for m in modules:
-        seen.setdefault(id(m), m)
-    return list(seen.values())
-
-
-def callable_name(program: Callable) -> str:
-    return getattr(program, "__qualname__", None) or type(program).__name__

@@ -38,6 +38,12 @@ def atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An error's first line (Pyro appends trace shapes below it), at most `limit` characters."""
+    lines = str(error).strip().splitlines()
+    return one_line(RuntimeError(lines[0]), limit) if lines else type(error).__name__
+
+
 def one_line(error: BaseException, limit: int = 300) -> str:
     """An error's message on one line, at most `limit` characters."""
     text = " ".join(str(error).split())

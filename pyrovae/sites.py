@@ -25,6 +25,7 @@ from pyrovae.batch import Data, as_batch
 from pyrovae.capture import leaves_no_trace
 from pyrovae.errors import PyrovaeError
 from pyrovae.programs import program_modules
+from pyrovae.run import first_line
 
 __all__ = ["DATA_PLATE", "ModelSites", "call_kwargs", "data_plate", "direct_parameters", "inspect_model", "is_real", "primary", "register"]
 
@@ -180,7 +181,7 @@ def inspect_model(model: Callable, data: Data, plate: str | None = None, **kwarg
         except PyrovaeError:
             raise
         except Exception as error:  # a user's program failing on our batch
-            raise PyrovaeError(f"running the model on {n} examples (first argument of shape {tuple(part.primary.shape)}) failed: {type(error).__name__}: {_first_line(error)}") from error
+            raise PyrovaeError(f"running the model on {n} examples (first argument of shape {tuple(part.primary.shape)}) failed: {type(error).__name__}: {first_line(error)}") from error
     sites = [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
     frames = {f.name: f for s in sites for f in s["cond_indep_stack"] if f.vectorized}
     name = _find_plate(frames, plate, n)
@@ -232,7 +233,3 @@ def _find_plate(frames: dict[str, Any], plate: str | None, n: int) -> str:
         raise PyrovaeError(f"no plate of the model has one entry per example ({n} traced; its plates: {have}): put the per-example sites in a pyro.plate over the examples")
     raise PyrovaeError(f"several plates have one entry per example ({', '.join(map(repr, sized))}): name the per-example one with plate= (--plate NAME)")
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else ""

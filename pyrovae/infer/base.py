@@ -16,7 +16,7 @@ from torch import nn
 
 from pyrovae.batch import Data, as_batch
 from pyrovae.errors import PyrovaeError
-from pyrovae.programs import ProgramParameters, check_complete, program_modules
+from pyrovae.programs import ProgramParameters, check_complete, program_modules, unique
 from pyrovae.protocols import guide_traits
 from pyrovae.sites import DATA_PLATE, ModelSites, call_kwargs, direct_parameters, inspect_model
 
@@ -115,10 +115,7 @@ class InferenceMethod:
 
     def parameters(self) -> list[torch.Tensor]:
         """Every parameter of model and guide that this method knows (after `prepare`)."""
-        seen: dict[int, torch.Tensor] = {}
-        for t in (*self.model_parameters.all(), *self.guide_parameters.all()):
-            seen.setdefault(id(t), t)
-        return list(seen.values())
+        return unique([*self.model_parameters.all(), *self.guide_parameters.all()])
 
     def check_complete(self, loss: torch.Tensor) -> None:
         """Refuse a loss that reaches a tensor this method neither optimizes nor checkpoints."""
@@ -189,12 +186,7 @@ def check_guide(sites: ModelSites, guide_trace: Any, objective: str) -> None:
 def unique_parameters(*programs: Any) -> list[nn.Parameter]:
     """Module parameters of all `programs` (modules, bound methods, partials), each once (a guide
     may share the model's)."""
-    seen: dict[int, nn.Parameter] = {}
-    for program in programs:
-        for module in program_modules(program):
-            for p in module.parameters():
-                seen.setdefault(id(p), p)
-    return list(seen.values())
+    return unique(p for program in programs for module in program_modules(program) for p in module.parameters())
 
 
 def adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:

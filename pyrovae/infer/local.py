@@ -52,7 +52,7 @@ def frozen(*modules: Any) -> Iterator[None]:
 
 def refuse_discrete(method: str, sites: ModelSites) -> None:
     """Gaussians, points and HMC chains live on the reals: refuse discrete and enumerated sites."""
-    discrete = list(dict.fromkeys((*sites.discrete, *sites.enumerated)))
+    discrete = sites.discrete  # enumerated sites are discrete too
     if discrete:
         raise PyrovaeError(
             f"the {method} method moves latents on the reals, but {', '.join(map(repr, discrete))} is discrete: "

@@ -24,7 +24,6 @@ import torch
 from pyro import poutine
 from pyro.ops.integrator import potential_grad, velocity_verlet
 from torch import nn
-from torch.distributions import constraints
 
 from pyrovae.batch import Data, as_batch
 from pyrovae.errors import PyrovaeError
@@ -34,7 +33,7 @@ from pyrovae.infer.base import InferenceMethod, TrainSettings, unique_parameters
 from pyrovae.infer.local import refuse_discrete
 from pyrovae.infer.map import log_joint
 from pyrovae.registry import METHODS
-from pyrovae.sites import ModelSites, is_real
+from pyrovae.sites import ModelSites
 
 __all__ = ["MCMCEM", "hmc_transition"]
 
@@ -131,7 +130,7 @@ class MCMCEM(InferenceMethod):
         refuse_discrete(self.name, sites)
         sites.refuse_subsampled(f"the {self.name} method")
         super().check_sites(sites)
-        constrained = [n for n in sites.latents if not is_real(sites.supports.get(n, constraints.real))]
+        constrained = list(sites.unservable(discrete=False, constrained=True))
         if sites.global_latents or constrained:
             bad = [*sites.global_latents, *constrained]
             raise PyrovaeError(

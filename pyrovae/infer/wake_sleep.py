@@ -27,7 +27,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from pyrovae.batch import Data, as_batch
-from pyrovae.enumeration import log_weights_enum
+from pyrovae.enumeration import weights_for
 from pyrovae.errors import PyrovaeError
 from pyrovae.handlers import scale_latents
 from pyrovae.importance import PARTICLES, log_weights
@@ -152,14 +152,14 @@ class WakeSleep(InferenceMethod):
         nesting, k = self.settings.max_plate_nesting, self.particles
         # one particle needs no particle plate; K > 1 replays K draws in one, which the program must allow
         replayed = detached_guide(guide, k if k > 1 else None, nesting, *args, **kwargs)
-        weigh = functools.partial(log_weights_enum if self.sites.enumerated else log_weights, vectorize=True if k > 1 else False)
+        weigh = functools.partial(weights_for(self.sites), vectorize=k > 1)
         weights = weigh(model, replayed, k, nesting, *args, plate_name=self.plate, **kwargs)
         scale = factor * weights.data_scale / self.num_examples  # to nats per example of the data set
         w = torch.softmax(weights.values.detach(), 0)
         model_loss = -scale * (w * weights.values).sum()  # its theta-gradient is -sum_k w_k grad log p
         guide_loss = batch.primary.new_zeros(())
         if self.variant == "rws":
-            log_q = -log_weights(_no_model, replayed, k, nesting, *args, plate_name=self.plate, vectorize=True if k > 1 else False, **kwargs).values
+            log_q = -log_weights(_no_model, replayed, k, nesting, *args, plate_name=self.plate, vectorize=k > 1, **kwargs).values
             guide_loss = guide_loss - scale * (w * log_q).sum()
         if self.sleep:
             if not batch.is_tensor:
