@@ -253,12 +253,15 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         raise PyrovaeError(f"--threads must be positive, got {threads}")
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or DEFAULT_THREADS)
+    # the pool is touched only to change it: resizing it in a forked child can hang
+    before, wanted = torch.get_num_threads(), threads or DEFAULT_THREADS
+    if wanted != before:
+        torch.set_num_threads(wanted)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        if wanted != before:
+            torch.set_num_threads(before)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
