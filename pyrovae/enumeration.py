@@ -83,8 +83,10 @@ def _enumerated(model: Callable, guide: Callable, num_samples: int | None, max_p
     plate = pyro.plate(PARTICLES, num_samples, dim=particle_dim) if num_samples is not None else contextlib.nullcontext()
     with plate:
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        enum_model = poutine.enum(poutine.replay(model, trace=guide_trace), first_available_dim=particle_dim - 1)
-        model_trace = poutine.trace(enum_model).get_trace(*args, **kwargs)
+        # replay outside enum, as in TraceEnum_ELBO: enum must see the replayed sites to record
+        # the enumerated dims their densities depend on (z ~ p(z | y) with y enumerated)
+        enum_model = poutine.enum(model, first_available_dim=particle_dim - 1)
+        model_trace = poutine.trace(poutine.replay(enum_model, trace=guide_trace)).get_trace(*args, **kwargs)
     guide_trace = prune_subsample_sites(guide_trace)
     model_trace = prune_subsample_sites(model_trace)
     data_scale = _check_sites(model_trace, guide_trace, plate_name)

@@ -247,3 +247,29 @@ def test_latent_scale_differing_from_likelihood_scale_is_refused(bern):
 
     x, logits, probs = bern
     _one_line_error(scale_latents(bernoulli_mixture, 0.3), x, logits, probs, match="common poutine.scale")
+
+
+def mixture_prior(x):
+    """y ~ Cat(pi), z ~ N(mu_y, 1), x ~ N(z, S^2): the continuous latent's density depends on the enumerated one."""
+    with pyro.plate("data", x.shape[0]):
+        y = pyro.sample("y", dist.Categorical(torch.tensor([0.2, 0.5, 0.3])), infer={"enumerate": "parallel"})
+        z = pyro.sample("z", dist.Normal(MU[y], 1.0))
+        pyro.sample("x", dist.Normal(z, S), obs=x)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_a_latent_whose_density_depends_on_an_enumerated_site_has_exact_weights(vectorize):
+    """Each weight is log sum_y pi_y N(z; mu_y, 1) N(x; z, S^2) - log q(z), in closed form at the drawn z."""
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x / 2, 1.5))
+
+    pyro.set_rng_seed(0)
+    weights = log_weights_enum(mixture_prior, guide, 4, 1, X_GAUSS, vectorize=vectorize).values
+    pyro.set_rng_seed(0)
+    z = torch.stack([poutine.trace(guide).get_trace(X_GAUSS).nodes["z"]["value"] for _ in range(4)]) if not vectorize else None
+    if z is None:
+        with pyro.plate("_particles", 4, dim=-2):
+            z = poutine.trace(guide).get_trace(X_GAUSS).nodes["z"]["value"]
+    joint = torch.logsumexp(torch.tensor([0.2, 0.5, 0.3]).log() + dist.Normal(MU, 1.0).log_prob(z[..., None]), -1) + dist.Normal(z, S).log_prob(X_GAUSS)
+    assert torch.allclose(weights, joint - dist.Normal(X_GAUSS / 2, 1.5).log_prob(z), atol=1e-5)
