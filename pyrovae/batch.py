@@ -70,6 +70,12 @@ class Batch:
             return self.map(lambda v: v[index.to(v.device)])
         return self.map(lambda v: v[index])
 
+    def with_primary(self, value: torch.Tensor) -> Batch:
+        """The same call with `value` in place of the data tensor (`primary`)."""
+        old = self.primary
+        swap = lambda v: value if v is old else v  # noqa: E731
+        return Batch(tuple(swap(v) for v in self.args), {k: swap(v) for k, v in self.kwargs.items()}, self.collate)
+
     def chunks(self, size: int) -> list[Batch]:
         """Consecutive batches of at most `size` examples."""
         return [self[start : start + size] for start in range(0, len(self), size)]

@@ -25,7 +25,7 @@ from pyrovae.errors import PyrovaeError
 from pyrovae.run import first_line
 from pyrovae.sites import DATA_PLATE
 
-__all__ = ["LogWeights", "apply_model_masks", "log_weights", "over_particles"]
+__all__ = ["LogWeights", "apply_model_masks", "log_weights", "over_particles", "per_example_log_prob"]
 
 PARTICLES = "_particles"
 
@@ -55,6 +55,11 @@ def _per_example(site: dict, particle_dim: int, num: int, plate: str = DATA_PLAT
     log_prob = log_prob.reshape((1,) * (width - log_prob.dim()) + log_prob.shape)
     log_prob = log_prob.movedim(width + frames[plate].dim, 1)
     return log_prob.reshape(*log_prob.shape[:2], -1).sum(-1).expand(num, -1)
+
+
+def per_example_log_prob(site: Any, max_plate_nesting: int, plate: str = DATA_PLATE) -> torch.Tensor:
+    """A traced site's log-density (after `compute_log_prob`) per example (B,), with no particle dim."""
+    return _per_example(site, -(max_plate_nesting + 1), 1, plate)[0]
 
 
 def log_weights(
