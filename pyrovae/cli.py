@@ -105,7 +105,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="ELBO and importance-sampled log p(x) of a run", parents=[threads])
     p.add_argument("run")
     p.add_argument("--split", default="valid", choices=["train", "valid", "test"])
-    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--samples", type=int, default=1000, help="importance samples per example (--estimator is)")
+    p.add_argument("--estimator", default="is", choices=["is", "ais"], help="is: importance sampling with the run's guide (or a fitted proposal); "
+                   "ais: annealed importance sampling, the same for any method")
+    p.add_argument("--ais-steps", type=int, default=500, help="AIS annealing steps T")
+    p.add_argument("--chains", type=int, default=16, help="AIS chains per example K")
+    p.add_argument("--leapfrog", type=int, default=10, help="leapfrog steps per AIS transition")
+    p.add_argument("--ais-start", default="prior", choices=["prior", "guide"], help="anneal from the prior or from the run's guide")
+    p.add_argument("--bdmc", type=int, default=0, metavar="N", help="with --estimator ais: the BDMC sandwich on N examples simulated from the model")
     p.add_argument("--data-dir")
     p.add_argument("--device")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -194,17 +201,28 @@ def _fit(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from pyrovae.ais import AISSettings
     from pyrovae.experiment import evaluate_run
     from pyrovae.run import RunDir
 
-    metrics = evaluate_run(args.run, args.split, args.samples, args.data_dir, args.device)
-    RunDir(args.run).write_json(f"eval-{args.split}-{args.samples}.json", metrics)
+    annealing = AISSettings(steps=args.ais_steps, chains=args.chains, leapfrog=args.leapfrog, warmup=min(100, max(args.ais_steps, 0)), start=args.ais_start)
+    metrics = evaluate_run(args.run, args.split, args.samples, args.data_dir, args.device, args.estimator, annealing, args.bdmc)
+    name = f"eval-{args.split}-{args.samples}.json" if args.estimator == "is" else f"eval-{args.split}-ais-{args.ais_steps}x{args.chains}.json"
+    RunDir(args.run).write_json(name, metrics)
     if args.json:
         print(json.dumps(metrics, indent=2))
         return
+    head = [("run", args.run), ("split / examples", f"{args.split} / {metrics['examples']}")]
+    if args.estimator == "ais":
+        rows = [*head, (f"log p(x), AIS T={args.ais_steps} K={args.chains} from the {args.ais_start}", metrics["log_likelihood"]),
+                ("Monte Carlo standard error", metrics["stderr"]), ("HMC acceptance rate", metrics["accept_rate"]), ("seconds", metrics["eval_seconds"])]
+        if args.bdmc:
+            rows += [(f"BDMC on {metrics['bdmc_examples']} simulated: lower / upper", f"{metrics['bdmc_lower']:.3f} / {metrics['bdmc_upper']:.3f}"),
+                     ("BDMC width (upper - lower)", metrics["bdmc_width"]), ("BDMC seconds", metrics["bdmc_seconds"])]
+        print(_table(rows))
+        return
     print(_table([
-        ("run", args.run), ("split / examples", f"{args.split} / {metrics['examples']}"),
-        ("ELBO (nats/example)", metrics["elbo"]), (f"log p(x), IS-{args.samples}", metrics["log_likelihood"]),
+        *head, ("ELBO (nats/example)", metrics["elbo"]), (f"log p(x), IS-{args.samples}", metrics["log_likelihood"]),
         ("gap log p(x) - ELBO", metrics["gap"]), ("seconds", metrics["eval_seconds"]),
         *([("active units", f"{metrics['active_units']} of {metrics['total_units']}")] if "active_units" in metrics else []),
     ]))

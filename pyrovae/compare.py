@@ -1,7 +1,9 @@
 """Fair comparison of inference methods: `compare` trains every method on the same data,
-decoder and budget, scores each decoder on held-out data with `pyrovae.heldout` (a proposal
-fitted per example, decoder frozen) and tabulates the results (Kingma & Welling 2019,
-appendix A.2 for the methods); `run_gaps` decomposes a run's inference gaps.
+decoder and budget, scores every decoder on held-out data with the same annealed importance
+sampling (`pyrovae.ais`, Wu et al. 2017), with the BDMC sandwich on simulated data saying how
+tight it is, keeps importance sampling with a proposal fitted per example and with the
+method's own encoder beside it (`pyrovae.heldout`), and tabulates the results (Kingma &
+Welling 2019, appendix A.2 for the methods); `run_gaps` decomposes a run's inference gaps.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -21,6 +24,7 @@ from typing import Any
 import pyro
 import torch
 
+from pyrovae.ais import AISSettings, ais, bdmc, unannealable
 from pyrovae.batch import as_batch
 from pyrovae.data import minibatches
 from pyrovae.errors import PyrovaeError
@@ -105,6 +109,8 @@ def compare(
     eval_examples: int = 200,
     checkpoint_examples: int = 64,
     proposal: ProposalSettings = ProposalSettings(),
+    annealing: AISSettings | None = AISSettings(steps=200, chains=8, leapfrog=5, warmup=50),
+    bdmc_examples: int = 32,
     dataset_options: dict[str, Any] | None = None,
     data_dir: str | None = None,
     log: Callable[[str], None] = print,
@@ -117,8 +123,10 @@ def compare(
 ) -> list[dict[str, Any]]:
     """Train each method in `methods` with the same budget, data and decoder; write the table.
 
-    Writes compare.md, compare.csv, compare.json and compare.png (held-out log-likelihood of a
-    `checkpoint_examples` subset, cheaper proposals, against training seconds) into `out_dir`.
+    Every decoder is scored by AIS with `annealing` (None: IS only), on `eval_examples` held-out
+    examples at the end and on `checkpoint_examples` of them at each checkpoint (the anytime
+    curve: the same estimator at every point), and by BDMC on `bdmc_examples` simulated ones.
+    Writes compare.md, compare.csv, compare.json and compare.png (the anytime curves) into `out_dir`.
     A method spec may carry options: ``"wake-sleep:variant=rws"``. `model_name` and `guide`
     may be a user's program (``path/to/script.py:NAME``); the amortized arms train that guide.
     Each arm runs in its own scope of Pyro's param store, so that programs using `pyro.param`
@@ -130,18 +138,23 @@ def compare(
               checkpoint_examples=checkpoint_examples, batch_size=batch_size, latent=latent, lr=lr, samples=proposal.samples)
     if proposal.steps < 0:
         raise PyrovaeError(f"--proposal-steps must be >= 0, got {proposal.steps}")
+    if annealing is not None:
+        annealing.check()
+    if bdmc_examples < 0:
+        raise PyrovaeError(f"--bdmc must be >= 0, got {bdmc_examples}")
     specs = [parse_method(m) for m in methods]
     config = Config(model=model_name, guide=guide, method="amortized", objective=objective, dataset=dataset, dataset_options=dataset_options or {},
                     data_dir=data_dir, latent=latent, hidden=tuple(hidden), batch_size=batch_size, lr=lr, seed=seed, epochs=0, fields=fields,
                     plate=plate, model_options=model_options or {}, guide_options=guide_options or {})
-    budget = _Budget(budget_seconds, steps, checkpoints, eval_examples, checkpoint_examples, proposal)
+    budget = _Budget(budget_seconds, steps, checkpoints, eval_examples, checkpoint_examples, proposal, annealing, bdmc_examples)
     rows = []
     for spec, (name, options) in zip(methods, specs):
         with pyro.get_param_store().scope():
             rows.append(_arm(spec, name, options, config, budget, log))
     write_table(rows, Path(out_dir), {"model": model_name, "guide": guide, "objective": objective, "dataset": dataset, "fields": fields,
                                       "budget_seconds": budget_seconds, "steps": steps, "latent": latent, "hidden": list(hidden),
-                                      "batch_size": batch_size, "lr": lr, "seed": seed})
+                                      "batch_size": batch_size, "lr": lr, "seed": seed,
+                                      "ais": None if annealing is None else dataclasses.asdict(annealing), "bdmc_examples": bdmc_examples})
     return rows
 
 
@@ -155,6 +168,8 @@ class _Budget:
     eval_examples: int
     checkpoint_examples: int
     proposal: ProposalSettings
+    annealing: AISSettings | None
+    bdmc_examples: int
 
 
 def _positive(**values: float | None) -> None:
@@ -178,43 +193,64 @@ def _arm(spec: str, name: str, options: dict[str, Any], config: Config, budget: 
     # a Gaussian fitted per example serves continuous latents; discrete ones are scored by the
     # method's own guide only (a method without a guide refused such a model already)
     fittable = not sites.unservable()
+    annealing = budget.annealing if budget.annealing is not None and unannealable(sites) is None else None
+
+    def scored(fn: Callable[[], Any]) -> Any:
+        experiment.train_mode(False)
+        try:
+            return fn()
+        finally:
+            experiment.train_mode(True)
 
     def checkpoint_eval() -> float:
+        part = heldout[: budget.checkpoint_examples]
+        if annealing is not None:
+            return scored(lambda: ais(experiment.model, part, settings=annealing, plate=sites.plate)).log_likelihood.mean().item()
         if not fittable:
-            experiment.train_mode(False)
-            score = evaluate(experiment.model, experiment.guide, heldout[: budget.checkpoint_examples], num_samples=quick.samples, plate=sites.plate)
-            experiment.train_mode(True)
-            return score.log_likelihood.mean().item()
-        return heldout_scores(experiment.model, heldout[: budget.checkpoint_examples], sites, quick).log_likelihood.mean().item()
+            return scored(lambda: evaluate(experiment.model, experiment.guide, part, num_samples=quick.samples, plate=sites.plate)).log_likelihood.mean().item()
+        return heldout_scores(experiment.model, part, sites, quick).log_likelihood.mean().item()
 
     log(f"{spec}: training")
     result = _train_for(method, experiment, budget.seconds, budget.steps, budget.checkpoints, checkpoint_eval, config.seed)
-    start = time.perf_counter()
-    fitted = heldout_scores(experiment.model, heldout, sites, proposal) if fittable else None
     row: dict[str, Any] = {
         "method": spec, "gives_elbo": bool(method.gives_elbo),
         "train_bound": -result["final_loss"] if method.gives_elbo else None,
         "train_log_joint": -result["final_loss"] if not method.gives_elbo else None,
-        "heldout_ll": fitted.log_likelihood.mean().item() if fitted else None,
-        "heldout_elbo_fitted": fitted.elbo.mean().item() if fitted else None,
-        "heldout_ll_amortized": None, "heldout_elbo_amortized": None,
+        "heldout_ll_ais": None, "ais_stderr": None, "ais_accept": None, "bdmc_lower": None, "bdmc_upper": None, "bdmc_width": None,
+        "heldout_ll": None, "heldout_elbo_fitted": None, "heldout_ll_amortized": None, "heldout_elbo_amortized": None,
         "train_seconds": result["seconds"], "steps": result["steps"],
         "steps_per_second": result["steps"] / max(result["seconds"], 1e-9),
         "examples_per_second": result["steps"] * config.batch_size / max(result["seconds"], 1e-9),
         "split": split, "heldout_examples": len(heldout), "proposal_steps": proposal.steps, "is_samples": proposal.samples,
+        "ais": None if annealing is None else dataclasses.asdict(annealing), "ais_refused": unannealable(sites) if budget.annealing else None,
     }
+    start = time.perf_counter()
+    if annealing is not None:
+        annealed = scored(lambda: ais(experiment.model, heldout, settings=annealing, plate=sites.plate)).summary()
+        row.update(heldout_ll_ais=annealed["log_likelihood"], ais_stderr=annealed["stderr"], ais_accept=annealed["accept_rate"])
+    row["ais_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    if annealing is not None and budget.bdmc_examples:
+        sandwich = scored(lambda: bdmc(experiment.model, heldout[: budget.bdmc_examples], settings=annealing, plate=sites.plate)).summary()
+        row.update(bdmc_lower=sandwich["lower"], bdmc_upper=sandwich["upper"], bdmc_width=sandwich["width"])
+    row["bdmc_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    if fittable:
+        fitted = heldout_scores(experiment.model, heldout, sites, proposal)
+        row.update(heldout_ll=fitted.log_likelihood.mean().item(), heldout_elbo_fitted=fitted.elbo.mean().item())
     if method.trains_guide:
-        experiment.train_mode(False)
-        amortized = evaluate(experiment.model, experiment.guide, heldout, num_samples=proposal.samples, plate=sites.plate)
+        amortized = scored(lambda: evaluate(experiment.model, experiment.guide, heldout, num_samples=proposal.samples, plate=sites.plate))
         row.update(heldout_ll_amortized=amortized.log_likelihood.mean().item(), heldout_elbo_amortized=amortized.elbo.mean().item())
-    row["eval_seconds"] = time.perf_counter() - start
+    row["is_seconds"] = time.perf_counter() - start
+    row["eval_seconds"] = row["ais_seconds"] + row["bdmc_seconds"] + row["is_seconds"]
     row["curve"] = result["curve"]
-    score = row["heldout_ll"] if fitted else row["heldout_ll_amortized"]
-    log(f"{spec}: held-out log p(x) {_cell(score)}{'' if fitted else ' (its own guide)'} after {row['steps']} steps, {row['train_seconds']:.1f} s")
+    score, how = next(((row[k], how) for k, how in (("heldout_ll_ais", "AIS"), ("heldout_ll", "IS, fitted proposals"), ("heldout_ll_amortized", "IS, its own guide")) if row[k] is not None), (None, ""))
+    log(f"{spec}: held-out log p(x) {_cell(score)} ({how}) after {row['steps']} steps, {row['train_seconds']:.1f} s")
     return row
 
 
-COLUMNS = ("method", "train_bound", "train_log_joint", "heldout_ll", "heldout_elbo_fitted", "heldout_ll_amortized", "heldout_elbo_amortized", "train_seconds", "steps", "steps_per_second", "examples_per_second")
+COLUMNS = ("method", "train_bound", "train_log_joint", "heldout_ll_ais", "ais_stderr", "bdmc_width", "heldout_ll", "heldout_elbo_fitted",
+           "heldout_ll_amortized", "heldout_elbo_amortized", "train_seconds", "eval_seconds", "steps", "steps_per_second", "examples_per_second")
 
 
 def _cell(value: Any) -> str:
@@ -229,11 +265,21 @@ def write_table(rows: list[dict[str, Any]], out: Path, setup: dict[str, Any]) ->
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    samples = rows[0]["is_samples"] if rows else 0
-    note = (f"Held-out: {rows[0]['heldout_examples'] if rows else 0} {rows[0]['split'] if rows else ''} examples, IS with {samples} samples from a "
-            f"diagonal Gaussian fitted per example ({rows[0]['proposal_steps'] if rows else 0} Adam steps, decoder frozen); "
-            "'amortized' columns use the method's own encoder. train_bound: minus the training loss (ELBO or IWAE-K); "
-            "train_log_joint: log p(x, z) at the method's z (MAP, MCMC-EM), not a bound. Nats per example.")
+    first = rows[0] if rows else {"is_samples": 0, "heldout_examples": 0, "split": "", "proposal_steps": 0, "ais": None}
+    ais_settings = first["ais"]
+    note = f"Held-out: {first['heldout_examples']} {first['split']} examples. "
+    if ais_settings:
+        note += (f"heldout_ll_ais: AIS from the prior, T={ais_settings['steps']} sigmoid-spaced temperatures, {ais_settings['chains']} chains, "
+                 f"one HMC transition of {ais_settings['leapfrog']} leapfrog steps each (step sizes adapted per example in a {ais_settings['warmup']}-step "
+                 "warm-up, then frozen): the same estimator for every decoder, a stochastic lower bound on log p(x); ais_stderr its Monte Carlo error. "
+                 "bdmc_width: upper minus lower BDMC bound on data simulated from the trained model (Grosse et al. 2015). ")
+    note += (f"heldout_ll: IS with {first['is_samples']} samples from a diagonal Gaussian fitted per example ({first['proposal_steps']} Adam steps, "
+             "decoder frozen); 'amortized' columns use the method's own encoder. train_bound: minus the training loss (ELBO or IWAE-K); "
+             "train_log_joint: log p(x, z) at the method's z (MAP, MCMC-EM), not a bound. eval_seconds: all held-out scoring, apart from "
+             "train_seconds. Nats per example.")
+    refused = {r["ais_refused"] for r in rows if r.get("ais_refused")}
+    if refused:
+        note += " Empty AIS columns: " + "; ".join(sorted(refused)) + "."
     if any(r["heldout_ll"] is None for r in rows):
         note += " Empty fitted columns: the model has discrete latents, which a fitted Gaussian cannot serve; its own guide scores it."
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -249,7 +295,8 @@ def write_table(rows: list[dict[str, Any]], out: Path, setup: dict[str, Any]) ->
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         ax.plot([c["seconds"] for c in r["curve"]], [c["heldout_ll"] for c in r["curve"]], marker="o", label=r["method"])
-    ax.set_xlabel("training seconds"), ax.set_ylabel("held-out log p(x), nats/example"), ax.grid(alpha=0.3), ax.legend()
+    how = "AIS" if rows and rows[0]["heldout_ll_ais"] is not None else "IS"
+    ax.set_xlabel("training seconds"), ax.set_ylabel(f"held-out log p(x) ({how}), nats/example"), ax.grid(alpha=0.3), ax.legend()
     atomic_write(out / "compare.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
     plt.close(fig)
 
@@ -291,6 +338,10 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--eval-examples", type=int, default=200)
     p.add_argument("--proposal-steps", type=int, default=100)
     p.add_argument("--samples", type=int, default=100, help="importance samples per held-out example")
+    p.add_argument("--ais-steps", type=int, default=200, help="AIS annealing steps scoring every decoder (0: IS only)")
+    p.add_argument("--chains", type=int, default=8, help="AIS chains per example")
+    p.add_argument("--leapfrog", type=int, default=5, help="leapfrog steps per AIS transition")
+    p.add_argument("--bdmc", type=int, default=32, metavar="N", help="BDMC sandwich on N examples simulated from each trained model (0: none)")
     p.add_argument("--split", default="valid", help="--gaps only")
     p.add_argument("--data-dir")
     p.add_argument("--json", action="store_true")
@@ -315,6 +366,8 @@ def run_compare(args: argparse.Namespace) -> None:
         args.model, args.dataset, [m for m in args.methods.split(",") if m], args.budget, args.steps, args.out,
         latent=args.latent, hidden=hidden, batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoints=args.checkpoints,
         eval_examples=args.eval_examples, proposal=ProposalSettings(steps=args.proposal_steps, samples=args.samples), data_dir=args.data_dir,
+        annealing=AISSettings(steps=args.ais_steps, chains=args.chains, leapfrog=args.leapfrog, warmup=min(50, args.ais_steps)) if args.ais_steps else None,
+        bdmc_examples=args.bdmc,
         log=(lambda s: None) if args.json else print, guide=args.guide, objective=args.objective, fields=args.fields, plate=args.plate,
     )
     if args.json:

@@ -18,6 +18,7 @@ import torch
 
 import pyrovae
 from pyrovae import plots, usercode
+from pyrovae.ais import AISResult, AISSettings, BDMCResult, ais, bdmc
 from pyrovae.batch import Batch, as_batch
 from pyrovae.data import Dataset, load_dataset
 from pyrovae.diagnostics import active_units
@@ -141,6 +142,22 @@ class Experiment:
         """A whole split as model input on the run's device: a tensor, or a `Batch` of the data's fields."""
         split = self.data.split(name)
         return self.data.batch(name, torch.arange(len(split)), torch.Generator().manual_seed(self.config.seed)).to(self.device)
+
+    def anneal(self, split: str = "valid", settings: AISSettings = AISSettings(), examples: int | None = None) -> AISResult:
+        """AIS log p(x) per example of a split (`pyrovae.ais`): one estimator for any method's
+        decoder, started from the prior, or from the trained guide with ``settings.start == "guide"``."""
+        x = as_batch(self.split(split))[:examples]
+        self.train_mode(False)
+        guide = self.guide if self.method.trains_guide and guide_traits(self.guide).gives_elbo else None
+        return ais(self.model, x, guide, settings, plate=self.method.plate)
+
+    def sandwich(self, split: str = "valid", settings: AISSettings = AISSettings(), examples: int = 100) -> BDMCResult:
+        """BDMC bounds on log p(x) of data simulated from the trained model, with the other
+        arguments (labels, conditions) of the first `examples` of a split."""
+        x = as_batch(self.split(split))[:examples]
+        self.train_mode(False)
+        guide = self.guide if self.method.trains_guide and guide_traits(self.guide).gives_elbo else None
+        return bdmc(self.model, x, guide, settings, plate=self.method.plate)
 
     def train_mode(self, training: bool) -> None:
         """Training or evaluation mode for every module of model and guide."""
@@ -421,20 +438,34 @@ def load(path: str | Path, data_dir: str | None = None, device: str | None = Non
     return experiment
 
 
-def evaluate_run(path: str | Path, split: str = "valid", num_samples: int = 1000, data_dir: str | None = None, device: str | None = None) -> dict[str, Any]:
-    """Importance-sampled log-likelihood and ELBO of a run on a split (nats per example), and its
-    active units (Burda et al. 2016, appendix C) where it has an amortized guide with latents."""
+def evaluate_run(path: str | Path, split: str = "valid", num_samples: int = 1000, data_dir: str | None = None, device: str | None = None,
+                 estimator: str = "is", annealing: AISSettings = AISSettings(), bdmc_examples: int = 0) -> dict[str, Any]:
+    """Held-out log-likelihood of a run on a split (nats per example).
+
+    ``estimator="is"``: importance sampling with `num_samples` draws and the ELBO, and the active
+    units (Burda et al. 2016, appendix C) where the run has an amortized guide with latents.
+    ``estimator="ais"``: annealed importance sampling with `annealing`, and with `bdmc_examples`
+    the BDMC sandwich on that many examples simulated from the model.
+    """
+    if estimator not in ("is", "ais"):
+        raise PyrovaeError(f"--estimator must be 'is' or 'ais', got {estimator!r}")
+    if bdmc_examples < 0 or (bdmc_examples and estimator != "ais"):
+        raise PyrovaeError(f"--bdmc takes a positive number of simulated examples, with --estimator ais (got {bdmc_examples})")
+    annealing.check()
     experiment = load(path, data_dir, device)
     experiment.data.split(split)
+    config = experiment.config
+    head = {"model": config.model, "guide": config.guide, "method": config.method, "objective": config.objective, "dataset": config.dataset, "split": split}
     start = time.perf_counter()
+    if estimator == "ais":
+        result: dict[str, Any] = {**head, "estimator": "ais", **experiment.anneal(split, annealing).summary(), "eval_seconds": time.perf_counter() - start}
+        if bdmc_examples:
+            start = time.perf_counter()
+            sandwich = experiment.sandwich(split, annealing, bdmc_examples).summary()
+            result.update({f"bdmc_{k}": v for k, v in sandwich.items() if k in ("examples", "lower", "upper", "width")}, bdmc_seconds=time.perf_counter() - start)
+        return result
     summary = experiment.evaluate(split, num_samples).summary()
     x = as_batch(experiment.split(split))
     if experiment.method.trains_guide and guide_traits(experiment.guide).gives_elbo and x.is_tensor and experiment.method.sites.latents:
         summary.update(active_units(experiment.model, experiment.guide, x.primary[:1000].split(500)).summary())
-    config = experiment.config
-    return {
-        "model": config.model, "guide": config.guide, "method": config.method, "objective": config.objective,
-        "dataset": config.dataset, "split": split, **summary, "eval_seconds": time.perf_counter() - start,
-    }
-
-
+    return {**head, "estimator": "is", **summary, "eval_seconds": time.perf_counter() - start}

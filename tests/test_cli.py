@@ -66,6 +66,17 @@ def test_fit_evaluate_sample_end_to_end(tmp_path):
     assert abs(scored["elbo"] - reference) < 4 * error + 1e-3, (scored["elbo"], reference, error)
     assert scored["elbo"] < scored["log_likelihood"] < min(0.0, scored["elbo"] + 5.0), scored
 
+    done = run_cli("evaluate", str(out), "--estimator", "ais", "--ais-steps", "100", "--chains", "4", "--leapfrog", "3", "--bdmc", "5", "--json")
+    assert done.returncode == 0, done.stderr
+    annealed = json.loads(done.stdout)
+    assert annealed["estimator"] == "ais" and annealed["examples"] == 300 and annealed["ais_steps"] == 100 and annealed["chains"] == 4
+    # a lower bound on log p(x) as IS is: the two agree within their Monte Carlo errors on this small latent space
+    assert abs(annealed["log_likelihood"] - scored["log_likelihood"]) < 0.3 + 4 * annealed["stderr"], (annealed, scored)
+    assert annealed["bdmc_examples"] == 5 and 0 <= annealed["bdmc_width"] + 0.1 < 1.0 and (out / "eval-valid-ais-100x4.json").exists()
+    for bad in (["--estimator", "ais", "--ais-steps", "0"], ["--bdmc", "3"], ["--estimator", "ais", "--chains", "-1"]):
+        done = run_cli("evaluate", str(out), *bad)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("pyrovae: error: --"), (bad, done.stderr)
+
     assert main(["sample", str(out), "--num", "16", "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").stat().st_size > 0
 
@@ -207,6 +218,7 @@ def test_version_and_no_abbreviated_flags(capsys):
 @pytest.mark.parametrize("argv", [
     ["compare", "--budget", "-1"], ["compare", "--budget", "0"], ["compare", "--steps", "0"], ["compare", "--steps", "2", "--checkpoints", "0"],
     ["compare", "--steps", "2", "--eval-examples", "0"], ["compare", "--steps", "2", "--hidden", "abc"], ["compare", "--budget", "nan"],
+    ["compare", "--steps", "2", "--chains", "0"], ["compare", "--steps", "2", "--bdmc", "-1"],
     ["fit", "--batch-size", "0"], ["fit", "--lr", "nan"], ["fit", "--lr", "-1"], ["fit", "--particles", "0"],
 ])
 def test_bad_budgets_and_sizes_are_refused_in_one_line_before_anything_is_written(argv, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 
@@ -15,6 +16,7 @@ from torch import nn
 
 import pyrovae.compare as compare_module
 from pyrovae import evaluate
+from pyrovae.ais import AISSettings
 from pyrovae.batch import as_batch
 from pyrovae.compare import ProposalSettings, compare, gap_decomposition
 from pyrovae.data import load_dataset
@@ -162,8 +164,9 @@ def test_compare_table_agrees_with_itself_and_with_a_recomputation(tmp_path, mon
         return real(model, x, sites, settings, init, batch)
 
     monkeypatch.setattr(compare_module, "heldout_scores", spy)
+    annealing = AISSettings(steps=60, chains=8, leapfrog=3, warmup=10)
     rows = compare("vae", "digits", methods, steps=2, out_dir=tmp_path, latent=2, hidden=(16,), checkpoints=1, eval_examples=8,
-                   checkpoint_examples=4, proposal=proposal, log=lambda s: None)
+                   checkpoint_examples=4, proposal=proposal, annealing=annealing, bdmc_examples=4, log=lambda s: None)
     assert [r["method"] for r in rows] == methods and len(scored) == len(methods)
     assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -191,7 +194,11 @@ def test_compare_table_agrees_with_itself_and_with_a_recomputation(tmp_path, mon
         if row["heldout_ll_amortized"] is not None:
             assert abs(row["heldout_ll_amortized"] - exact) < 0.08, (row["method"], row["heldout_ll_amortized"], exact)
             assert exact - 5.0 < row["heldout_elbo_amortized"] < exact + 0.02
-        end = row["curve"][-1]  # the last checkpoint scores the trained decoder on the first 4 examples
+        # every decoder scored by the same AIS, exact within its Monte Carlo error; BDMC brackets simulated data tightly
+        assert abs(row["heldout_ll_ais"] - exact) < 4 * row["ais_stderr"] + 0.05, (row["method"], row["heldout_ll_ais"], exact)
+        assert row["ais"] == dataclasses.asdict(annealing) and abs(row["bdmc_width"]) < 0.3 and row["bdmc_lower"] < row["bdmc_upper"] + 0.1
+        assert math.isclose(row["eval_seconds"], row["ais_seconds"] + row["bdmc_seconds"] + row["is_seconds"])
+        end = row["curve"][-1]  # the last checkpoint scores the trained decoder (by AIS) on the first 4 examples
         assert end["steps"] == 2 and abs(end["heldout_ll"] - _quadrature_log_likelihood(model, x[:4]).mean().item()) < 0.1
         assert math.isclose(row["steps_per_second"], 2 / row["train_seconds"], rel_tol=1e-6)
         assert math.isclose(row["examples_per_second"], 2 * 100 / row["train_seconds"], rel_tol=1e-6)
