@@ -166,7 +166,7 @@ def over_particles(weigh: Callable[[int | None], LogWeights], num_samples: int, 
     False the program is never tried vectorized.
     """
     key = tuple(i for p in programs for i in _identity(p))
-    if vectorize is not False and key not in _SEQUENTIAL:
+    if vectorize or (vectorize is None and key not in _SEQUENTIAL):  # asked to vectorize: tried (and refused) every time
         try:
             return weigh(num_samples)
         except VECTORIZE_ERRORS as error:

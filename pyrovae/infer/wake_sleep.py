@@ -15,7 +15,6 @@ apart (Kingma & Welling 2019, sec. 2.6-2.7 for the importance weights).
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +29,7 @@ from pyrovae.batch import Data, as_batch
 from pyrovae.enumeration import weights_for
 from pyrovae.errors import PyrovaeError
 from pyrovae.handlers import scale_latents
-from pyrovae.importance import PARTICLES, log_weights
+from pyrovae.importance import PARTICLES, VECTORIZE_ERRORS, LogWeights, log_weights, over_particles
 from pyrovae.infer.base import InferenceMethod, TrainSettings, unique_parameters
 from pyrovae.registry import METHODS
 from pyrovae.sites import ModelSites
@@ -87,6 +86,10 @@ class WakeSleep(InferenceMethod):
         particles: K (default: the settings' particles if > 1, else 1 for ws and 5 for rws).
         sleep: add the sleep-phase encoder step (default: True for ws, False for rws).
         guide_lr: encoder learning rate (default: the settings' lr).
+        vectorize: for K > 1, True draws the K particles in one pass over a particle plate and
+            refuses, in one line, a program that cannot run over one; False draws them one at a
+            time; None (default) tries one pass and falls back to one at a time, said once
+            (`pyrovae.importance.over_particles`). The estimate is the same either way.
 
     The returned loss is minus the IWAE-K bound of the minibatch (the ELBO for K = 1), in
     nats per example, computed from the same weights.
@@ -110,6 +113,7 @@ class WakeSleep(InferenceMethod):
         particles: int | None = None,
         sleep: bool | None = None,
         guide_lr: float | None = None,
+        vectorize: bool | None = None,
         sites: ModelSites | None = None,
     ) -> None:
         super().__init__(model, guide, settings, num_examples, sites=sites)
@@ -119,6 +123,7 @@ class WakeSleep(InferenceMethod):
         self.particles = particles or (settings.particles if settings.particles > 1 else (5 if variant == "rws" else 1))
         self.sleep = (variant == "ws") if sleep is None else sleep
         self.guide_lr = guide_lr
+        self.vectorize = vectorize
         self.theta = unique_parameters(model)
         theta_ids = {id(p) for p in self.theta}
         self.phi = [p for p in unique_parameters(guide) if id(p) not in theta_ids]
@@ -149,17 +154,13 @@ class WakeSleep(InferenceMethod):
         args, call_kwargs = batch.call_args()
         kwargs = {**call_kwargs, **kwargs}
         model, guide = scale_latents(self.model, beta), scale_latents(self.guide, beta)
-        nesting, k = self.settings.max_plate_nesting, self.particles
-        # one particle needs no particle plate; K > 1 replays K draws in one, which the program must allow
-        replayed = detached_guide(guide, k if k > 1 else None, nesting, *args, **kwargs)
-        weigh = functools.partial(weights_for(self.sites), vectorize=k > 1)
-        weights = weigh(model, replayed, k, nesting, *args, plate_name=self.plate, **kwargs)
+        k = self.particles
+        weights, log_q = self._particles(model, guide, args, kwargs)
         scale = factor * weights.data_scale / self.num_examples  # to nats per example of the data set
         w = torch.softmax(weights.values.detach(), 0)
         model_loss = -scale * (w * weights.values).sum()  # its theta-gradient is -sum_k w_k grad log p
         guide_loss = batch.primary.new_zeros(())
-        if self.variant == "rws":
-            log_q = -log_weights(_no_model, replayed, k, nesting, *args, plate_name=self.plate, vectorize=k > 1, **kwargs).values
+        if log_q is not None:
             guide_loss = guide_loss - scale * (w * log_q).sum()
         if self.sleep:
             if not batch.is_tensor:
@@ -182,6 +183,33 @@ class WakeSleep(InferenceMethod):
             optimizer.step()
         bound = torch.logsumexp(weights.values.detach(), 0) - math.log(k)
         return -(scale * bound.sum()).item()
+
+    def _particles(self, model: Callable, guide: Callable, args: tuple, kwargs: dict[str, Any]) -> tuple[LogWeights, torch.Tensor | None]:
+        """The log-weights (K, B) of K guide draws and, for rws, their log q (K, B): in one pass over
+        a particle plate, or K passes of one draw each where the program cannot take that plate."""
+        nesting, k = self.settings.max_plate_nesting, self.particles
+        weights_of = weights_for(self.sites)
+        log_qs: list[torch.Tensor] = []
+
+        def weigh(particles: int | None) -> LogWeights:
+            replayed = detached_guide(guide, particles, nesting, *args, **kwargs)
+            n, one_pass = particles or 1, particles is not None
+            try:
+                weights = weights_of(model, replayed, n, nesting, *args, plate_name=self.plate, vectorize=one_pass, **kwargs)
+                log_q = None
+                if self.variant == "rws":
+                    log_q = -log_weights(_no_model, replayed, n, nesting, *args, plate_name=self.plate, vectorize=one_pass, **kwargs).values
+            except PyrovaeError as error:
+                if one_pass and isinstance(error.__cause__, VECTORIZE_ERRORS):  # the weights' own refusal: over_particles below decides
+                    raise error.__cause__ from None
+                raise
+            if log_q is not None:
+                log_qs.append(log_q)  # only for a pass that succeeded, in the order of its weights
+            return weights
+
+        # the key is the user's programs, whose ids are stable across steps: tried vectorized once
+        weights = over_particles(weigh, k, self.vectorize if k > 1 else False, (self.model, self.guide))
+        return weights, torch.cat(log_qs) if log_qs else None
 
     def state_dict(self) -> dict[str, Any]:
         state = {**super().state_dict(), "model_optimizer": self.model_optimizer.state_dict()}
