@@ -221,6 +221,10 @@ def _evaluate(args: argparse.Namespace) -> None:
                      ("BDMC width (upper - lower)", metrics["bdmc_width"]), ("BDMC seconds", metrics["bdmc_seconds"])]
         print(_table(rows))
         return
+    if metrics["log_likelihood"] is None:  # a model with global latents: the data set's bound only
+        print(_table([*head, (f"ELBO (nats/example, {args.samples} draws)", metrics["elbo"]), ("Monte Carlo standard error", metrics["elbo_stderr"]),
+                      ("log p(x)", f"not reported: {metrics['log_likelihood_refused']}"), ("seconds", metrics["eval_seconds"])]))
+        return
     print(_table([
         *head, ("ELBO (nats/example)", metrics["elbo"]), (f"log p(x), IS-{args.samples}", metrics["log_likelihood"]),
         ("gap log p(x) - ELBO", metrics["gap"]), ("seconds", metrics["eval_seconds"]),

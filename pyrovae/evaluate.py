@@ -117,7 +117,7 @@ def evaluate(
     if sites.global_latents:
         raise PyrovaeError(
             f"the model has global latent(s) {', '.join(map(repr, sites.global_latents))}: log p(x) and the ELBO do not "
-            "factor per example, so there is no per-example score; report the data set's bound from training instead"
+            "factor per example, so there is no per-example score; pyrovae.dataset_bound.dataset_elbo gives the data set's ELBO"
         )
     nesting = sites.max_plate_nesting
     if not sites.latents and not sites.enumerated:  # a fully observed model: one "sample" gives the exact log p(x)

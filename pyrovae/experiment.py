@@ -21,6 +21,7 @@ from pyrovae import plots, usercode
 from pyrovae.ais import AISResult, AISSettings, BDMCResult, ais, bdmc
 from pyrovae.batch import Batch, as_batch
 from pyrovae.data import Dataset, load_dataset
+from pyrovae.dataset_bound import dataset_elbo
 from pyrovae.diagnostics import active_units
 from pyrovae.errors import PyrovaeError
 from pyrovae.evaluate import Evaluation, evaluate
@@ -406,6 +407,25 @@ def scorable(experiment: Experiment) -> bool:
     return per_example and (guide_traits(experiment.guide).gives_elbo or not experiment.method.trains_guide)
 
 
+def _global_bound(experiment: Experiment, split: str, num_samples: int) -> dict[str, Any]:
+    """The data set's ELBO of a model with global latents (`pyrovae.dataset_bound`), per example,
+    and why its log p(x) is not reported."""
+    sites = experiment.method.sites
+    assert sites is not None
+    names = ", ".join(map(repr, sites.global_latents))
+    if not (experiment.method.trains_guide and guide_traits(experiment.guide).gives_elbo):
+        raise PyrovaeError(f"the model has global latent(s) {names} and the run no amortized guide for them: there is no held-out bound to report; "
+                           "its training bound is in metrics.json")
+    experiment.train_mode(False)
+    bound = dataset_elbo(experiment.model, experiment.guide, experiment.split(split), num_samples=num_samples, plate=experiment.method.plate)
+    return {
+        "examples": bound.examples, "elbo": bound.per_example, "elbo_total": bound.elbo,
+        "elbo_stderr": None if math.isnan(bound.stderr) else bound.stderr / bound.examples, "num_samples": num_samples,
+        "log_likelihood": None, "gap": None,
+        "log_likelihood_refused": f"global latent(s) {names}: log p(x) does not factor per example, so only the data set's ELBO is reported",
+    }
+
+
 def _metrics(experiment: Experiment, history: History) -> dict[str, Any]:
     config = experiment.config
     split = "valid" if "valid" in experiment.data.splits else "train"
@@ -423,6 +443,11 @@ def _metrics(experiment: Experiment, history: History) -> dict[str, Any]:
         start = time.perf_counter()
         summary = experiment.evaluate(split, config.eval_samples).summary()
         metrics.update(elbo=summary["elbo"], log_likelihood=summary["log_likelihood"], gap=summary["gap"], eval_seconds=time.perf_counter() - start)
+    elif config.eval_samples > 0 and experiment.method.sites is not None and experiment.method.sites.global_latents and experiment.method.trains_guide:
+        start = time.perf_counter()
+        bound = _global_bound(experiment, split, config.eval_samples)
+        metrics.update(elbo=bound["elbo"], elbo_stderr=bound["elbo_stderr"], log_likelihood_refused=bound["log_likelihood_refused"],
+                       eval_seconds=time.perf_counter() - start)
     elif history.rows and "valid_elbo" in history.rows[-1]:
         metrics["elbo"] = history.rows[-1]["valid_elbo"]
     return metrics
@@ -464,6 +489,9 @@ def evaluate_run(path: str | Path, split: str = "valid", num_samples: int = 1000
             sandwich = experiment.sandwich(split, annealing, bdmc_examples).summary()
             result.update({f"bdmc_{k}": v for k, v in sandwich.items() if k in ("examples", "lower", "upper", "width")}, bdmc_seconds=time.perf_counter() - start)
         return result
+    sites = experiment.method.sites
+    if sites is not None and sites.global_latents:
+        return {**head, "estimator": "is", **_global_bound(experiment, split, num_samples), "eval_seconds": time.perf_counter() - start}
     summary = experiment.evaluate(split, num_samples).summary()
     x = as_batch(experiment.split(split))
     if experiment.method.trains_guide and guide_traits(experiment.guide).gives_elbo and x.is_tensor and experiment.method.sites.latents:

@@ -11,9 +11,14 @@ import subprocess
 import textwrap
 from pathlib import Path
 
+import pyro
+import pyro.distributions as dist
+import torch
 from test_cli import run_cli as run_process
 
 from pyrovae.cli import main
+from pyrovae.data import load_dataset
+from pyrovae.experiment import load
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -208,15 +213,32 @@ GLOBAL = textwrap.dedent(
 )
 
 
-def test_a_model_with_a_global_latent_fits_and_evaluate_refuses_per_example_scores(tmp_path):
+def test_a_model_with_a_global_latent_reports_the_data_sets_elbo_and_refuses_log_px(tmp_path):
     script = tmp_path / "global.py"
     script.write_text(GLOBAL)
     out = tmp_path / "run"
     done = run_cli("fit", "--model", f"{script}:model", "--guide", f"{script}:guide", "--dataset", "digits", "--epochs", "2",
-                   "--lr", "0.05", "--out", str(out), "--quiet")
+                   "--lr", "0.05", "--eval-samples", "20", "--out", str(out), "--quiet")
     assert done.returncode == 0, done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["elbo"] is None and metrics["log_likelihood"] is None  # no per-example score exists
+    assert metrics["log_likelihood"] is None and "global latent" in metrics["log_likelihood_refused"]  # no per-example score exists
     assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
+    done = run_cli("evaluate", str(out), "--samples", "50", "--json")
+    assert done.returncode == 0, done.stderr
+    scored = json.loads(done.stdout)
+    # the closed form: each pixel's column of the split is N(0, I + 11^T) under the prior mean ~ N(0, 1)
+    x = load_dataset("digits").batch("valid", torch.arange(300))
+    exact = dist.MultivariateNormal(torch.zeros(300), torch.eye(300) + torch.ones(300, 300)).log_prob(x.T).sum().item() / 300
+    assert scored["log_likelihood"] is None and scored["examples"] == 300 and scored["num_samples"] == 50
+    assert scored["elbo"] < exact + 4 * scored["elbo_stderr"], (scored, exact)  # a bound
+    load(out)  # the trained q(mean) = N(loc, scale^2) back in the param store: the ELBO in closed form
+    loc, scale = pyro.param("loc").detach(), pyro.param("scale").detach()
+    expected_likelihood = (-0.5 * math.log(2 * math.pi) - 0.5 * ((x - loc) ** 2 + scale**2)).sum()
+    kl = (0.5 * (loc**2 + scale**2 - 1) - scale.log()).sum()
+    closed = (expected_likelihood - kl).item() / 300
+    assert abs(scored["elbo"] - closed) < 4 * scored["elbo_stderr"] + 1e-4, (scored["elbo"], closed, scored["elbo_stderr"])
+    assert abs(scored["elbo"] - metrics["elbo"]) < 4 * (scored["elbo_stderr"] + metrics["elbo_stderr"])
     done = run_cli("evaluate", str(out), "--samples", "10")
+    assert done.returncode == 0 and "not reported: global latent(s) 'mean'" in done.stdout, done.stdout
+    done = run_cli("evaluate", str(out), "--estimator", "ais", "--ais-steps", "5")
     assert done.returncode == 2 and "global latent" in done.stderr and len(done.stderr.strip().splitlines()) == 1
