@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from pyro import poutine
+from pyro.ops.dual_averaging import DualAveraging
 from pyro.ops.integrator import potential_grad, velocity_verlet
 from torch import nn
 
@@ -77,18 +78,23 @@ class MCMCEM(InferenceMethod):
         target_accept: acceptance probability the step sizes are adapted to (default 0.8).
         adapt: ``"example"`` (default): each example's step size follows its own acceptance;
             ``"batch"``: the minibatch's mean acceptance moves all of its examples' step sizes.
-        adapt_rate: Robbins-Monro gain on the log step size (default 0.1), diminishing as
-            1/sqrt(1 + n) in an example's transition count n.
-        adapt_until: transitions per example after which its step size is frozen (default
-            100): adaptation driven by the current state's acceptance would otherwise bias
-            the chain's stationary distribution (by ~10% in the variance at a fixed gain).
+        adapt_until: transitions per adaptation window (default 100). Within a window an
+            example's log step size follows Pyro's `DualAveraging` (Hoffman & Gelman 2014,
+            sec. 3.2; Nesterov 2009); at its end the step size is frozen at the window's average,
+            so the chain targets p(z | x) exactly while the decoder stands still.
+        band: (low, high) acceptance band (default (0.6, 0.9)). The decoder moves under the
+            chains, so a frozen step size drifts out of tune: when an example's running
+            acceptance (an exponential average over its recent transitions) leaves the band,
+            its window reopens, centred on ten times its current step size.
         burn_in: extra transitions on an example's first visit, from a prior draw (default 5).
 
-    The chain states, step sizes and transition counts are per-example buffers in `state_dict`.
-    The loss is minus log p(x, z) at the samples (nats per example), not a bound.
+    The chain states, step sizes, adaptation states and transition counts are per-example
+    buffers in `state_dict`. The loss is minus log p(x, z) at the samples (nats per example),
+    not a bound.
 
     References:
-        Kingma & Welling (2019), appendix A.2.3; Neal (2011), MCMC using Hamiltonian dynamics.
+        Kingma & Welling (2019), appendix A.2.3; Neal (2011), MCMC using Hamiltonian dynamics;
+        Hoffman & Gelman (2014), the No-U-Turn sampler, sec. 3.2 (dual averaging of the step size).
     """
 
     name = "mcmc-em"
@@ -107,23 +113,60 @@ class MCMCEM(InferenceMethod):
         step_size: float = 0.1,
         target_accept: float = 0.8,
         adapt: str = "example",
-        adapt_rate: float = 0.1,
         adapt_until: int = 100,
+        band: tuple[float, float] = (0.6, 0.9),
         burn_in: int = 5,
         sites: ModelSites | None = None,
     ) -> None:
         super().__init__(model, guide, settings, num_examples, sites=sites)
         if adapt not in ("example", "batch"):
             raise PyrovaeError(f"adapt must be 'example' or 'batch', got {adapt!r}")
+        low, high = band
+        if not 0 <= low < target_accept < high <= 1 or step_size <= 0 or adapt_until < 1:
+            raise PyrovaeError(f"mcmc-em needs 0 <= band low < target_accept < band high <= 1, a positive step size and window (got band={band}, "
+                               f"target_accept={target_accept}, step_size={step_size}, adapt_until={adapt_until})")
         self.hmc_steps, self.leapfrog_steps, self.target_accept = hmc_steps, leapfrog_steps, target_accept
-        self.adapt, self.adapt_rate, self.adapt_until, self.burn_in = adapt, adapt_rate, adapt_until, burn_in
+        self.adapt, self.adapt_until, self.band, self.burn_in = adapt, adapt_until, (float(low), float(high)), burn_in
         self.optimizer = torch.optim.Adam(unique_parameters(model) or [nn.Parameter(torch.empty(0))], lr=settings.lr)  # see base.adam
         self.chains: torch.Tensor | None = None
         self.log_step = torch.full((num_examples,), math.log(step_size))
         self.transitions = torch.zeros(num_examples, dtype=torch.long)
+        # per-example dual-averaging state: transitions in the window, mean statistic, averaged
+        # iterate and proximal centre (Pyro's DualAveraging fields), and the running acceptance
+        self.window = torch.zeros(num_examples)
+        self.g_avg = torch.zeros(num_examples)
+        self.x_avg = torch.zeros(num_examples)
+        self.centre = torch.full((num_examples,), math.log(10 * step_size))
+        self.accept_avg = torch.full((num_examples,), target_accept)
         self.accept_rate = float("nan")
 
+    def _adapt(self, index: torch.Tensor, log_step: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+        """One dual-averaging step for the examples of `index` whose window is open; frozen at
+        the window's average when it closes; reopened where the running acceptance left the band."""
+        window = self.window[index]
+        active = window < self.adapt_until
+        averaging = DualAveraging(prox_center=self.centre[index])  # the examples' states, stepped elementwise
+        averaging._t, averaging._g_avg, averaging._x_avg = window, self.g_avg[index], self.x_avg[index]
+        accept = prob if self.adapt == "example" else prob.mean().expand_as(prob)
+        averaging.step(self.target_accept - accept)
+        x_t, x_avg = averaging.get_state()
+        closing = active & (window + 1 >= self.adapt_until)
+        log_step = torch.where(closing, x_avg, torch.where(active, x_t, log_step))
+        self.window[index] = torch.where(active, window + 1, window)
+        self.g_avg[index] = torch.where(active, averaging._g_avg, self.g_avg[index])
+        self.x_avg[index] = torch.where(active, x_avg, self.x_avg[index])
+        running = 0.9 * self.accept_avg[index] + 0.1 * prob
+        low, high = self.band
+        reopen = ~active & ((running < low) | (running > high))
+        self.window[index] = torch.where(reopen, torch.zeros_like(window), self.window[index])
+        self.g_avg[index] = torch.where(reopen, torch.zeros_like(window), self.g_avg[index])
+        self.x_avg[index] = torch.where(reopen, torch.zeros_like(window), self.x_avg[index])
+        self.centre[index] = torch.where(reopen, log_step + math.log(10), self.centre[index])
+        self.accept_avg[index] = torch.where(reopen, torch.full_like(running, self.target_accept), running)
+        return log_step
+
     checks_guide = False  # the chains are the posterior; a guide is not used
+    BUFFERS = ("log_step", "transitions", "window", "g_avg", "x_avg", "centre", "accept_avg")
 
     def check_sites(self, sites: ModelSites) -> None:
         """HMC moves real-valued per-example latents."""
@@ -148,7 +191,8 @@ class MCMCEM(InferenceMethod):
         if self.chains is None:
             width = sum(math.prod(s) for s in self.sites.latents.values())
             self.chains = torch.zeros(self.num_examples, width, device=batch.device)
-            self.log_step, self.transitions = self.log_step.to(batch.device), self.transitions.to(batch.device)
+            for name in ("log_step", "transitions", "window", "g_avg", "x_avg", "centre", "accept_avg"):
+                setattr(self, name, getattr(self, name).to(batch.device))
 
     @torch.no_grad()
     def _prior_draw(self, x: Data, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -160,8 +204,7 @@ class MCMCEM(InferenceMethod):
         self._setup(x)
         kwargs, _ = self.minibatch_kwargs(x, index)
         model = scale_latents(self.model, beta)
-        count = self.transitions[index]
-        fresh = count == 0
+        fresh = self.transitions[index] == 0
         z = self.chains[index]
         if fresh.any():
             z = torch.where(fresh[:, None], self._prior_draw(x, kwargs), z)
@@ -170,11 +213,9 @@ class MCMCEM(InferenceMethod):
         accepted = []
         for _i in range(steps):
             z, prob = hmc_transition(lambda v: -log_joint(model, self.sites, v, x, **kwargs), z, log_step.exp(), self.leapfrog_steps)
-            gain = prob - self.target_accept if self.adapt == "example" else (prob.mean() - self.target_accept).expand_as(prob)
-            rate = torch.where(count < self.adapt_until, self.adapt_rate / (1 + count).float().sqrt(), torch.zeros_like(prob))
-            log_step, count = log_step + rate * gain, count + 1
+            log_step = self._adapt(index, log_step, prob)
             accepted.append(prob.mean().item())
-        self.chains[index], self.log_step[index], self.transitions[index] = z, log_step, count
+        self.chains[index], self.log_step[index], self.transitions[index] = z, log_step, self.transitions[index] + steps
         self.accept_rate = sum(accepted) / len(accepted)
         return z
 
@@ -194,11 +235,13 @@ class MCMCEM(InferenceMethod):
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(), "optimizer": self.optimizer.state_dict(), "chains": self.chains,
-            "log_step": self.log_step, "transitions": self.transitions,
+            **{name: getattr(self, name) for name in self.BUFFERS},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.chains = None if state["chains"] is None else state["chains"].clone()
-        self.log_step, self.transitions = state["log_step"].clone(), state["transitions"].clone()
+        for name in self.BUFFERS:
+            if name in state:  # a checkpoint from before dual averaging keeps the fresh adaptation state
+                setattr(self, name, state[name].clone())
