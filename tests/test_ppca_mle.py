@@ -14,6 +14,7 @@ import pyro
 import pytest
 import torch
 
+from pyrovae.evaluate import evaluate
 from pyrovae.guides import build_guide
 from pyrovae.infer import TrainSettings
 from pyrovae.models import LinearGaussian
@@ -61,6 +62,7 @@ def _train(name: str, x: torch.Tensor, steps: int, **options):
     ("amortized", 600, {}),
     ("local", 600, {}),
     ("mcmc-em", 300, {"leapfrog_steps": 5}),
+    ("mcmc-em", 300, {"leapfrog_steps": 5, "init": "encoder", "burn_in": 0}),
     ("wake-sleep", 600, {}),
     ("wake-sleep", 600, {"variant": "rws", "particles": 5}),
 ])
@@ -75,6 +77,9 @@ def test_each_method_reaches_the_maximum_likelihood(data, name, steps, options):
         late = sum(trail[-100:]) / 100
         assert 0.6 <= late <= 0.9, late
         assert bool((method.window > 0).all())  # every example adapted in some window
+    if options.get("init") == "encoder":  # the encoder trained alongside: its ELBO is near the MLE's log p(x) too
+        elbo = evaluate(model, method.guide, x, num_samples=10).elbo.mean().item()
+        assert best - elbo < 1.0, best - elbo
 
 
 def test_map_converges_to_its_own_fixed_point_not_the_mle(data):

@@ -33,6 +33,7 @@ from pyrovae.handlers import scale_latents
 from pyrovae.infer.base import InferenceMethod, TrainSettings, unique_parameters
 from pyrovae.infer.local import refuse_discrete
 from pyrovae.infer.map import log_joint
+from pyrovae.objectives import make_objective
 from pyrovae.registry import METHODS
 from pyrovae.sites import ModelSites
 
@@ -86,7 +87,12 @@ class MCMCEM(InferenceMethod):
             chains, so a frozen step size drifts out of tune: when an example's running
             acceptance (an exponential average over its recent transitions) leaves the band,
             its window reopens, centred on ten times its current step size.
-        burn_in: extra transitions on an example's first visit, from a prior draw (default 5).
+        burn_in: extra transitions on an example's first visit (default 5).
+        init: where an example's chain starts on its first visit: ``"prior"`` (default), a
+            draw from p(z); or ``"encoder"``, a draw from the guide, trained alongside on its
+            own ELBO with the decoder held fixed for it (Hoffman 2017, sec. 3): the chains start
+            near the posterior, so few burn-in transitions are needed, at the cost of one
+            encoder step per minibatch.
 
     The chain states, step sizes, adaptation states and transition counts are per-example
     buffers in `state_dict`. The loss is minus log p(x, z) at the samples (nats per example),
@@ -94,7 +100,8 @@ class MCMCEM(InferenceMethod):
 
     References:
         Kingma & Welling (2019), appendix A.2.3; Neal (2011), MCMC using Hamiltonian dynamics;
-        Hoffman & Gelman (2014), the No-U-Turn sampler, sec. 3.2 (dual averaging of the step size).
+        Hoffman & Gelman (2014), the No-U-Turn sampler, sec. 3.2 (dual averaging of the step size);
+        Hoffman (2017), Learning deep latent Gaussian models with Markov chain Monte Carlo.
     """
 
     name = "mcmc-em"
@@ -116,6 +123,7 @@ class MCMCEM(InferenceMethod):
         adapt_until: int = 100,
         band: tuple[float, float] = (0.6, 0.9),
         burn_in: int = 5,
+        init: str = "prior",
         sites: ModelSites | None = None,
     ) -> None:
         super().__init__(model, guide, settings, num_examples, sites=sites)
@@ -127,7 +135,14 @@ class MCMCEM(InferenceMethod):
                                f"target_accept={target_accept}, step_size={step_size}, adapt_until={adapt_until})")
         self.hmc_steps, self.leapfrog_steps, self.target_accept = hmc_steps, leapfrog_steps, target_accept
         self.adapt, self.adapt_until, self.band, self.burn_in = adapt, adapt_until, (float(low), float(high)), burn_in
+        if init not in ("prior", "encoder") or (init == "encoder" and guide is None):
+            raise PyrovaeError(f"init must be 'prior' or 'encoder' (which needs a guide), got {init!r}")
+        self.init = init
         self.optimizer = torch.optim.Adam(unique_parameters(model) or [nn.Parameter(torch.empty(0))], lr=settings.lr)  # see base.adam
+        theta = {id(p) for p in unique_parameters(model)}
+        self.phi = [p for p in unique_parameters(guide) if id(p) not in theta] if init == "encoder" else []
+        self.encoder_optimizer = torch.optim.Adam(self.phi, lr=settings.lr) if self.phi else None
+        self.encoder_objective = make_objective("elbo", 1, settings.max_plate_nesting, plate=self.plate) if init == "encoder" else None
         self.chains: torch.Tensor | None = None
         self.log_step = torch.full((num_examples,), math.log(step_size))
         self.transitions = torch.zeros(num_examples, dtype=torch.long)
@@ -165,7 +180,11 @@ class MCMCEM(InferenceMethod):
         self.accept_avg[index] = torch.where(reopen, torch.full_like(running, self.target_accept), running)
         return log_step
 
-    checks_guide = False  # the chains are the posterior; a guide is not used
+    @property
+    def checks_guide(self) -> bool:  # type: ignore[override]
+        """The chains are the posterior; a guide is used (and must serve the model) only to start them."""
+        return self.init == "encoder"
+
     BUFFERS = ("log_step", "transitions", "window", "g_avg", "x_avg", "centre", "accept_avg")
 
     def check_sites(self, sites: ModelSites) -> None:
@@ -184,6 +203,12 @@ class MCMCEM(InferenceMethod):
     def add_parameters(self, model: list[torch.Tensor], guide: list[torch.Tensor]) -> None:
         if model:
             self.optimizer.add_param_group({"params": model})
+        if guide and self.init == "encoder":
+            self.phi += guide
+            if self.encoder_optimizer is None:
+                self.encoder_optimizer = torch.optim.Adam(guide, lr=self.optimizer.defaults["lr"])
+            else:
+                self.encoder_optimizer.add_param_group({"params": guide})
 
     def _setup(self, x: Data) -> None:
         batch = as_batch(x)
@@ -195,9 +220,27 @@ class MCMCEM(InferenceMethod):
                 setattr(self, name, getattr(self, name).to(batch.device))
 
     @torch.no_grad()
-    def _prior_draw(self, x: Data, kwargs: dict[str, Any]) -> torch.Tensor:
-        trace = as_batch(x).call(poutine.trace(self.model).get_trace, **kwargs)
+    def _first_draw(self, x: Data, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Where fresh chains start: a draw from the prior, or from the encoder."""
+        program = self.model if self.init == "prior" else self.guide
+        trace = as_batch(x).call(poutine.trace(program).get_trace, **kwargs)
         return flatten({name: trace.nodes[name]["value"] for name in self.sites.latents}, self.sites)
+
+    def _encoder_step(self, x: Data, index: torch.Tensor, beta: float) -> None:
+        """One Adam step of the guide on its ELBO of the minibatch; the decoder takes no gradient from it."""
+        if self.encoder_optimizer is None or self.encoder_objective is None:
+            return
+        batch = as_batch(x)
+        kwargs, _ = self.minibatch_kwargs(batch, index)
+        args, call_kwargs = batch.call_args()
+        model, guide = scale_latents(self.model, beta), scale_latents(self.guide, beta)
+        self.encoder_objective.plate = self.plate  # as found by `prepare`
+        loss = self.encoder_objective.differentiable_loss(model, guide, *args, **call_kwargs, **kwargs) / len(batch)
+        grads = torch.autograd.grad(loss, self.phi, allow_unused=True)
+        self.encoder_optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(self.phi, grads):
+            p.grad = g
+        self.encoder_optimizer.step()
 
     def e_step(self, x: Data, index: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
         """Advance the chains of `index` (a minibatch of `x`) and return their states (B, D)."""
@@ -207,7 +250,7 @@ class MCMCEM(InferenceMethod):
         fresh = self.transitions[index] == 0
         z = self.chains[index]
         if fresh.any():
-            z = torch.where(fresh[:, None], self._prior_draw(x, kwargs), z)
+            z = torch.where(fresh[:, None], self._first_draw(x, kwargs), z)
         steps = self.hmc_steps + (self.burn_in if fresh.any() else 0)
         log_step = self.log_step[index]
         accepted = []
@@ -221,6 +264,8 @@ class MCMCEM(InferenceMethod):
 
     def step(self, x: Data, index: torch.Tensor, beta: float = 1.0) -> float:
         first = not self.prepared
+        self._setup(x)
+        self._encoder_step(x, index, beta)
         z = self.e_step(x, index, beta)
         kwargs, _ = self.minibatch_kwargs(x, index)
         self.optimizer.zero_grad(set_to_none=True)
@@ -236,11 +281,14 @@ class MCMCEM(InferenceMethod):
         return {
             **super().state_dict(), "optimizer": self.optimizer.state_dict(), "chains": self.chains,
             **{name: getattr(self, name) for name in self.BUFFERS},
+            **({"encoder_optimizer": self.encoder_optimizer.state_dict()} if self.encoder_optimizer is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.encoder_optimizer is not None and "encoder_optimizer" in state:
+            self.encoder_optimizer.load_state_dict(state["encoder_optimizer"])
         self.chains = None if state["chains"] is None else state["chains"].clone()
         for name in self.BUFFERS:
             if name in state:  # a checkpoint from before dual averaging keeps the fresh adaptation state
