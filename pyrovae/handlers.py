@@ -1,13 +1,15 @@
-"""Poutine handlers for training schedules (Kingma & Welling 2019, sec. 2.8)."""
+"""Poutine handlers for training schedules (Kingma & Welling 2019, sec. 2.8) and for refining a guide."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+import pyro.distributions as dist
+import torch
 from pyro.poutine.messenger import Messenger
 
-__all__ = ["ScaleLatents", "ScalePlate", "scale_latents", "scale_plate"]
+__all__ = ["ScaleLatents", "ScalePlate", "ShiftLatents", "scale_latents", "scale_plate"]
 
 
 class ScaleLatents(Messenger):
@@ -52,3 +54,24 @@ class ScalePlate(Messenger):
 def scale_plate(fn: Callable, name: str, factor: float) -> Callable:
     """`fn` with the sites of its plate `name` scaled by `factor` (the identity when factor == 1)."""
     return fn if factor == 1.0 else ScalePlate(name, factor)(fn)
+
+
+class ShiftLatents(Messenger):
+    """Carries each named latent site's distribution q through z -> loc + exp(log_scale) * z.
+
+    `offsets[name] = (loc, log_scale)`, each of the site's batch-and-event shape: per-example
+    refinements of an amortized guide that stay differentiable functions of the encoder (the
+    semi-amortized VAE of Kim et al. 2018 refines the encoder's output this way; at zero
+    offsets the guide is unchanged). For a Gaussian q the result is again Gaussian.
+    """
+
+    def __init__(self, offsets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        super().__init__()
+        self.offsets = offsets
+
+    def _pyro_sample(self, msg: Any) -> None:
+        if msg["is_observed"] or msg["name"] not in self.offsets:
+            return
+        loc, log_scale = self.offsets[msg["name"]]
+        fn = msg["fn"]
+        msg["fn"] = dist.TransformedDistribution(fn, [dist.transforms.AffineTransform(loc, log_scale.exp(), event_dim=fn.event_dim)])

@@ -22,7 +22,7 @@ from torch import nn
 from pyrovae.batch import Data, as_batch
 from pyrovae.errors import PyrovaeError
 from pyrovae.guides.local import LocalGaussian
-from pyrovae.handlers import scale_latents, scale_plate
+from pyrovae.handlers import ShiftLatents, scale_latents, scale_plate
 from pyrovae.infer.base import InferenceMethod, TrainSettings, unique_parameters
 from pyrovae.objectives import make_objective
 from pyrovae.protocols import guide_traits
@@ -165,6 +165,12 @@ class LocalVI(InferenceMethod):
             from the encoder and are refined this many steps, decoder frozen; the decoder then
             steps on the refined bound and the encoder on its own ELBO (Kim et al. 2018,
             without backpropagating through the refinement). Default 0: persistent q_i.
+        backprop_refinement: with semi_amortized_steps > 0, refine instead a per-example affine
+            map of each of the encoder's latents (`pyrovae.handlers.ShiftLatents`, from the
+            identity) by that many steps of gradient ascent at rate `local_lr`, keeping the
+            graph, and train encoder and decoder on the refined bound, so the encoder's
+            gradient runs back through the refinement steps (the SA-VAE of Kim et al. 2018,
+            Algorithm 1; Hessian-vector products by autograd). Real-valued latents only.
 
     References:
         Kingma & Welling (2019), appendix A.2.2 (variational EM); Hoffman et al. (2013).
@@ -185,9 +191,13 @@ class LocalVI(InferenceMethod):
         local_lr: float = 5e-2,
         init_scale: float = 1.0,
         semi_amortized_steps: int = 0,
+        backprop_refinement: bool = False,
         sites: ModelSites | None = None,
     ) -> None:
         super().__init__(model, guide, settings, num_examples, sites=sites)
+        if backprop_refinement and semi_amortized_steps < 1:
+            raise PyrovaeError("backprop_refinement needs semi_amortized_steps >= 1 (the refinement it backpropagates through)")
+        self.backprop_refinement = backprop_refinement
         self.objective = make_objective(settings.objective, settings.particles, settings.max_plate_nesting, plate=self.plate)
         self.semi_amortized_steps = semi_amortized_steps
         self.local_lr = local_lr
@@ -211,6 +221,9 @@ class LocalVI(InferenceMethod):
         refuse_discrete(self.name, sites)
         sites.refuse_subsampled(f"the {self.name} method")
         super().check_sites(sites)
+        constrained = list(sites.unservable(discrete=False, constrained=True))
+        if self.backprop_refinement and constrained:
+            raise PyrovaeError(f"backprop_refinement shifts real-valued latents; {', '.join(map(repr, constrained))} is constrained: use semi_amortized_steps alone")
         if sites.global_latents and self.semi_amortized_steps > 0:
             raise PyrovaeError(
                 f"semi-amortized local VI refines per-example q_i only, but the model has global latent(s) "
@@ -262,7 +275,30 @@ class LocalVI(InferenceMethod):
     def parameters(self) -> list[torch.Tensor]:
         return [*super().parameters(), *self.local.parameters()]
 
+    def _unrolled_step(self, x: Data, index: torch.Tensor, beta: float) -> float:
+        """SA-VAE: K ascent steps on per-example affine offsets of the encoder's latents, graph
+        kept, then one step of encoder and decoder on the refined bound."""
+        batch = as_batch(x)
+        sites = self.sites
+        assert sites is not None and self.encoder is not None
+        offsets = {name: (batch.primary.new_zeros(sites.example_shape(len(batch)) + shape, requires_grad=True),
+                          batch.primary.new_zeros(sites.example_shape(len(batch)) + shape, requires_grad=True))
+                   for name, shape in sites.latents.items()}
+        for _ in range(self.semi_amortized_steps):
+            # the batch's bound summed over its examples: each example's offsets take its own gradient
+            loss = len(batch) * self.bound_loss(ShiftLatents(offsets)(self.encoder), batch, None, beta)
+            leaves = [t for pair in offsets.values() for t in pair]
+            grads = iter(torch.autograd.grad(loss, leaves, create_graph=True))
+            offsets = {name: (loc - self.local_lr * next(grads), log_scale - self.local_lr * next(grads)) for name, (loc, log_scale) in offsets.items()}
+        self.optimizer.zero_grad()
+        loss = self.bound_loss(ShiftLatents(offsets)(self.encoder), batch, index, beta)
+        loss.backward()
+        self.optimizer.dense.step()
+        return loss.item()
+
     def _semi_amortized_step(self, x: Data, index: torch.Tensor, beta: float) -> float:
+        if self.backprop_refinement:
+            return self._unrolled_step(x, index, beta)
         batch = as_batch(x)
         sites = model_sites(self.model, self.encoder)
         refined = fit_local(self.model, batch, sites, self.semi_amortized_steps, self.local_lr, self.local.covariance, init=self.encoder)
