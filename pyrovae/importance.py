@@ -114,12 +114,24 @@ def apply_model_masks(model_trace: Trace, guide_trace: Trace) -> bool:
 
 
 def _site_mask(site: Any) -> Any:
-    """A site's mask: from `poutine.mask` (the site's "mask") and from `dist.mask` (a
-    MaskedDistribution's own), combined."""
-    mask, fn = site.get("mask"), site["fn"]
+    """A site's mask over its batch shape: from `poutine.mask` (the site's "mask") and from
+    `dist.mask` (a MaskedDistribution's own). A `dist.mask` applied before `.to_event(r)` masks
+    elements of the event; it becomes a mask of the site's batch only where it is constant across
+    those r dims (a time step's mask broadcast over its latent's coordinates), and is refused
+    where it is not: a guide cannot be given part of an event's mask."""
+    mask, fn, inner = site.get("mask"), site["fn"], 0
     while isinstance(fn, (dist.Independent, dist.MaskedDistribution)):
-        if isinstance(fn, dist.MaskedDistribution) and fn._mask is not None:
-            mask = fn._mask if mask is None or mask is True else (mask & fn._mask)
+        if isinstance(fn, dist.Independent):
+            inner += fn.reinterpreted_batch_ndims
+        elif fn._mask is not None:
+            own = fn._mask
+            if inner:
+                elements = own.expand(fn.batch_shape).flatten(-inner)
+                own = elements.all(-1)
+                if not torch.equal(own, elements.any(-1)):
+                    raise PyrovaeError(f"site {site['name']!r} masks part of its event (dist.mask before to_event, varying within it): "
+                                       "mask whole events, e.g. with poutine.mask or a mask that broadcasts over the event dims")
+            mask = own if mask is None or mask is True else (mask & own)
         fn = fn.base_dist
     return mask
 
