@@ -14,9 +14,10 @@ from pyrovae.guides import build_guide
 from pyrovae.infer import AmortizedVI, TrainSettings, train
 from pyrovae.registry import DATASETS, GUIDES, METHODS, MODELS, OBJECTIVES
 from pyrovae.sites import ModelSites, data_plate, inspect_model
+from pyrovae.trained import TrainedRun, load
 
 __all__ = [
     "AmortizedVI", "DATASETS", "Evaluation", "GUIDES", "METHODS", "MODELS", "ModelSites", "OBJECTIVES",
-    "PyrovaeError", "TrainSettings", "build_guide", "data", "data_plate", "evaluate", "guides", "inspect_model",
-    "models", "objectives", "train",
+    "PyrovaeError", "TrainSettings", "TrainedRun", "build_guide", "data", "data_plate", "evaluate", "guides", "inspect_model",
+    "load", "models", "objectives", "train",
 ]

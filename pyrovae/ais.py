@@ -48,6 +48,7 @@ from pyrovae.guides.local import LocalGaussian
 from pyrovae.importance import per_example_log_prob
 from pyrovae.infer.local import frozen
 from pyrovae.protocols import model_traits
+from pyrovae.sampling import data_site
 from pyrovae.sites import ModelSites, inspect_model, primary
 
 __all__ = ["AISResult", "AISSettings", "BDMCResult", "ais", "bdmc", "sigmoid_schedule", "simulate", "unannealable"]
@@ -410,18 +411,9 @@ def simulate(model: Callable, like: Data, plate: str | None = None) -> tuple[Bat
     batch = as_batch(like)
     sites = inspect_model(model, batch, plate=plate)
     trace = batch.call(poutine.trace(poutine.uncondition(model)).get_trace)
-    observed = _data_site(trace, batch, sites)
+    observed = data_site(model, batch)
     x = trace.nodes[observed]["value"].reshape(batch.primary.shape).to(batch.primary.dtype)
     return batch.with_primary(x), {name: trace.nodes[name]["value"] for name in sites.latents}
-
-
-def _data_site(trace: Any, batch: Batch, sites: ModelSites) -> str:
-    """The observed site that scores the data tensor: the one whose observation is that tensor,
-    else the one of its shape; a model observing several tensors is refused (which to simulate?)."""
-    same = [n for n in sites.observed if trace.nodes[n]["value"].numel() == batch.primary.numel()]
-    if len(sites.observed) == 1 or len(same) == 1:
-        return (same or list(sites.observed))[0]
-    raise PyrovaeError(f"the model observes {len(sites.observed)} sites ({', '.join(map(repr, sites.observed))}): BDMC simulates one data tensor, and which is ambiguous")
 
 
 def bdmc(model: Callable, like: Data, guide: Callable | None = None, settings: AISSettings = AISSettings(), plate: str | None = None) -> BDMCResult:

@@ -8,19 +8,20 @@ import torch
 from pyro import poutine
 
 from pyrovae.batch import Batch, Data, as_batch
+from pyrovae.errors import PyrovaeError
 from pyrovae.sites import inspect_model
 
-__all__ = ["sample", "reconstruct"]
+__all__ = ["data_site", "reconstruct", "sample"]
 
 
 def _observed_mean(model: Callable, x: Batch, trace_guide=None) -> torch.Tensor:
-    observed = _data_site(model, x)
+    observed = data_site(model, x)
     program = poutine.uncondition(model) if trace_guide is None else poutine.replay(model, trace=trace_guide)
     trace = x.call(poutine.trace(program).get_trace)
     return trace.nodes[observed]["fn"].mean.reshape(x.primary.shape)
 
 
-def _data_site(model: Callable, x: Batch) -> str:
+def data_site(model: Callable, x: Batch) -> str:
     """The observed site that scores the data tensor (not a label or a condition observed beside it)."""
     with torch.no_grad():
         trace = x.call(poutine.trace(model).get_trace)
@@ -28,8 +29,11 @@ def _data_site(model: Callable, x: Batch) -> str:
     for name in observed:
         if trace.nodes[name]["value"] is x.primary:
             return name
-    same = [n for n in observed if trace.nodes[n]["value"].shape == x.primary.shape]
-    return (same or list(observed))[0]
+    same = [n for n in observed if trace.nodes[n]["value"].numel() == x.primary.numel()]
+    if len(observed) == 1 or len(same) == 1:
+        return (same or list(observed))[0]
+    raise PyrovaeError(f"the model observes {len(observed)} sites ({', '.join(map(repr, observed))}) and none is the data tensor itself: "
+                       "which one is x is ambiguous")
 
 
 @torch.no_grad()
