@@ -389,8 +389,10 @@ def fit(
     history = train(
         experiment.method, experiment.data, config.epochs, seed=config.seed, warmup_epochs=config.warmup,
         patience=config.patience, run=run, resume=checkpoint is not None, checkpoint=checkpoint, validate=validate if has_valid else None,
-        device=experiment.device, progress=progress,
+        device=experiment.device, progress=progress, log=log if progress else None,
     )
+    if config.eval_samples > 0 and progress and scorable(experiment):
+        log(f"scoring the {'valid' if 'valid' in experiment.data.splits else 'train'} split (IS-{config.eval_samples})")
     metrics = _metrics(experiment, history)
     if run is not None:
         run.write_json("metrics.json", metrics)

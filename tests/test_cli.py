@@ -241,3 +241,14 @@ def test_commands_run_on_one_torch_thread_unless_told_and_put_the_count_back():
         assert torch.get_num_threads() == 2
     assert torch.get_num_threads() == before
     assert main(["evaluate", "no-such-run", "--threads", "0"]) == 2
+
+
+def test_fit_logs_one_line_per_epoch_off_a_terminal_and_none_when_quiet(tmp_path):
+    done = run_cli("fit", "--dataset", "digits", "--epochs", "2", "--eval-samples", "10", "--hidden", "16", "--latent", "2",
+                   "--out", str(tmp_path / "a"))
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/2", "2/2"] and all("valid ELBO" in line and "examples/s" in line for line in lines), done.stdout
+    assert "scoring the valid split (IS-10)" in done.stdout
+    quiet = run_cli("fit", "--dataset", "digits", "--epochs", "2", "--eval-samples", "0", *FAST, "--out", str(tmp_path / "b"))
+    assert quiet.returncode == 0 and not any(line.startswith("epoch ") for line in quiet.stdout.splitlines())
