@@ -253,6 +253,12 @@ COLUMNS = ("method", "train_bound", "train_log_joint", "heldout_ll_ais", "ais_st
            "heldout_ll_amortized", "heldout_elbo_amortized", "train_seconds", "eval_seconds", "steps", "steps_per_second", "examples_per_second")
 
 
+# compare.md: what a reader compares, titled with units; compare.csv and compare.json hold every column
+TABLE = (("method", "method"), ("heldout_ll_ais", "AIS log p(x)"), ("ais_stderr", "±"), ("bdmc_width", "BDMC width"),
+         ("heldout_ll", "IS, fitted q"), ("heldout_ll_amortized", "IS, own q"), ("train_bound", "train bound"),
+         ("steps", "steps"), ("train_seconds", "train s"), ("eval_seconds", "eval s"))
+
+
 def _cell(value: Any) -> str:
     return "" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
@@ -269,21 +275,21 @@ def write_table(rows: list[dict[str, Any]], out: Path, setup: dict[str, Any]) ->
     ais_settings = first["ais"]
     note = f"Held-out: {first['heldout_examples']} {first['split']} examples. "
     if ais_settings:
-        note += (f"heldout_ll_ais: AIS from the prior, T={ais_settings['steps']} sigmoid-spaced temperatures, {ais_settings['chains']} chains, "
+        note += (f"AIS log p(x): AIS from the prior, T={ais_settings['steps']} sigmoid-spaced temperatures, {ais_settings['chains']} chains, "
                  f"one HMC transition of {ais_settings['leapfrog']} leapfrog steps each (step sizes adapted per example in a {ais_settings['warmup']}-step "
-                 "warm-up, then frozen): the same estimator for every decoder, a stochastic lower bound on log p(x); ais_stderr its Monte Carlo error. "
-                 "bdmc_width: upper minus lower BDMC bound on data simulated from the trained model (Grosse et al. 2015). ")
-    note += (f"heldout_ll: IS with {first['is_samples']} samples from a diagonal Gaussian fitted per example ({first['proposal_steps']} Adam steps, "
-             "decoder frozen); 'amortized' columns use the method's own encoder. train_bound: minus the training loss (ELBO or IWAE-K); "
-             "train_log_joint: log p(x, z) at the method's z (MAP, MCMC-EM), not a bound. eval_seconds: all held-out scoring, apart from "
-             "train_seconds. Nats per example.")
+                 "warm-up, then frozen): the same estimator for every decoder, a stochastic lower bound on log p(x); ± its Monte Carlo error. "
+                 "BDMC width: upper minus lower BDMC bound on data simulated from the trained model (Grosse et al. 2015). ")
+    note += (f"IS, fitted q: IS with {first['is_samples']} samples from a diagonal Gaussian fitted per example ({first['proposal_steps']} Adam steps, "
+             "decoder frozen); IS, own q: with the method's own encoder. train bound: minus the training loss (ELBO or IWAE-K); "
+             "train_log_joint (in compare.csv): log p(x, z) at the method's z (MAP, MCMC-EM), not a bound. eval s: all held-out scoring, "
+             "apart from train s. Log-likelihoods and bounds in nats per example; every column in compare.csv and compare.json.")
     refused = {r["ais_refused"] for r in rows if r.get("ais_refused")}
     if refused:
         note += " Empty AIS columns: " + "; ".join(sorted(refused)) + "."
     if any(r["heldout_ll"] is None for r in rows):
         note += " Empty fitted columns: the model has discrete latents, which a fitted Gaussian cannot serve; its own guide scores it."
-    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
+    md = ["| " + " | ".join(title for _, title in TABLE) + " |", "|" + "---|" * len(TABLE)]
+    md += ["| " + " | ".join(_cell(r[key]) for key, _ in TABLE) + " |" for r in rows]
     atomic_write(out / "compare.md", lambda tmp: Path(tmp).write_text("\n".join(md) + "\n\n" + note + "\n"))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), extrasaction="ignore")

@@ -176,11 +176,14 @@ def test_compare_table_agrees_with_itself_and_with_a_recomputation(tmp_path, mon
         table = list(csv.DictReader(f))
     md = [line.strip("|").split("|") for line in (tmp_path / "compare.md").read_text().splitlines() if line.startswith("| ")]
     header, md_rows = [c.strip() for c in md[0]], [[c.strip() for c in r] for r in md[1:]]
-    assert header == list(table[0]) == list(compare_module.COLUMNS) and len(table) == len(md_rows) == len(rows)
+    assert header == [title for _, title in compare_module.TABLE] and list(table[0]) == list(compare_module.COLUMNS)
+    assert len(table) == len(md_rows) == len(rows)
     for row, csv_row, md_row in zip(rows, table, md_rows):
-        for column, text in zip(header, md_row):
+        for (column, _), text in zip(compare_module.TABLE, md_row):
             value = row[column]
             assert text == ("" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)), column
+        for column in compare_module.COLUMNS:
+            value = row[column]
             assert csv_row[column] == ("" if value is None else str(value)), column
 
     valid = load_dataset("digits").batch("valid", torch.arange(8))
