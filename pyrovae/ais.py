@@ -161,7 +161,6 @@ class _Path:
         self.names = list(sites.latents)
         self.shapes = [sites.real_shape(name) for name in self.names]
         self.transforms = [biject_to(sites.supports[name]) if name in sites.supports else None for name in self.names]
-        self.width = sum(math.prod(s) for s in self.shapes)
         self.weights = weights_for(sites) if sites.enumerated else None
         self.guide_shapes: dict[str, torch.Size] = {}
 
