@@ -193,7 +193,8 @@ def _arm(spec: str, name: str, options: dict[str, Any], config: Config, budget: 
     # a Gaussian fitted per example serves continuous latents; discrete ones are scored by the
     # method's own guide only (a method without a guide refused such a model already)
     fittable = not sites.unservable()
-    annealing = budget.annealing if budget.annealing is not None and unannealable(sites) is None else None
+    refused = unannealable(sites) if budget.annealing is not None else None
+    annealing = budget.annealing if refused is None else None
 
     def scored(fn: Callable[[], Any]) -> Any:
         experiment.train_mode(False)
@@ -222,7 +223,7 @@ def _arm(spec: str, name: str, options: dict[str, Any], config: Config, budget: 
         "steps_per_second": result["steps"] / max(result["seconds"], 1e-9),
         "examples_per_second": result["steps"] * config.batch_size / max(result["seconds"], 1e-9),
         "split": split, "heldout_examples": len(heldout), "proposal_steps": proposal.steps, "is_samples": proposal.samples,
-        "ais": None if annealing is None else dataclasses.asdict(annealing), "ais_refused": unannealable(sites) if budget.annealing else None,
+        "ais": None if annealing is None else dataclasses.asdict(annealing), "ais_refused": refused,
     }
     start = time.perf_counter()
     if annealing is not None:

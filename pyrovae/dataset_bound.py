@@ -22,6 +22,7 @@ from pyro.poutine.util import site_is_subsample
 
 from pyrovae.batch import Batch, Data, as_batch
 from pyrovae.errors import PyrovaeError
+from pyrovae.evaluate import default_max_elements
 from pyrovae.importance import _sample_sites, apply_model_masks
 from pyrovae.protocols import guide_traits, model_traits
 from pyrovae.sites import ModelSites, inspect_model
@@ -106,10 +107,9 @@ def dataset_elbo(
 
 
 def _default_chunk(model: Callable, batch: Batch) -> int:
-    """Examples per chunk holding at most 2**24 floats (2**27 on a GPU), as `pyrovae.evaluate` bounds its chunks."""
+    """Examples per chunk within `pyrovae.evaluate`'s memory cap for the data's device."""
     width = model_traits(model).elements_per_sample or math.prod(batch.primary.shape[1:]) or 1
-    floats = 2**27 if batch.device.type == "cuda" else 2**24
-    return max(1, floats // width)
+    return max(1, default_max_elements(batch.device) // width)
 
 
 def _one_draw(model: Callable, guide: Callable, chunks: list[Batch], sites: ModelSites) -> float:

@@ -144,21 +144,24 @@ class Experiment:
         split = self.data.split(name)
         return self.data.batch(name, torch.arange(len(split)), torch.Generator().manual_seed(self.config.seed)).to(self.device)
 
+    @property
+    def amortized_guide(self) -> Callable | None:
+        """The trained guide where the method leaves one that gives an ELBO, else None."""
+        return self.guide if self.method.trains_guide and guide_traits(self.guide).gives_elbo else None
+
     def anneal(self, split: str = "valid", settings: AISSettings = AISSettings(), examples: int | None = None) -> AISResult:
         """AIS log p(x) per example of a split (`pyrovae.ais`): one estimator for any method's
         decoder, started from the prior, or from the trained guide with ``settings.start == "guide"``."""
         x = as_batch(self.split(split))[:examples]
         self.train_mode(False)
-        guide = self.guide if self.method.trains_guide and guide_traits(self.guide).gives_elbo else None
-        return ais(self.model, x, guide, settings, plate=self.method.plate)
+        return ais(self.model, x, self.amortized_guide, settings, plate=self.method.plate)
 
     def sandwich(self, split: str = "valid", settings: AISSettings = AISSettings(), examples: int = 100) -> BDMCResult:
         """BDMC bounds on log p(x) of data simulated from the trained model, with the other
         arguments (labels, conditions) of the first `examples` of a split."""
         x = as_batch(self.split(split))[:examples]
         self.train_mode(False)
-        guide = self.guide if self.method.trains_guide and guide_traits(self.guide).gives_elbo else None
-        return bdmc(self.model, x, guide, settings, plate=self.method.plate)
+        return bdmc(self.model, x, self.amortized_guide, settings, plate=self.method.plate)
 
     def train_mode(self, training: bool) -> None:
         """Training or evaluation mode for every module of model and guide."""
@@ -415,7 +418,7 @@ def _global_bound(experiment: Experiment, split: str, num_samples: int) -> dict[
     sites = experiment.method.sites
     assert sites is not None
     names = ", ".join(map(repr, sites.global_latents))
-    if not (experiment.method.trains_guide and guide_traits(experiment.guide).gives_elbo):
+    if experiment.amortized_guide is None:
         raise PyrovaeError(f"the model has global latent(s) {names} and the run no amortized guide for them: there is no held-out bound to report; "
                            "its training bound is in metrics.json")
     experiment.train_mode(False)
@@ -496,6 +499,6 @@ def evaluate_run(path: str | Path, split: str = "valid", num_samples: int = 1000
         return {**head, "estimator": "is", **_global_bound(experiment, split, num_samples), "eval_seconds": time.perf_counter() - start}
     summary = experiment.evaluate(split, num_samples).summary()
     x = as_batch(experiment.split(split))
-    if experiment.method.trains_guide and guide_traits(experiment.guide).gives_elbo and x.is_tensor and experiment.method.sites.latents:
+    if experiment.amortized_guide is not None and x.is_tensor and experiment.method.sites.latents:
         summary.update(active_units(experiment.model, experiment.guide, x.primary[:1000].split(500)).summary())
     return {**head, "estimator": "is", **summary, "eval_seconds": time.perf_counter() - start}

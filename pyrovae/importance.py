@@ -125,7 +125,10 @@ def _site_mask(site: Any) -> Any:
             inner += fn.reinterpreted_batch_ndims
         elif fn._mask is not None:
             own = fn._mask
-            if inner:
+            kept = max(own.dim() - inner, 0)
+            if inner and all(size == 1 for size in own.shape[kept:]):  # broadcast over the event (a time step's mask)
+                own = own.reshape(own.shape[:kept])
+            elif inner:  # it may vary within an event: check, at the cost of reading it on the host
                 elements = own.expand(fn.batch_shape).flatten(-inner)
                 own = elements.all(-1)
                 if not torch.equal(own, elements.any(-1)):

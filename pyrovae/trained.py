@@ -17,7 +17,6 @@ from pyrovae.errors import PyrovaeError
 from pyrovae.evaluate import evaluate
 from pyrovae.experiment import Experiment
 from pyrovae.experiment import load as load_experiment
-from pyrovae.protocols import guide_traits
 from pyrovae.sampling import data_site, reconstruct, sample
 
 __all__ = ["TrainedRun", "load"]
@@ -130,7 +129,7 @@ class TrainedRun:
         return next(iter(rows.values())) if len(rows) == 1 else rows
 
     def _needs_guide(self, what: str) -> None:
-        if not (self.experiment.method.trains_guide and guide_traits(self.guide).gives_elbo):
+        if self.experiment.amortized_guide is None:
             raise PyrovaeError(f"{what} needs an amortized guide; this run ({self.experiment.config.method}) has none: use estimator='ais' to score it")
 
     def __repr__(self) -> str:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import config_enumerate
+from test_programs import global_guide, global_model  # w ~ N(0, 1), x_i ~ N(w, 1); q(w) from the param store
 from torch import nn
 
 from pyrovae.dataset_bound import dataset_elbo
@@ -19,18 +20,6 @@ from pyrovae.errors import PyrovaeError
 from pyrovae.evaluate import evaluate
 
 LOG_2PI = math.log(2 * math.pi)
-
-
-def global_model(x):
-    w = pyro.sample("w", dist.Normal(0.0, 1.0))
-    with pyro.plate("data", len(x)):
-        pyro.sample("x", dist.Normal(w, 1.0), obs=x)
-
-
-def global_guide(x):
-    loc = pyro.param("w_loc", torch.tensor(0.0))
-    scale = pyro.param("w_scale", torch.tensor(1.0), constraint=dist.constraints.positive)
-    pyro.sample("w", dist.Normal(loc, scale))
 
 
 def _data(n: int, seed: int = 0) -> torch.Tensor:
