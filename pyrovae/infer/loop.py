@@ -142,7 +142,10 @@ def train(
         best_state, step = checkpoint.get("best_state"), checkpoint["step"]
     elif run is not None:
         _save(run, method, generator, history, best_state, step, device)  # epoch 0: a run always has a checkpoint
-    bar = tqdm(total=(epochs - history.epochs) * steps_per_epoch, disable=None if progress else True, unit="batch", dynamic_ncols=True, leave=False)
+    # no tqdm at all without a bar: even a disabled one takes tqdm's process-wide lock (and starts its
+    # monitor thread), and a process killed holding it blocks every process forked from the same parent
+    total = (epochs - history.epochs) * steps_per_epoch
+    bar = tqdm(total=total, disable=None, unit="batch", dynamic_ncols=True, leave=False) if progress else _NoBar()
     running, began = None, time.perf_counter()
     while history.epochs < epochs and not history.stopped_early:
         epoch = history.epochs
@@ -200,3 +203,21 @@ def _epoch_line(row: dict[str, Any], epochs: int, examples: int, elapsed: float)
     valid = f"  valid ELBO {row['valid_elbo']:.2f}" if "valid_elbo" in row else ""
     return (f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.2f}{valid}  "
             f"{examples / max(row['seconds'], 1e-9):.0f} examples/s  {elapsed:.1f} s")
+
+
+class _NoBar:
+    """What `train` uses of a tqdm bar, doing nothing."""
+
+    disable = True
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **values: Any) -> None:
+        pass
+
+    def write(self, line: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
