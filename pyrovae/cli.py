@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import sys
 import time
@@ -12,7 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pyrovae
+from pyrovae.catalog import names, read
+from pyrovae.config import Config
 from pyrovae.errors import PyrovaeError
+from pyrovae.files import check_writable, first_line, save_printed
 
 __all__ = ["main"]
 
@@ -52,59 +57,66 @@ def _option(text: str) -> tuple[str, Any]:
     return key.replace("-", "_"), value
 
 
-def _parser() -> argparse.ArgumentParser:
-    import pyrovae
+def _default(name: str) -> str:
+    """A fit flag's default, as `Config` holds it."""
+    value = next(f.default for f in dataclasses.fields(Config) if f.name == name)
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
-    parser = _Parser(prog="pyrovae", description="Deep latent-variable models as Pyro programs.")
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pyrovae", description="Deep latent-variable models as Pyro programs (Kingma & Welling 2019).",
+                     formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"pyrovae {pyrovae.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     threads = _Parser(add_help=False)
     threads.add_argument("--threads", type=int, help=f"torch CPU threads (default {DEFAULT_THREADS}: as fast for models this small, and the same answer on a busy machine)")
+    add = lambda name, **kw: sub.add_parser(name, formatter_class=_Formatter, **kw)  # noqa: E731
 
-    p = sub.add_parser("list", help="models, guides, objectives, inference methods and data sets")
+    p = add("list", help="models, guides, objectives, inference methods and data sets")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    # No defaults here: a flag left out is None, Config holds the defaults, and --resume can tell
-    # the flags given (checked against the run's saved config) from those left out.
-    p = sub.add_parser("fit", help="train a model and write a run directory (defaults: `pyrovae.experiment.Config`)", parents=[threads])
-    p.add_argument("--model", help="a registered model (pyrovae list), or your own Pyro program: path/to/script.py:NAME or package.module:NAME")
-    p.add_argument("--guide", help="a registered guide, or your own: path/to/script.py:NAME")
-    p.add_argument("--method")
-    p.add_argument("--objective", help="elbo, elbo-analytic, elbo-enum (sums enumerated discrete sites) or iwae")
-    p.add_argument("--fields", help="the data's fields the model takes, in order (x, y, lengths, mask), e.g. x,y for model(xs, ys)")
+    # No argparse defaults here: a flag left out is None, Config holds the defaults (shown in the
+    # help), and --resume can tell the flags given (checked against the saved config) from the rest.
+    d = _default
+    p = add("fit", help="train a model and write a run directory", parents=[threads])
+    p.add_argument("--model", help=f"a registered model ({names('models')}) or your own Pyro program: path/to/script.py:NAME or package.module:NAME (default: {d('model')})")
+    p.add_argument("--guide", help=f"a registered guide ({names('guides')}) or your own: path/to/script.py:NAME (default: {d('guide')})")
+    p.add_argument("--method", help=f"inference method: {names('methods')} (default: {d('method')})")
+    p.add_argument("--objective", help=f"{names('objectives')}; elbo-enum sums enumerated discrete sites (default: {d('objective')})")
+    p.add_argument("--fields", help=f"the data's fields the model takes, in order (x, y, lengths, mask), e.g. x,y for model(xs, ys) (default: {d('fields')})")
     p.add_argument("--plate", help="the model's per-example plate (default: 'data', else the plate sized like the data)")
     p.add_argument("--collate", metavar="FILE.py:NAME", help="collate(args, kwargs) -> (args, kwargs): derived arguments built from each sliced batch (a packed sequence)")
-    p.add_argument("--particles", type=int, help="samples per example in the objective (K of iwae)")
-    p.add_argument("--dataset", help="a registered data set, or a .npy/.npz/.pt file of your own")
+    p.add_argument("--particles", type=int, help=f"samples per example in the objective (K of iwae) (default: {d('particles')})")
+    p.add_argument("--dataset", help=f"a registered data set ({names('datasets')}) or a .npy/.npz/.pt file of your own (default: {d('dataset')})")
     p.add_argument("--data-option", type=_option, action="append", metavar="KEY=VALUE", help="data set option, e.g. binarize=false (digits), binarize=dynamic (mnist)")
     p.add_argument("--data-dir", help="where data sets are read from and downloaded to (default: $PYROVAE_DATA or ~/.cache/pyrovae)")
-    p.add_argument("--likelihood", help="bernoulli, continuous-bernoulli or gaussian (default: from the data)")
-    p.add_argument("--latent", type=int)
-    p.add_argument("--hidden", type=_sizes, help="hidden sizes, e.g. 200,200")
-    p.add_argument("--activation")
-    p.add_argument("--layers", type=int, help="stochastic layers (hierarchical models)")
-    p.add_argument("--prior", help="prior on z: standard, or a learned prior the model offers")
-    p.add_argument("--decoder", help="decoder family the model offers (mlp, ...)")
-    p.add_argument("--free-bits", type=float, help="free bits per latent site, nats (Kingma et al. 2016)")
+    p.add_argument("--likelihood", help=f"{names('likelihoods')} (default: from the data: bernoulli for binary, continuous-bernoulli for grayscale)")
+    p.add_argument("--latent", type=int, help=f"size of z (default: {d('latent')})")
+    p.add_argument("--hidden", type=_sizes, help=f"hidden layer sizes of the networks, e.g. 200,200 (default: {d('hidden')})")
+    p.add_argument("--activation", help=f"the networks' nonlinearity: tanh, relu, elu, softplus, gelu, sigmoid (default: {d('activation')})")
+    p.add_argument("--layers", type=int, help="stochastic layers (the hierarchical model; default: its own, 2)")
+    p.add_argument("--prior", help=f"prior on z: {names('priors')} (default: {d('prior')})")
+    p.add_argument("--decoder", help=f"decoder family: {names('decoders')} (default: {d('decoder')})")
+    p.add_argument("--free-bits", type=float, help=f"free bits per latent site, nats (Kingma et al. 2016) (default: {d('free_bits')})")
     p.add_argument("--model-option", type=_option, action="append", metavar="KEY=VALUE", help="any other model constructor option")
     p.add_argument("--guide-option", type=_option, action="append", metavar="KEY=VALUE", help="guide option, e.g. flow_steps=4")
     p.add_argument("--method-option", type=_option, action="append", metavar="KEY=VALUE", help="method option, e.g. variant=rws, covariance=full")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup", type=float, help="epochs of linear KL warm-up")
-    p.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement")
-    p.add_argument("--eval-samples", type=int, help="importance samples for the final log p(x) (0 skips it)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device")
+    p.add_argument("--epochs", type=int, help=f"passes over the training split (default: {d('epochs')})")
+    p.add_argument("--batch-size", type=int, help=f"examples per minibatch (default: {d('batch_size')})")
+    p.add_argument("--lr", type=float, help=f"Adam's learning rate, in (0, 1] (default: {d('lr')})")
+    p.add_argument("--warmup", type=float, help=f"epochs of linear KL warm-up (default: {d('warmup')})")
+    p.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement (default: none)")
+    p.add_argument("--eval-samples", type=int, help=f"importance samples for the final log p(x); 0 skips it (default: {d('eval_samples')})")
+    p.add_argument("--seed", type=int, help=f"random seed, 0 .. 2**32-1 (default: {d('seed')})")
+    p.add_argument("--device", help=f"cpu or cuda (default: {d('device')})")
     p.add_argument("--eager", action="store_true", default=None, help="run the Pyro program every step (no captured graph; for debugging)")
     p.add_argument("--out", help="run directory (default: runs/MODEL-GUIDE-DATASET-TIME)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped, with its saved settings (only --epochs, --eval-samples, --device and --data-dir may differ)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no log lines; the final table only")
 
-    p = sub.add_parser("evaluate", help="ELBO and importance-sampled log p(x) of a run", parents=[threads])
-    p.add_argument("run")
-    p.add_argument("--split", default="valid", choices=["train", "valid", "test"])
+    p = add("evaluate", help="ELBO and importance-sampled (or annealed) log p(x) of a run", parents=[threads])
+    p.add_argument("run", help="a run directory written by fit")
+    p.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="the split to score")
     p.add_argument("--samples", type=int, default=1000, help="importance samples per example (--estimator is)")
     p.add_argument("--estimator", default="is", choices=["is", "ais"], help="is: importance sampling with the run's guide (or a fitted proposal); "
                    "ais: annealed importance sampling, the same for any method")
@@ -113,21 +125,59 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--leapfrog", type=int, default=10, help="leapfrog steps per AIS transition")
     p.add_argument("--ais-start", default="prior", choices=["prior", "guide"], help="anneal from the prior or from the run's guide")
     p.add_argument("--bdmc", type=int, default=0, metavar="N", help="with --estimator ais: the BDMC sandwich on N examples simulated from the model")
-    p.add_argument("--data-dir")
-    p.add_argument("--device")
+    p.add_argument("--data-dir", help="where the run's data set is read from (default: the run's own)")
+    p.add_argument("--device", help="cpu or cuda (default: the run's own)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
-    p = sub.add_parser("sample", help="a grid of samples from a trained run", parents=[threads])
-    p.add_argument("run")
-    p.add_argument("--num", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p = add("sample", help="a grid of samples from a trained run", parents=[threads])
+    p.add_argument("run", help="a run directory written by fit")
+    p.add_argument("--num", type=int, default=64, help="samples to draw")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", help="PNG path (default: RUN/samples.png)")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", help="where the run's data set is read from (default: the run's own)")
 
-    from pyrovae.compare import add_compare_parser
-
-    add_compare_parser(sub).add_argument("--threads", type=int, help=f"torch CPU threads (default {DEFAULT_THREADS})")
+    p = add("compare", help="train several inference methods on one budget and compare held-out log p(x); or --gaps RUN", parents=[threads])
+    p.add_argument("--gaps", metavar="RUN", help="instead: the approximation and amortization gaps of a trained run")
+    p.add_argument("--model", default="vae", help="a registered model, or your own: path/to/script.py:NAME or package.module:NAME")
+    p.add_argument("--guide", default="diagonal", help="the amortized arms' guide: a registered guide or path/to/script.py:NAME")
+    p.add_argument("--objective", default="elbo", help=names("objectives"))
+    p.add_argument("--dataset", default="digits", help=f"{names('datasets')}, or a .npy/.npz/.pt file")
+    p.add_argument("--fields", default="x", help="the data's fields the model takes, in order, e.g. x,y for model(xs, ys)")
+    p.add_argument("--plate", help="the model's per-example plate (default: 'data', else the plate sized like the data)")
+    p.add_argument("--methods", default="amortized,local,mcmc-em,map,wake-sleep", help="comma-separated; options as NAME:KEY=VALUE, e.g. wake-sleep:variant=rws")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--budget", type=float, help="training seconds per method")
+    group.add_argument("--steps", type=int, help="minibatch steps per method")
+    p.add_argument("--out", default="compare", help="directory for compare.md/.csv/.json/.png and one run per method")
+    p.add_argument("--latent", type=int, default=10, help="size of z")
+    p.add_argument("--hidden", type=_sizes, default=(200,), help="hidden layer sizes, e.g. 200,200")
+    p.add_argument("--batch-size", type=int, default=100, help="examples per minibatch")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--checkpoints", type=int, default=4, help="points on each method's anytime curve")
+    p.add_argument("--eval-examples", type=int, default=200, help="held-out examples scored")
+    p.add_argument("--proposal-steps", type=int, default=100, help="Adam steps fitting each held-out example's proposal")
+    p.add_argument("--samples", type=int, default=100, help="importance samples per held-out example")
+    p.add_argument("--ais-steps", type=int, default=200, help="AIS annealing steps scoring every decoder (0: IS only)")
+    p.add_argument("--chains", type=int, default=8, help="AIS chains per example")
+    p.add_argument("--leapfrog", type=int, default=5, help="leapfrog steps per AIS transition")
+    p.add_argument("--bdmc", type=int, default=32, metavar="N", help="BDMC sandwich on N examples simulated from each trained model (0: none)")
+    p.add_argument("--split", default="valid", help="the split --gaps scores")
+    p.add_argument("--data-dir", help="where data sets are read from (default: $PYROVAE_DATA or ~/.cache/pyrovae)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
     return parser
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Shows each flag's default where the parser holds one (fit's are in its help texts)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if default in (None, False, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        return f"{text} (default: {shown})"
 
 
 def _table(rows: Sequence[tuple[str, Any]]) -> str:
@@ -137,18 +187,7 @@ def _table(rows: Sequence[tuple[str, Any]]) -> str:
 
 
 def _list(args: argparse.Namespace) -> None:
-    import pyrovae
-    from pyrovae.registry import DATASETS, DECODERS, GUIDES, LIKELIHOODS, METHODS, MODELS, OBJECTIVES, PRIORS
-
-    registries = {"models": MODELS, "guides": GUIDES, "objectives": OBJECTIVES, "methods": METHODS, "datasets": DATASETS,
-                  "priors": PRIORS, "decoders": DECODERS, "likelihoods": LIKELIHOODS}
-    listing = {
-        kind: [
-            {"name": e.name, "description": e.description, **({"latent_shapes": e.target.latent_shapes} if kind == "guides" else {})}
-            for e in registry.entries()
-        ]
-        for kind, registry in registries.items()
-    }
+    listing = read()
     if args.json:
         print(json.dumps({"pyrovae": pyrovae.__version__, **listing}, indent=2))
         return
@@ -180,7 +219,7 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _fit(args: argparse.Namespace) -> None:
-    from pyrovae.experiment import Config, fit
+    from pyrovae.experiment import fit
 
     given = _given(args)
     config = Config(**given)
@@ -203,12 +242,14 @@ def _fit(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from pyrovae.ais import AISSettings
     from pyrovae.experiment import evaluate_run
-    from pyrovae.run import RunDir
-
     annealing = AISSettings(steps=args.ais_steps, chains=args.chains, leapfrog=args.leapfrog, warmup=min(100, max(args.ais_steps, 0)), start=args.ais_start)
     metrics = evaluate_run(args.run, args.split, args.samples, args.data_dir, args.device, args.estimator, annealing, args.bdmc)
     name = f"eval-{args.split}-{args.samples}.json" if args.estimator == "is" else f"eval-{args.split}-ais-{args.ais_steps}x{args.chains}.json"
-    RunDir(args.run).write_json(name, metrics)
+    _show_evaluation(args, metrics)
+    save_printed(Path(args.run) / name, metrics)
+
+
+def _show_evaluation(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
     if args.json:
         print(json.dumps(metrics, indent=2))
         return
@@ -241,13 +282,14 @@ def _sample(args: argparse.Namespace) -> None:
 
     if args.num < 1:
         raise PyrovaeError(f"--num must be positive, got {args.num}")
+    out = Path(args.out) if args.out else Path(args.run) / "samples.png"
+    check_writable(out.parent)
     experiment = load(args.run, args.data_dir)
     if experiment.data.image_shape is None:
         raise PyrovaeError(f"{experiment.config.dataset} is not an image data set: nothing to draw")
     pyro.set_rng_seed(args.seed)
     experiment.train_mode(False)
     images = sample(experiment.model, experiment.split("train")[:1], args.num)
-    out = Path(args.out) if args.out else Path(args.run) / "samples.png"
     image_grid(images, experiment.data.image_shape, out, f"{args.num} samples")
     print(out)
 
@@ -258,7 +300,7 @@ def _compare(args: argparse.Namespace) -> None:
     run_compare(args)
 
 
-COMMANDS = {"list": _list, "fit": _fit, "evaluate": _evaluate, "sample": _sample, "compare": _compare}
+COMMANDS = {"fit": _fit, "evaluate": _evaluate, "sample": _sample, "compare": _compare}
 
 
 # Torch CPU threads when --threads is not given. pyrovae's models are small: one thread runs
@@ -289,10 +331,18 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        with torch_threads(getattr(args, "threads", None)):
-            COMMANDS[args.command](args)
+        if args.command == "list":  # no torch: the catalog is all it reads
+            _list(args)
+        else:
+            with torch_threads(args.threads):
+                COMMANDS[args.command](args)
     except PyrovaeError as error:
         print(f"pyrovae: error: {error}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as error:
+        if not isinstance(error, MemoryError) and not any(s in str(error) for s in ("can't allocate memory", "out of memory")):
+            raise
+        print(f"pyrovae: error: out of memory ({first_line(error, 160)}): choose a smaller --latent, --hidden or --batch-size", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pyrovae: interrupted; the last checkpoint is kept", file=sys.stderr)

@@ -30,11 +30,11 @@ from pyrovae.data import minibatches
 from pyrovae.errors import PyrovaeError
 from pyrovae.evaluate import evaluate
 from pyrovae.experiment import Config, build, load
+from pyrovae.files import atomic_write, check_writable, locked, save_printed
 from pyrovae.heldout import ProposalSettings, gap_decomposition, heldout_scores
 from pyrovae.registry import METHODS
-from pyrovae.run import RunDir, atomic_write
 
-__all__ = ["ProposalSettings", "add_compare_parser", "compare", "gap_decomposition", "heldout_scores", "parse_method", "run_compare", "run_gaps"]
+__all__ = ["ProposalSettings", "compare", "gap_decomposition", "heldout_scores", "parse_method", "run_compare", "run_gaps"]
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
@@ -64,8 +64,10 @@ def _warm_up(method: Any, experiment: Any) -> None:
     method.load_state_dict(state)
 
 
-def _train_for(method: Any, experiment: Any, budget: float | None, steps: int | None, checkpoints: int, checkpoint_eval: Callable[[], float], seed: int) -> dict[str, Any]:
-    """Run `method.step` until the budget (training seconds, evaluations excluded) or steps run out."""
+def _train_for(method: Any, experiment: Any, budget: float | None, steps: int | None, checkpoints: int, checkpoint_eval: Callable[[], float], seed: int,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run `method.step` until the budget (training seconds, evaluations excluded) or steps run
+    out; each point of the anytime curve is logged as it is scored."""
     data, n = experiment.data, len(experiment.data.split("train"))
     _warm_up(method, experiment)
     generator = torch.Generator().manual_seed(seed)
@@ -86,6 +88,8 @@ def _train_for(method: Any, experiment: Any, budget: float | None, steps: int | 
             while marks and progress >= marks[0]:
                 marks.pop(0)
                 curve.append({"seconds": seconds, "steps": done, "heldout_ll": checkpoint_eval()})
+                log(f"  {method.name}: {100 * (1 - len(marks) / checkpoints):3.0f}%  step {done}  {seconds:.1f} s  "
+                    f"loss {sum(losses[-50:]) / len(losses[-50:]):.3f}  held-out log p(x) {curve[-1]['heldout_ll']:.3f}")
             if not marks:
                 break
     tail = losses[-max(1, len(losses) // 10):]
@@ -143,18 +147,25 @@ def compare(
     if bdmc_examples < 0:
         raise PyrovaeError(f"--bdmc must be >= 0, got {bdmc_examples}")
     specs = [parse_method(m) for m in methods]
+    if not specs:
+        raise PyrovaeError("--methods names no method: give e.g. amortized,local")
     config = Config(model=model_name, guide=guide, method="amortized", objective=objective, dataset=dataset, dataset_options=dataset_options or {},
                     data_dir=data_dir, latent=latent, hidden=tuple(hidden), batch_size=batch_size, lr=lr, seed=seed, epochs=0, fields=fields,
                     plate=plate, model_options=model_options or {}, guide_options=guide_options or {})
+    config.check()
+    out = Path(out_dir)
+    check_writable(out)
     budget = _Budget(budget_seconds, steps, checkpoints, eval_examples, checkpoint_examples, proposal, annealing, bdmc_examples)
+    setup = {"model": model_name, "guide": guide, "objective": objective, "dataset": dataset, "fields": fields, "budget_seconds": budget_seconds,
+             "steps": steps, "latent": latent, "hidden": list(hidden), "batch_size": batch_size, "lr": lr, "seed": seed,
+             "ais": None if annealing is None else dataclasses.asdict(annealing), "bdmc_examples": bdmc_examples}
     rows = []
-    for spec, (name, options) in zip(methods, specs):
-        with pyro.get_param_store().scope():
-            rows.append(_arm(spec, name, options, config, budget, log))
-    write_table(rows, Path(out_dir), {"model": model_name, "guide": guide, "objective": objective, "dataset": dataset, "fields": fields,
-                                      "budget_seconds": budget_seconds, "steps": steps, "latent": latent, "hidden": list(hidden),
-                                      "batch_size": batch_size, "lr": lr, "seed": seed,
-                                      "ais": None if annealing is None else dataclasses.asdict(annealing), "bdmc_examples": bdmc_examples})
+    with locked(out):
+        for number, (spec, (name, options)) in enumerate(zip(methods, specs), 1):
+            log(f"[{number}/{len(specs)}] {spec}")
+            with pyro.get_param_store().scope():
+                rows.append(_arm(spec, name, options, config, budget, log))
+        write_table(rows, out, setup)
     return rows
 
 
@@ -211,8 +222,8 @@ def _arm(spec: str, name: str, options: dict[str, Any], config: Config, budget: 
             return scored(lambda: evaluate(experiment.model, experiment.guide, part, num_samples=quick.samples, plate=sites.plate)).log_likelihood.mean().item()
         return heldout_scores(experiment.model, part, sites, quick).log_likelihood.mean().item()
 
-    log(f"{spec}: training")
-    result = _train_for(method, experiment, budget.seconds, budget.steps, budget.checkpoints, checkpoint_eval, config.seed)
+    log(f"  {spec}: training{'' if annealing is None else ', the anytime curve scored by AIS on ' + str(len(heldout[: budget.checkpoint_examples])) + ' examples'}")
+    result = _train_for(method, experiment, budget.seconds, budget.steps, budget.checkpoints, checkpoint_eval, config.seed, log)
     row: dict[str, Any] = {
         "method": spec, "gives_elbo": bool(method.gives_elbo),
         "train_bound": -result["final_loss"] if method.gives_elbo else None,
@@ -309,7 +320,7 @@ def write_table(rows: list[dict[str, Any]], out: Path, setup: dict[str, Any]) ->
 
 
 def run_gaps(run: str | Path, split: str = "valid", examples: int = 200, settings: ProposalSettings = ProposalSettings(steps=200, samples=1000)) -> dict[str, Any]:
-    """The gap decomposition of a trained run's amortized guide; also written to RUN/gaps.json."""
+    """The gap decomposition of a trained run's amortized guide (`pyrovae.heldout.gap_decomposition`)."""
     experiment = load(run)
     experiment.train_mode(False)
     x = as_batch(experiment.split(split))[:examples]
@@ -317,61 +328,43 @@ def run_gaps(run: str | Path, split: str = "valid", examples: int = 200, setting
     qstar = "local" if gaussian else "finetune"
     proposal = ProposalSettings(settings.steps, settings.lr, settings.samples, gaussian or "diagonal", settings.particles)
     result = {"run": str(run), "split": split, "guide": experiment.config.guide, **gap_decomposition(experiment.model, experiment.guide, x, proposal, qstar)}
-    RunDir(run).write_json("gaps.json", result)
     return result
 
 
-def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """The ``pyrovae compare`` sub-command."""
-    p = subparsers.add_parser("compare", help="train several inference methods on one budget and compare held-out log p(x); or --gaps RUN")
-    p.add_argument("--gaps", metavar="RUN", help="instead: approximation and amortization gaps of a trained run")
-    p.add_argument("--model", default="vae", help="a registered model, or your own: path/to/script.py:NAME or package.module:NAME")
-    p.add_argument("--guide", default="diagonal", help="the amortized arms' guide: a registered guide or path/to/script.py:NAME")
-    p.add_argument("--objective", default="elbo", help="elbo, elbo-analytic, elbo-enum (sums enumerated discrete sites), iwae")
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--fields", default="x", help="the data's fields the model takes, in order, e.g. x,y for model(xs, ys)")
-    p.add_argument("--plate", help="the model's per-example plate (default: 'data', else the plate sized like the data)")
-    p.add_argument("--methods", default="amortized,local,mcmc-em,map,wake-sleep", help="comma-separated; options as NAME:KEY=VALUE, e.g. wake-sleep:variant=rws")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--budget", type=float, help="training seconds per method")
-    group.add_argument("--steps", type=int, help="minibatch steps per method")
-    p.add_argument("--out", default="compare")
-    p.add_argument("--latent", type=int, default=10)
-    p.add_argument("--hidden", default="200")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoints", type=int, default=4)
-    p.add_argument("--eval-examples", type=int, default=200)
-    p.add_argument("--proposal-steps", type=int, default=100)
-    p.add_argument("--samples", type=int, default=100, help="importance samples per held-out example")
-    p.add_argument("--ais-steps", type=int, default=200, help="AIS annealing steps scoring every decoder (0: IS only)")
-    p.add_argument("--chains", type=int, default=8, help="AIS chains per example")
-    p.add_argument("--leapfrog", type=int, default=5, help="leapfrog steps per AIS transition")
-    p.add_argument("--bdmc", type=int, default=32, metavar="N", help="BDMC sandwich on N examples simulated from each trained model (0: none)")
-    p.add_argument("--split", default="valid", help="--gaps only")
-    p.add_argument("--data-dir")
-    p.add_argument("--json", action="store_true")
-    return p
+def gaps_table(result: dict[str, Any]) -> str:
+    """`run_gaps`'s result for people: the bounds, the gaps with their standard errors, and
+    what a negative gap means."""
+    rows = [
+        ("log p(x), the larger IS estimate", f"{result['log_px']:.3f}"),
+        (f"ELBO of q*, {result['qstar']} fitted per example", f"{result['elbo_qstar']:.3f}"),
+        (f"ELBO of q, the amortized {result['guide']} guide", f"{result['elbo_q']:.3f}"),
+        ("approximation gap  log p(x) - L[q*]", f"{result['approximation_gap']:.3f} ± {result['approximation_gap_se']:.3f}"),
+        ("amortization gap   L[q*] - L[q]", f"{result['amortization_gap']:.3f} ± {result['amortization_gap_se']:.3f}"),
+        ("total gap          log p(x) - L[q]", f"{result['total_gap']:.3f} ± {result['total_gap_se']:.3f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{result['run']}: {result['examples']} {result['split']} examples, nats per example (± one standard error)"]
+    lines += [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    if result["amortization_gap"] < 0:
+        lines.append("  a negative amortization gap: the per-example fit of q* ended below the amortized guide, so q* is not yet the best "
+                     "of its family; the gaps are not reliable: raise --proposal-steps")
+    if result["approximation_gap"] < 0:
+        lines.append("  a negative approximation gap: the IS estimate of log p(x) is below a lower bound on it, so it is too noisy: raise --samples")
+    return "\n".join(lines)
 
 
 def run_compare(args: argparse.Namespace) -> None:
     """Run ``pyrovae compare`` from parsed arguments."""
     if args.gaps:
         result = run_gaps(args.gaps, args.split, args.eval_examples, ProposalSettings(steps=args.proposal_steps, samples=args.samples))
-        print(json.dumps(result, indent=2) if args.json else "\n".join(f"  {k}: {_cell(v)}" for k, v in result.items()))
+        print(json.dumps(result, indent=2) if args.json else gaps_table(result))
+        save_printed(Path(args.gaps) / "gaps.json", result)
         return
     if args.budget is None and args.steps is None:
         raise PyrovaeError("give --budget SECONDS or --steps N")
-    try:
-        hidden = tuple(int(h) for h in str(args.hidden).split(",") if h.strip())
-    except ValueError:
-        raise PyrovaeError(f"--hidden takes comma-separated sizes like 200,200, got {args.hidden!r}") from None
-    if not hidden or min(hidden) < 1:
-        raise PyrovaeError(f"--hidden sizes must be positive, got {args.hidden!r}")
     rows = compare(
         args.model, args.dataset, [m for m in args.methods.split(",") if m], args.budget, args.steps, args.out,
-        latent=args.latent, hidden=hidden, batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoints=args.checkpoints,
+        latent=args.latent, hidden=args.hidden, batch_size=args.batch_size, lr=args.lr, seed=args.seed, checkpoints=args.checkpoints,
         eval_examples=args.eval_examples, proposal=ProposalSettings(steps=args.proposal_steps, samples=args.samples), data_dir=args.data_dir,
         annealing=AISSettings(steps=args.ais_steps, chains=args.chains, leapfrog=args.leapfrog, warmup=min(50, args.ais_steps)) if args.ais_steps else None,
         bdmc_examples=args.bdmc,

@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import resource
 import time
-import types
-import typing
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import pyrovae
+import pyrovae.models  # noqa: F401  (registers the built-in models)
 from pyrovae import plots, usercode
 from pyrovae.ais import AISResult, AISSettings, BDMCResult, ais, bdmc
 from pyrovae.batch import Batch, as_batch
+from pyrovae.config import Config
 from pyrovae.data import Dataset, load_dataset
 from pyrovae.dataset_bound import dataset_elbo
 from pyrovae.diagnostics import active_units
 from pyrovae.errors import PyrovaeError
 from pyrovae.evaluate import Evaluation, evaluate
+from pyrovae.files import check_writable, locked
 from pyrovae.guides import build_guide
 from pyrovae.heldout import ProposalSettings, heldout_scores
 from pyrovae.infer import History, TrainSettings, train
@@ -34,98 +35,12 @@ from pyrovae.nets import LIKELIHOODS
 from pyrovae.programs import program_modules
 from pyrovae.protocols import guide_traits
 from pyrovae.registry import METHODS, MODELS
-from pyrovae.run import RunDir, is_integer, is_number
+from pyrovae.run import RunDir
 from pyrovae.sites import call_kwargs, inspect_model
 
 __all__ = ["Config", "Experiment", "build", "fit", "load", "evaluate_run"]
 
 DEFAULT_LIKELIHOOD = {"binary": "bernoulli", "grayscale": "continuous-bernoulli", "sequence": "bernoulli"}
-
-
-@dataclass
-class Config:
-    """Everything needed to rebuild a run; saved as the run's config.json."""
-
-    model: str = "vae"
-    guide: str = "diagonal"
-    method: str = "amortized"
-    objective: str = "elbo"
-    dataset: str = "digits"
-    dataset_options: dict[str, Any] = field(default_factory=dict)
-    data_dir: str | None = None
-    likelihood: str | None = None
-    latent: int = 50
-    hidden: tuple[int, ...] = (200, 200)
-    activation: str = "tanh"
-    layers: int | None = None
-    prior: str = "standard"
-    decoder: str = "mlp"
-    free_bits: float = 0.0
-    model_options: dict[str, Any] = field(default_factory=dict)
-    guide_options: dict[str, Any] = field(default_factory=dict)
-    method_options: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 50
-    batch_size: int = 100
-    lr: float = 1e-3
-    particles: int = 1
-    warmup: float = 0.0
-    patience: int | None = None
-    seed: int = 0
-    eval_samples: int = 1000
-    device: str = "cpu"
-    capture: bool = True
-    fields: str = "x"  # the data's fields a model takes, in order: x, y, lengths, mask
-    collate: str | None = None  # FILE.py:NAME of collate(args, kwargs) -> (args, kwargs), run on every batch
-    plate: str | None = None  # the model's per-example plate (None: "data", else found by size)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "hidden": list(self.hidden), "pyrovae": pyrovae.__version__}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
-        """A config from a saved run's settings: every field present, each of its annotated type."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        data = {**ADDED_LATER, **data}
-        unknown = [k for k in data if k not in names and k not in SAVED_EXTRAS]
-        missing = [k for k in names if k not in data]
-        if unknown or missing:
-            what = f'unknown setting "{unknown[0]}"' if unknown else f'"{missing[0]}" is missing (a run saves every setting)'
-            raise PyrovaeError(f"{source}: {what}: retrain the run, or restore its config.json")
-        settings = {k: data[k] for k in names}
-        check_types(settings, source)
-        return cls(**{**settings, "hidden": tuple(settings["hidden"])})
-
-
-SAVED_EXTRAS = ("format", "pyrovae")  # written beside the settings in config.json
-ADDED_LATER = {"fields": "x", "plate": None, "collate": None}  # settings runs saved before they existed take as their default
-
-
-def _kind(hint: Any) -> tuple[Callable[[Any], bool], str]:
-    """(accepts, description) for a Config annotation: str, int, float, bool, tuple[int, ...], dict, X | None."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        accepts, text = _kind(inner)
-        return (lambda v: v is None or accepts(v)), f"{text} or null"
-    if typing.get_origin(hint) is tuple:
-        return (lambda v: isinstance(v, (list, tuple)) and all(is_integer(s) and s > 0 for s in v)), "a list of positive integers"
-    if hint is dict or typing.get_origin(hint) is dict:
-        return (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v)), "an object of named options"
-    kinds: dict[Any, tuple[Callable[[Any], bool], str]] = {
-        str: (lambda v: isinstance(v, str), "a string"),
-        bool: (lambda v: isinstance(v, bool), "true or false"),
-        int: (is_integer, "an integer"),
-        float: (is_number, "a number"),
-    }
-    return kinds[hint]
-
-
-def check_types(settings: dict[str, Any], source: str = "config") -> None:
-    """Refuse, in one line, a setting that is not of the type its Config field is annotated with."""
-    hints = typing.get_type_hints(Config)
-    for name, value in settings.items():
-        accepts, text = _kind(hints[name])
-        if not accepts(value):
-            raise PyrovaeError(f'{source}: "{name}" must be {text}, got {json.dumps(value, default=repr)}')
 
 
 @dataclass
@@ -205,17 +120,7 @@ def _check_data(data: Dataset, model: Callable, chunk: int = 10000) -> None:
 
 def build(config: Config) -> Experiment:
     """Load the data, build model, guide and method, and check that they fit together."""
-    check_types({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
-    if config.epochs < 0:
-        raise PyrovaeError(f"--epochs must be >= 0, got {config.epochs}")
-    if not (math.isfinite(config.lr) and config.lr > 0):
-        raise PyrovaeError(f"--lr must be a positive number, got {config.lr}")
-    if config.batch_size < 1:
-        raise PyrovaeError(f"--batch-size must be positive, got {config.batch_size}")
-    if config.particles < 1:
-        raise PyrovaeError(f"--particles must be at least 1, got {config.particles}")
-    if config.eval_samples < 0:
-        raise PyrovaeError(f"--eval-samples must be >= 0, got {config.eval_samples}")
+    config.check()
     user_model = usercode.is_spec(config.model)
     model_cls = None if user_model else MODELS.get(config.model)
     method_cls = METHODS.get(config.method)
@@ -369,7 +274,19 @@ def fit(
             raise PyrovaeError("--resume needs the run directory (--out)")
         config, rewrite = _resumed(run, config, given, log)
         checkpoint = run.load_checkpoint() if run.checkpoint.exists() else None
+    if run is not None:
+        if not resume:
+            run.check_new()
+        check_writable(run.path)
     experiment = build(config)
+    with locked(run.path) if run is not None else contextlib.nullcontext():
+        return _fit(experiment, run, resume, checkpoint, rewrite, progress, log)
+
+
+def _fit(experiment: Experiment, run: RunDir | None, resume: bool, checkpoint: dict[str, Any] | None, rewrite: bool, progress: bool,
+         log: Callable[[str], None]) -> tuple[Experiment, dict[str, Any]]:
+    """`fit` once everything is checked, holding the run directory's lock."""
+    config = experiment.config
     if run is not None and not resume:
         run.create(config.to_dict())
     elif run is not None:

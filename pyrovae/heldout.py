@@ -116,4 +116,5 @@ def gap_decomposition(model: Callable, guide: Callable, x: Data, settings: Propo
         "total_gap": (log_px - l_q).mean().item(),
         "approximation_gap_se": (log_px - l_qstar).std().item() / math.sqrt(len(x)),
         "amortization_gap_se": (l_qstar - l_q).std().item() / math.sqrt(len(x)),
+        "total_gap_se": (log_px - l_q).std().item() / math.sqrt(len(x)),
     }

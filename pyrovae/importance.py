@@ -22,7 +22,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
 from pyrovae.errors import PyrovaeError
-from pyrovae.run import first_line
+from pyrovae.files import first_line
 from pyrovae.sites import DATA_PLATE
 
 __all__ = ["LogWeights", "apply_model_masks", "log_weights", "over_particles", "per_example_log_prob"]

@@ -19,9 +19,9 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
 from pyrovae.errors import PyrovaeError
+from pyrovae.files import first_line
 from pyrovae.importance import PARTICLES, VECTORIZE_ERRORS, _per_example, apply_model_masks, log_weights
 from pyrovae.registry import OBJECTIVES
-from pyrovae.run import first_line
 from pyrovae.sites import DATA_PLATE
 
 __all__ = ["FreeBitsELBO", "IWAE", "make_objective"]

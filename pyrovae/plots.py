@@ -15,8 +15,8 @@ import torch  # noqa: E402
 
 from pyrovae.batch import as_batch  # noqa: E402
 from pyrovae.data import Dataset  # noqa: E402
+from pyrovae.files import atomic_write  # noqa: E402
 from pyrovae.infer.loop import History  # noqa: E402
-from pyrovae.run import atomic_write  # noqa: E402
 from pyrovae.sampling import reconstruct, sample  # noqa: E402
 
 

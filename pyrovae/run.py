@@ -7,57 +7,21 @@ strings, lists and dicts only, so opening a run directory never runs code from i
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pyrovae.config import is_integer, is_number
 from pyrovae.errors import PyrovaeError
+from pyrovae.files import LOCK, TEMPORARY, atomic_write, one_line, write_json
 
-__all__ = ["RUN_FORMAT", "RunDir", "atomic_write", "is_integer", "is_number", "one_line"]
+__all__ = ["RUN_FORMAT", "RunDir"]
 
 RUN_FORMAT = 1
 CHECKPOINT = "checkpoint.pt"
-TEMPORARY = ".*.tmp"  # what atomic_write leaves behind when its process is killed
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call `write(file_path)` on a temporary file beside `path`, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def first_line(error: BaseException, limit: int = 300) -> str:
-    """An error's first line (Pyro appends trace shapes below it), at most `limit` characters."""
-    lines = str(error).strip().splitlines()
-    return one_line(RuntimeError(lines[0]), limit) if lines else type(error).__name__
-
-
-def one_line(error: BaseException, limit: int = 300) -> str:
-    """An error's message on one line, at most `limit` characters."""
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def is_integer(value: Any) -> bool:
-    """An int that is not a bool (JSON's and pickle's integers)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    """An int or a float, not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_rng_state(value: Any) -> bool:
@@ -110,7 +74,7 @@ def checkpoint_problem(state: Any) -> str | None:
 class RunDir:
     """The files of one training run; every write is atomic."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
     @property
@@ -120,13 +84,20 @@ class RunDir:
     def exists(self) -> bool:
         return (self.path / "config.json").exists()
 
-    def create(self, config: dict[str, Any]) -> None:
-        """Start a new run; refuses to overwrite one. Temporary files of a killed start are removed."""
+    def check_new(self) -> None:
+        """Refuse to start a new run here: a run is here already, or other files (the temporary
+        files of a killed start and the lock file aside)."""
         if self.exists():
             raise PyrovaeError(f"{self.path} already holds a run: pass --resume to continue it, or choose another --out")
-        self.remove_temporary()
-        if self.path.exists() and any(self.path.iterdir()):
+        if self.path.exists() and not self.path.is_dir():
+            raise PyrovaeError(f"{self.path} is a file, not a run directory: choose another --out")
+        if self.path.exists() and any(p.name != LOCK and not p.match(TEMPORARY) for p in self.path.iterdir()):
             raise PyrovaeError(f"{self.path} exists and is not empty: choose another --out")
+
+    def create(self, config: dict[str, Any]) -> None:
+        """Start a new run; refuses to overwrite one. Temporary files of a killed start are removed."""
+        self.check_new()
+        self.remove_temporary()
         self.save_config(config)
 
     def save_config(self, config: dict[str, Any]) -> None:
@@ -160,8 +131,7 @@ class RunDir:
             raise PyrovaeError(f"cannot read {self.path / name}: {one_line(error)}") from error
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
-        text = json.dumps(data, indent=2, sort_keys=False) + "\n"
-        atomic_write(self.path / name, lambda tmp: Path(tmp).write_text(text))
+        write_json(self.path / name, data)
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         atomic_write(self.checkpoint, lambda tmp: torch.save(state, tmp))

@@ -24,8 +24,8 @@ from torch.distributions import biject_to, constraints
 from pyrovae.batch import Data, as_batch
 from pyrovae.capture import leaves_no_trace
 from pyrovae.errors import PyrovaeError
+from pyrovae.files import first_line
 from pyrovae.programs import program_modules
-from pyrovae.run import first_line
 
 __all__ = ["DATA_PLATE", "ModelSites", "call_kwargs", "data_plate", "direct_parameters", "inspect_model", "is_real", "primary", "register"]
 

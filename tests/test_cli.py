@@ -224,13 +224,19 @@ def test_version_and_no_abbreviated_flags(capsys):
     ["compare", "--budget", "-1"], ["compare", "--budget", "0"], ["compare", "--steps", "0"], ["compare", "--steps", "2", "--checkpoints", "0"],
     ["compare", "--steps", "2", "--eval-examples", "0"], ["compare", "--steps", "2", "--hidden", "abc"], ["compare", "--budget", "nan"],
     ["compare", "--steps", "2", "--chains", "0"], ["compare", "--steps", "2", "--bdmc", "-1"],
-    ["fit", "--batch-size", "0"], ["fit", "--lr", "nan"], ["fit", "--lr", "-1"], ["fit", "--particles", "0"],
+    ["compare", "--steps", "2", "--lr", "5"], ["compare", "--steps", "2", "--methods", ","], ["compare", "--steps", "2", "--seed", "-1"],
+    ["fit", "--batch-size", "0"], ["fit", "--lr", "nan"], ["fit", "--lr", "-1"], ["fit", "--lr", "1e6"], ["fit", "--particles", "0"],
+    ["fit", "--hidden", "abc"], ["fit", "--seed", "-1"], ["fit", "--seed", str(2**32)], ["fit", "--warmup", "-1"], ["fit", "--patience", "0"],
+    ["fit", "--latent", "0"], ["fit", "--latent", str(10**10), "--epochs", "1"],
 ])
 def test_bad_budgets_and_sizes_are_refused_in_one_line_before_anything_is_written(argv, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main([*argv, "--out", str(out)])
+    try:
+        code = main([*argv, "--out", str(out)])
+    except SystemExit as exit:  # argparse's own refusals (a flag's type)
+        code = exit.code
     err = capsys.readouterr().err
-    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("pyrovae: error: --"), (argv, err)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("pyrovae: error: ") and "--" in err, (argv, err)
     assert not out.exists()
 
 

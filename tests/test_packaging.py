@@ -1,4 +1,4 @@
-"""The wheel holds every file of models/ and guides/ (installed as pyrovae.models / pyrovae.guides)."""
+"""The wheel holds every file of models/ and guides/ (installed as pyrovae.models / pyrovae.guides) and the catalog."""
 
 import configparser
 import importlib
@@ -35,6 +35,10 @@ def test_wheel_holds_every_file(wheel, folder):
     for name in files:
         assert f"pyrovae/{folder}/{name}" in wheel, name
     assert not any(n.startswith(f"{folder}/") for n in wheel)
+
+
+def test_wheel_holds_the_catalog_list_reads(wheel):
+    assert "pyrovae/catalog.json" in wheel
 
 
 def test_wheel_has_the_console_script(wheel_path):

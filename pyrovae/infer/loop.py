@@ -15,8 +15,9 @@ from tqdm.auto import tqdm
 
 from pyrovae.data import Dataset, minibatches
 from pyrovae.errors import PyrovaeError
+from pyrovae.files import one_line
 from pyrovae.infer.base import InferenceMethod
-from pyrovae.run import RunDir, one_line
+from pyrovae.run import RunDir
 
 __all__ = ["History", "restore", "train"]
 

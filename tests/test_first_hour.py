@@ -1,0 +1,126 @@
+"""What a new user meets first: a fast start, help for every flag, the catalog `list` shows,
+run directories that are locked while written, files with the umask's mode, read-only targets
+refused in one line (or, for a result already computed, printed and not lost)."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from pyrovae import catalog
+from pyrovae.cli import _parser, main
+from pyrovae.compare import gaps_table
+from pyrovae.files import atomic_write, locked
+from pyrovae.nets import ACTIVATIONS
+
+FAST = ["--dataset", "digits", "--hidden", "16", "--latent", "2", "--epochs", "1", "--eval-samples", "10", "--quiet"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["fit", "--help"], ["compare", "--help"], ["list"], ["list", "--json"], ["--version"]])
+def test_help_list_and_version_load_neither_torch_nor_pyro(argv):
+    code = "\n".join([
+        "import sys", "from pyrovae.cli import main", "try:", f"    main({argv!r})", "except SystemExit:", "    pass",
+        "assert not {'torch', 'pyro'} & set(sys.modules), sorted({'torch', 'pyro'} & set(sys.modules))",
+    ])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+
+
+def test_the_catalog_is_what_the_registries_hold():
+    assert catalog.read() == catalog.from_registries(), "a registration changed: run python -m pyrovae.catalog"
+
+
+def test_every_flag_has_help_and_names_its_choices():
+    parser = _parser()
+    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 (argparse keeps its sub-parsers here)
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help, f"pyrovae {name} {action.option_strings or action.dest} has no help text"
+    fit = " ".join(action.help for action in commands["fit"]._actions)
+    for kind in ("methods", "guides", "models", "datasets", "priors", "decoders", "likelihoods", "objectives"):
+        for entry in catalog.read()[kind]:
+            assert entry["name"] in fit, (kind, entry["name"])
+    assert all(name in fit for name in ACTIVATIONS)
+    assert "(default: 50)" in fit and "(default: 200,200)" in fit  # Config's defaults
+    assert "(default: 200)" in " ".join(commands["compare"].format_help().split())  # --eval-examples, shown by the formatter
+
+
+def test_a_run_in_use_is_refused_and_its_lock_dies_with_its_process(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["fit", *FAST, "--out", str(out)]) == 0
+    with locked(out):  # as another process writing the run would hold it
+        assert main(["fit", *FAST, "--epochs", "2", "--resume", "--out", str(out)]) == 2
+        assert "in use by another pyrovae process" in capsys.readouterr().err
+        assert main(["fit", *FAST, "--out", str(tmp_path / "other")]) == 0  # other runs are not blocked
+    holder = subprocess.Popen([sys.executable, "-c", f"from pyrovae.files import locked\nwith locked(__import__('pathlib').Path({str(out)!r})):\n"
+                               "    print('held', flush=True)\n    __import__('time').sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["fit", *FAST, "--epochs", "2", "--resume", "--out", str(out)]) == 2
+        assert f"pid {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["fit", *FAST, "--epochs", "2", "--resume", "--out", str(out)]) == 0  # a killed holder leaves no stale lock
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
+
+
+def test_a_refused_start_leaves_no_directory_behind(tmp_path):
+    out = tmp_path / "new"
+    with pytest.raises(RuntimeError):
+        with locked(out):
+            raise RuntimeError("failed before writing anything")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_files_take_the_umask_mode(tmp_path, umask):
+    before = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "f.json", lambda tmp: open(tmp, "w").write("{}"))
+    finally:
+        os.umask(before)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_targets_that_cannot_be_written_are_refused_before_the_work(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    for argv in (["fit", *FAST, "--out", str(blocker / "run")], ["compare", "--steps", "2", "--out", str(blocker / "cmp")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("pyrovae: error: cannot write") and len(err.strip().splitlines()) == 1, err
+    run = tmp_path / "run"
+    assert main(["fit", *FAST, "--out", str(run)]) == 0
+    assert main(["sample", str(run), "--num", "4", "--out", str(blocker / "s.png")]) == 2
+    assert capsys.readouterr().err.startswith("pyrovae: error: cannot write")
+
+
+def test_a_result_is_printed_even_where_it_cannot_be_saved(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["fit", *FAST, "--out", str(run)]) == 0
+    capsys.readouterr()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert main(["evaluate", str(run), "--samples", "5", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["log_likelihood"] < 0
+    assert "not saved" in captured.err and "Read-only file system" in captured.err
+    assert not list(run.glob("eval-*.json"))
+
+
+def test_the_gaps_table_gives_standard_errors_and_explains_a_negative_gap():
+    result = {"run": "R", "split": "valid", "examples": 20, "guide": "iaf", "qstar": "guide fine-tuned per example", "log_px": -90.0,
+              "elbo_qstar": -93.0, "elbo_q": -92.7, "approximation_gap": 3.0, "amortization_gap": -0.3, "total_gap": 2.7,
+              "approximation_gap_se": 0.2, "amortization_gap_se": 0.1, "total_gap_se": 0.15}
+    table = gaps_table(result)
+    assert "-0.300 ± 0.100" in table and "3.000 ± 0.200" in table and "raise --proposal-steps" in table
+    assert "negative" not in gaps_table({**result, "amortization_gap": 0.3, "total_gap": 3.3})
