@@ -6,6 +6,7 @@ import argparse
 import ast
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -113,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/MODEL-GUIDE-DATASET-TIME)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped, with its saved settings (only --epochs, --eval-samples, --device and --data-dir may differ)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no log lines; the final table only")
+    p.add_argument("--log", help="live metrics per epoch in the run directory: csv (log.csv), tensorboard (tensorboard/, with the tensorboard "
+                   "package), both comma-separated, or none (default: csv,tensorboard; tensorboard where installed)")
 
     p = add("evaluate", help="ELBO and importance-sampled (or annealed) log p(x) of a run", parents=[threads])
     p.add_argument("run", help="a run directory written by fit")
@@ -120,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1000, help="importance samples per example (--estimator is)")
     p.add_argument("--estimator", default="is", choices=["is", "ais"], help="is: importance sampling with the run's guide (or a fitted proposal); "
                    "ais: annealed importance sampling, the same for any method")
+    p.add_argument("--proposal", default="auto", choices=["auto", "guide", "fitted"], help="--estimator is: the run's guide, a Gaussian "
+                   "fitted per example with the decoder frozen, or auto: the guide where it gives an ELBO, else fitted")
+    p.add_argument("--proposal-steps", type=int, default=100, help="Adam steps fitting each example's proposal (--proposal fitted)")
     p.add_argument("--ais-steps", type=int, default=500, help="AIS annealing steps T")
     p.add_argument("--chains", type=int, default=16, help="AIS chains per example K")
     p.add_argument("--leapfrog", type=int, default=10, help="leapfrog steps per AIS transition")
@@ -213,7 +219,7 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
         method_options=_pairs(args.method_option), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         particles=args.particles, warmup=args.warmup, patience=args.patience, seed=args.seed,
         eval_samples=args.eval_samples, device=args.device, capture=None if args.eager is None else not args.eager,
-        fields=args.fields, plate=args.plate, collate=args.collate,
+        fields=args.fields, plate=args.plate, collate=args.collate, logs=args.log,
     )
     return {name: value for name, value in fields.items() if value is not None}
 
@@ -243,7 +249,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     from pyrovae.ais import AISSettings
     from pyrovae.experiment import evaluate_run
     annealing = AISSettings(steps=args.ais_steps, chains=args.chains, leapfrog=args.leapfrog, warmup=min(100, max(args.ais_steps, 0)), start=args.ais_start)
-    metrics = evaluate_run(args.run, args.split, args.samples, args.data_dir, args.device, args.estimator, annealing, args.bdmc)
+    if args.proposal_steps < 0:
+        raise PyrovaeError(f"--proposal-steps must be >= 0, got {args.proposal_steps}")
+    metrics = evaluate_run(args.run, args.split, args.samples, args.data_dir, args.device, args.estimator, annealing, args.bdmc,
+                           args.proposal, args.proposal_steps)
     name = f"eval-{args.split}-{args.samples}.json" if args.estimator == "is" else f"eval-{args.split}-ais-{args.ais_steps}x{args.chains}.json"
     _show_evaluation(args, metrics)
     save_printed(Path(args.run) / name, metrics)
@@ -266,9 +275,11 @@ def _show_evaluation(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
         print(_table([*head, (f"ELBO (nats/example, {args.samples} draws)", metrics["elbo"]), ("Monte Carlo standard error", metrics["elbo_stderr"]),
                       ("log p(x)", f"not reported: {metrics['log_likelihood_refused']}"), ("seconds", metrics["eval_seconds"])]))
         return
+    se = lambda key: metrics[key] if metrics.get(f"{key}_stderr") is None else f"{metrics[key]:.3f} ± {metrics[f'{key}_stderr']:.3f}"  # noqa: E731
     print(_table([
-        *head, ("ELBO (nats/example)", metrics["elbo"]), (f"log p(x), IS-{args.samples}", metrics["log_likelihood"]),
-        ("gap log p(x) - ELBO", metrics["gap"]), ("seconds", metrics["eval_seconds"]),
+        *head, ("proposal", metrics["proposal"]), ("nats per example", "mean ± standard error over the examples"),
+        ("ELBO", se("elbo")), (f"log p(x), IS-{args.samples}", se("log_likelihood")),
+        ("gap log p(x) - ELBO", se("gap")), ("seconds", metrics["eval_seconds"]),
         *([("active units", f"{metrics['active_units']} of {metrics['total_units']}")] if "active_units" in metrics else []),
     ]))
 
@@ -344,6 +355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"pyrovae: error: out of memory ({first_line(error, 160)}): choose a smaller --latent, --hidden or --batch-size", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`pyrovae list | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("pyrovae: interrupted; the last checkpoint is kept", file=sys.stderr)
         return 130

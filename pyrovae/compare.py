@@ -158,7 +158,8 @@ def compare(
     budget = _Budget(budget_seconds, steps, checkpoints, eval_examples, checkpoint_examples, proposal, annealing, bdmc_examples)
     setup = {"model": model_name, "guide": guide, "objective": objective, "dataset": dataset, "fields": fields, "budget_seconds": budget_seconds,
              "steps": steps, "latent": latent, "hidden": list(hidden), "batch_size": batch_size, "lr": lr, "seed": seed,
-             "ais": None if annealing is None else dataclasses.asdict(annealing), "bdmc_examples": bdmc_examples}
+             "ais": None if annealing is None else dataclasses.asdict(annealing), "bdmc_examples": bdmc_examples,
+             "checkpoint_examples": min(checkpoint_examples, eval_examples)}
     rows = []
     with locked(out):
         for number, (spec, (name, options)) in enumerate(zip(methods, specs), 1):
@@ -311,9 +312,13 @@ def write_table(rows: list[dict[str, Any]], out: Path, setup: dict[str, Any]) ->
     text = json.dumps({"setup": setup, "note": note, "results": rows}, indent=2) + "\n"
     atomic_write(out / "compare.json", lambda tmp: Path(tmp).write_text(text))
     fig, ax = plt.subplots(figsize=(6, 4))
+    key, how = ("heldout_ll_ais", "AIS") if rows and rows[0]["heldout_ll_ais"] is not None else ("heldout_ll", "IS, fitted q")
     for r in rows:
-        ax.plot([c["seconds"] for c in r["curve"]], [c["heldout_ll"] for c in r["curve"]], marker="o", label=r["method"])
-    how = "AIS" if rows and rows[0]["heldout_ll_ais"] is not None else "IS"
+        line, = ax.plot([c["seconds"] for c in r["curve"]], [c["heldout_ll"] for c in r["curve"]], marker="o", label=r["method"])
+        if r[key] is not None:  # the table's figure, on all its held-out examples
+            ax.plot([r["train_seconds"]], [r[key]], marker="*", markersize=12, color=line.get_color(), linestyle="none")
+    curve_examples = setup.get("checkpoint_examples", first["heldout_examples"])
+    ax.set_title(f"curves: {how} on {curve_examples} held-out examples; stars: the table, {how} on {first['heldout_examples']}", fontsize=9)
     ax.set_xlabel("training seconds"), ax.set_ylabel(f"held-out log p(x) ({how}), nats/example"), ax.grid(alpha=0.3), ax.legend()
     atomic_write(out / "compare.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
     plt.close(fig)

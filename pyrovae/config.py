@@ -66,6 +66,7 @@ class Config:
     fields: str = "x"  # the data's fields a model takes, in order: x, y, lengths, mask
     collate: str | None = None  # FILE.py:NAME of collate(args, kwargs) -> (args, kwargs), run on every batch
     plate: str | None = None  # the model's per-example plate (None: "data", else found by size)
+    logs: str = "csv,tensorboard"  # live metrics written per epoch (`pyrovae.logs`); tensorboard where its package is installed
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "hidden": list(self.hidden), "pyrovae": pyrovae.__version__}
@@ -105,7 +106,7 @@ class Config:
 
 
 SAVED_EXTRAS = ("format", "pyrovae")  # written beside the settings in config.json
-ADDED_LATER = {"fields": "x", "plate": None, "collate": None}  # settings runs saved before they existed take as their default
+ADDED_LATER = {"fields": "x", "plate": None, "collate": None, "logs": "csv,tensorboard"}  # settings runs saved before they existed take as their default
 
 
 def _kind(hint: Any) -> tuple[Callable[[Any], bool], str]:

@@ -1,4 +1,5 @@
-"""Diagnostics of posterior collapse (Kingma & Welling 2019, sec. 2.8): active units.
+"""Diagnostics of posterior collapse (Kingma & Welling 2019, sec. 2.8): active units, and the
+KL of each latent site.
 
 A latent unit u is *active* if its posterior mean moves with the data,
 A_u = Cov_x(E_{q(z|x)}[z_u]) > threshold (0.01 in Burda et al. 2016); an inactive unit's
@@ -15,11 +16,12 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from pyrovae.batch import Data, as_batch
 from pyrovae.errors import PyrovaeError
 from pyrovae.importance import PARTICLES
 from pyrovae.sites import inspect_model
 
-__all__ = ["ActiveUnits", "active_units"]
+__all__ = ["ActiveUnits", "active_units", "kl_per_site"]
 
 
 @dataclass
@@ -82,3 +84,22 @@ def active_units(
     per_site = {name: int((a > threshold).sum()) for name, a in activity.items()}
     total = sum(a.numel() for a in activity.values())
     return ActiveUnits(sum(per_site.values()), total, threshold, per_site, activity)
+
+
+@torch.no_grad()
+def kl_per_site(model: Callable, guide: Callable, x: Data) -> dict[str, float]:
+    """E_q[log q(z_s|...) - log p(z_s|...)] for each latent site s the guide samples, nats per
+    example, from one draw per example (masks and scales as the traces apply them).
+
+    Their sum is the KL term of the ELBO; a site near 0 carries no information about x
+    (posterior collapse, sec. 2.8). Enumerated sites, which the guide does not sample, are left out.
+    """
+    batch = as_batch(x)
+    guide_trace = batch.call(poutine.trace(guide).get_trace)
+    model_trace = batch.call(poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace)
+    guide_trace.compute_log_prob(), model_trace.compute_log_prob()
+    kl = {}
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site) and name in model_trace.nodes:
+            kl[name] = (site["log_prob"].sum() - model_trace.nodes[name]["log_prob"].sum()).item() / len(batch)
+    return kl

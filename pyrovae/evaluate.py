@@ -43,11 +43,15 @@ class Evaluation:
                    iwae=None, num_samples=parts[0].num_samples, iwae_k=None)
 
     def summary(self) -> dict[str, float | int | None]:
+        """Means over the examples, each with its standard error (the spread over examples, /sqrt(N))."""
+        gap = self.log_likelihood - self.elbo
+        stderr = lambda v: v.std().item() / math.sqrt(len(v)) if len(v) > 1 else None  # noqa: E731
         return {
             "examples": len(self.elbo),
             "elbo": self.elbo.mean().item(),
             "log_likelihood": self.log_likelihood.mean().item(),
-            "gap": (self.log_likelihood - self.elbo).mean().item(),
+            "gap": gap.mean().item(),
+            "elbo_stderr": stderr(self.elbo), "log_likelihood_stderr": stderr(self.log_likelihood), "gap_stderr": stderr(gap),
             "iwae": None if self.iwae is None else self.iwae.mean().item(),
             "iwae_k": self.iwae_k,
             "num_samples": self.num_samples,
@@ -103,7 +107,7 @@ def evaluate(
     if not guide_traits(guide).gives_elbo:
         raise PyrovaeError(
             f"{type(guide).__name__} is a point estimate: it gives no ELBO and no importance-sampled log p(x); "
-            "score its decoder with a proposal fitted per example instead"
+            "score its decoder with a proposal fitted per example instead (pyrovae evaluate RUN --proposal fitted)"
         )
     if iwae_k is not None and (iwae_k < 1 or num_samples % iwae_k):
         raise PyrovaeError(f"the IWAE k ({iwae_k}) must divide the number of samples ({num_samples})")

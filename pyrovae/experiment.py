@@ -22,7 +22,7 @@ from pyrovae.batch import Batch, as_batch
 from pyrovae.config import Config
 from pyrovae.data import Dataset, load_dataset
 from pyrovae.dataset_bound import dataset_elbo
-from pyrovae.diagnostics import active_units
+from pyrovae.diagnostics import active_units, kl_per_site
 from pyrovae.errors import PyrovaeError
 from pyrovae.evaluate import Evaluation, evaluate
 from pyrovae.files import check_writable, locked
@@ -31,11 +31,13 @@ from pyrovae.heldout import ProposalSettings, heldout_scores
 from pyrovae.infer import History, TrainSettings, train
 from pyrovae.infer.local import model_sites
 from pyrovae.infer.loop import restore
+from pyrovae.logs import EpochLog, parse_kinds
 from pyrovae.nets import LIKELIHOODS
 from pyrovae.programs import program_modules
 from pyrovae.protocols import guide_traits
 from pyrovae.registry import METHODS, MODELS
 from pyrovae.run import RunDir
+from pyrovae.sampling import sample
 from pyrovae.sites import call_kwargs, inspect_model
 
 __all__ = ["Config", "Experiment", "build", "fit", "load", "evaluate_run"]
@@ -83,18 +85,28 @@ class Experiment:
         for module in (*program_modules(self.model), *program_modules(self.guide)):
             module.train(training)
 
-    def evaluate(self, split: str = "valid", num_samples: int = 1000, examples: int | None = None, proposal_steps: int = 100) -> Evaluation:
+    def evaluate(self, split: str = "valid", num_samples: int = 1000, examples: int | None = None, proposal_steps: int = 100,
+                 proposal: str = "auto") -> Evaluation:
         """ELBO and IS log p(x) per example of a split, whatever method trained the model.
 
-        With a trained amortized guide the guide is the proposal; otherwise (local, map,
-        mcmc-em) a Gaussian proposal is fitted per held-out example with the decoder frozen.
+        `proposal` ``"guide"``: the trained amortized guide proposes; ``"fitted"``: a Gaussian
+        fitted per held-out example, `proposal_steps` Adam steps with the decoder frozen (the
+        only way to score local, map and mcmc-em runs, and point-estimate guides such as
+        delta); ``"auto"``: the guide where it gives an ELBO, else fitted.
         """
+        if proposal not in PROPOSALS:
+            raise PyrovaeError(f"unknown --proposal {proposal!r}: choose from {', '.join(PROPOSALS)}")
+        if proposal == "guide" and not self.method.trains_guide:
+            raise PyrovaeError(f"a {self.config.method} run has no trained guide to propose with: use --proposal fitted")
         x = as_batch(self.split(split))[:examples]
         self.train_mode(False)
-        if self.method.trains_guide:
+        if proposal == "guide" or (proposal == "auto" and self.amortized_guide is not None):
             return evaluate(self.model, self.guide, x.chunks(500), num_samples=num_samples, plate=self.method.plate)
         sites = self.method.sites or model_sites(self.model, self.guide, x)
         return heldout_scores(self.model, x, sites, ProposalSettings(steps=proposal_steps, samples=num_samples))
+
+
+PROPOSALS = ("auto", "guide", "fitted")
 
 
 def _device(name: str) -> torch.device:
@@ -203,11 +215,11 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# Settings `--resume` may change: the epochs to train to and the final evaluation's samples (both
-# saved as the run's new settings), and where the run is and its data are (not saved).
-RESUMABLE = ("epochs", "eval_samples", "device", "data_dir")
-SAVED_ON_RESUME = ("epochs", "eval_samples")
-FLAGS = {"dataset_options": "--data-option", "model_options": "--model-option", "guide_options": "--guide-option", "method_options": "--method-option", "capture": "--eager"}
+# Settings `--resume` may change: the epochs to train to, the final evaluation's samples and the
+# live logs (saved as the run's new settings), and where the run is and its data are (not saved).
+RESUMABLE = ("epochs", "eval_samples", "device", "data_dir", "logs")
+SAVED_ON_RESUME = ("epochs", "eval_samples", "logs")
+FLAGS = {"logs": "--log", "dataset_options": "--data-option", "model_options": "--model-option", "guide_options": "--guide-option", "method_options": "--method-option", "capture": "--eager"}
 
 
 def _flag(name: str, value: Any) -> str:
@@ -278,13 +290,20 @@ def fit(
         if not resume:
             run.check_new()
         check_writable(run.path)
+    logs = parse_kinds(config.logs, explicit=config.logs != Config.logs and (given is None or "logs" in given))
+    start = time.perf_counter()
+    if progress:
+        log(f"loading {config.dataset} and building {config.model} / {config.guide} / {config.method}")
     experiment = build(config)
+    if progress:
+        parameters = sum(p.numel() for p in experiment.method.parameters())
+        log(f"ready in {time.perf_counter() - start:.1f} s: {len(experiment.data.split('train'))} training examples, {parameters:,} parameters")
     with locked(run.path) if run is not None else contextlib.nullcontext():
-        return _fit(experiment, run, resume, checkpoint, rewrite, progress, log)
+        return _fit(experiment, run, resume, checkpoint, rewrite, progress, log, logs)
 
 
 def _fit(experiment: Experiment, run: RunDir | None, resume: bool, checkpoint: dict[str, Any] | None, rewrite: bool, progress: bool,
-         log: Callable[[str], None]) -> tuple[Experiment, dict[str, Any]]:
+         log: Callable[[str], None], logs: tuple[str, ...]) -> tuple[Experiment, dict[str, Any]]:
     """`fit` once everything is checked, holding the run directory's lock."""
     config = experiment.config
     if run is not None and not resume:
@@ -306,11 +325,17 @@ def _fit(experiment: Experiment, run: RunDir | None, resume: bool, checkpoint: d
         experiment.train_mode(True)
         return score
 
-    history = train(
-        experiment.method, experiment.data, config.epochs, seed=config.seed, warmup_epochs=config.warmup,
-        patience=config.patience, run=run, resume=checkpoint is not None, checkpoint=checkpoint, validate=validate if has_valid else None,
-        device=experiment.device, progress=progress, log=log if progress else None,
-    )
+    epoch_log = EpochLog(run.path, logs, len(checkpoint["history"]) if checkpoint else 0) if run is not None and logs else None
+    try:
+        history = train(
+            experiment.method, experiment.data, config.epochs, seed=config.seed, warmup_epochs=config.warmup,
+            patience=config.patience, run=run, resume=checkpoint is not None, checkpoint=checkpoint, validate=validate if has_valid else None,
+            device=experiment.device, progress=progress, log=log if progress else None,
+            on_epoch=None if epoch_log is None else lambda history: epoch_log.write(*_epoch_metrics(experiment, history, epoch_log.writer is not None)),
+        )
+    finally:
+        if epoch_log is not None:
+            epoch_log.close()
     if config.eval_samples > 0 and progress and scorable(experiment):
         log(f"scoring the {'valid' if 'valid' in experiment.data.splits else 'train'} split (IS-{config.eval_samples})")
     metrics = _metrics(experiment, history)
@@ -320,13 +345,39 @@ def _fit(experiment: Experiment, run: RunDir | None, resume: bool, checkpoint: d
     return experiment, metrics
 
 
+def _epoch_metrics(experiment: Experiment, history: History, images: bool, examples: int = 200) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """The live log's row for the epoch just ended (`pyrovae.logs`): the history's row, the
+    learning rate, examples per second and elapsed training seconds; with a trained guide each
+    latent site's KL and active units on `examples` held-out examples; and a sample grid."""
+    row = history.rows[-1]
+    metrics = {**row, "lr": experiment.config.lr, "examples_per_second": len(experiment.data.split("train")) / max(row["seconds"], 1e-9),
+               "elapsed_seconds": history.train_seconds}
+    split = "valid" if "valid" in experiment.data.splits else "train"
+    guide = experiment.amortized_guide
+    if guide is None and not images:
+        return metrics, None
+    x = as_batch(experiment.split(split))[:examples]
+    experiment.train_mode(False)
+    try:
+        if guide is not None and scorable(experiment):
+            metrics.update({f"kl.{name}": value for name, value in kl_per_site(experiment.model, guide, x).items()})
+            if x.is_tensor:  # (active units read a guide called on the data tensor alone)
+                units = active_units(experiment.model, guide, x.primary, num_samples=10)
+                metrics.update({f"active_units.{name}": count for name, count in units.per_site.items()})
+        shape = experiment.data.image_shape
+        grid = sample(experiment.model, x, 64).reshape(64, 1, *shape).clamp(0, 1) if images and shape is not None else None
+    finally:
+        experiment.train_mode(True)
+    return metrics, grid
+
+
 def scorable(experiment: Experiment) -> bool:
-    """Whether held-out examples can be scored one by one: a guide that gives an ELBO (or a
-    method scored by fitted proposals), and no global latent or self-subsampled plate (the
-    bound of such a model does not split per example: its training bound is what there is)."""
+    """Whether held-out examples can be scored one by one (by the guide where it gives an ELBO,
+    else by fitted proposals): no global latent or self-subsampled plate (the bound of such a
+    model does not split per example: its training bound is what there is)."""
     sites = experiment.method.sites
     per_example = sites is None or not (sites.global_latents or sites.subsampled)
-    return per_example and (guide_traits(experiment.guide).gives_elbo or not experiment.method.trains_guide)
+    return per_example
 
 
 def _global_bound(experiment: Experiment, split: str, num_samples: int) -> dict[str, Any]:
@@ -386,11 +437,13 @@ def load(path: str | Path, data_dir: str | None = None, device: str | None = Non
 
 
 def evaluate_run(path: str | Path, split: str = "valid", num_samples: int = 1000, data_dir: str | None = None, device: str | None = None,
-                 estimator: str = "is", annealing: AISSettings = AISSettings(), bdmc_examples: int = 0) -> dict[str, Any]:
+                 estimator: str = "is", annealing: AISSettings = AISSettings(), bdmc_examples: int = 0, proposal: str = "auto",
+                 proposal_steps: int = 100) -> dict[str, Any]:
     """Held-out log-likelihood of a run on a split (nats per example).
 
-    ``estimator="is"``: importance sampling with `num_samples` draws and the ELBO, and the active
-    units (Burda et al. 2016, appendix C) where the run has an amortized guide with latents.
+    ``estimator="is"``: importance sampling with `num_samples` draws from `proposal` (see
+    `Experiment.evaluate`) and the ELBO, and the active units (Burda et al. 2016, appendix C)
+    where the run has an amortized guide with latents.
     ``estimator="ais"``: annealed importance sampling with `annealing`, and with `bdmc_examples`
     the BDMC sandwich on that many examples simulated from the model.
     """
@@ -414,7 +467,9 @@ def evaluate_run(path: str | Path, split: str = "valid", num_samples: int = 1000
     sites = experiment.method.sites
     if sites is not None and sites.global_latents:
         return {**head, "estimator": "is", **_global_bound(experiment, split, num_samples), "eval_seconds": time.perf_counter() - start}
-    summary = experiment.evaluate(split, num_samples).summary()
+    fitted = proposal == "fitted" or (proposal == "auto" and experiment.amortized_guide is None)
+    summary = experiment.evaluate(split, num_samples, proposal=proposal, proposal_steps=proposal_steps).summary()
+    summary["proposal"] = f"a diagonal Gaussian fitted per example ({proposal_steps} Adam steps)" if fitted else f"the run's {config.guide} guide"
     x = as_batch(experiment.split(split))
     if experiment.amortized_guide is not None and x.is_tensor and experiment.method.sites.latents:
         summary.update(active_units(experiment.model, experiment.guide, x.primary[:1000].split(500)).summary())

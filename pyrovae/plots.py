@@ -1,4 +1,4 @@
-"""Sample grids, reconstructions and training curves, written as PNG files."""
+"""Sample grids, reconstructions, interpolations, latent maps and training curves, as PNG files."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pyrovae.batch import as_batch  # noqa: E402
 from pyrovae.data import Dataset  # noqa: E402
 from pyrovae.files import atomic_write  # noqa: E402
 from pyrovae.infer.loop import History  # noqa: E402
-from pyrovae.sampling import reconstruct, sample  # noqa: E402
+from pyrovae.sampling import encode, interpolate, reconstruct, sample  # noqa: E402
 
 
 class Run(Protocol):
@@ -32,7 +33,7 @@ class Run(Protocol):
 
     def train_mode(self, training: bool) -> None: ...
 
-__all__ = ["image_grid", "training_curve", "write_run_plots"]
+__all__ = ["grid_canvas", "image_grid", "latent_map", "training_curve", "write_run_plots"]
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -40,16 +41,29 @@ def _save(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
-def image_grid(images: torch.Tensor, image_shape: tuple[int, int], path: Path, title: str, columns: int | None = None) -> None:
-    """Tile images (N, H*W) into one grayscale PNG."""
+SEPARATOR = 0.15  # on the gray_r scale of the grids: 0 is white paper, 1 is black ink
+
+
+def grid_canvas(images: torch.Tensor, image_shape: tuple[int, int], columns: int | None = None) -> torch.Tensor:
+    """The pixels of `image_grid`: cells one pixel apart on SEPARATOR, empty cells 0."""
     n = len(images)
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
     h, w = image_shape
-    canvas = torch.ones(rows * (h + 1), columns * (w + 1))
-    for i, image in enumerate(images.detach().cpu().reshape(n, h, w)):
+    canvas = torch.full((rows * (h + 1) - 1, columns * (w + 1) - 1), SEPARATOR)
+    for i in range(rows * columns):
         r, c = divmod(i, columns)
-        canvas[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = image
+        cell = images[i].detach().cpu().reshape(h, w) if i < n else torch.zeros(h, w)
+        canvas[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = cell
+    return canvas
+
+
+def image_grid(images: torch.Tensor, image_shape: tuple[int, int], path: Path, title: str, columns: int | None = None) -> None:
+    """Tile images (N, H*W) with values in [0, 1] into one grayscale PNG: light grey lines
+    between the cells, and the cells past the last image left blank."""
+    canvas = grid_canvas(images, image_shape, columns)
+    rows, columns = (canvas.shape[0] + 1) // (image_shape[0] + 1), (canvas.shape[1] + 1) // (image_shape[1] + 1)
+    h, w = image_shape
     fig, ax = plt.subplots(figsize=(columns * w / 14 + 1, rows * h / 14 + 1))
     ax.imshow(canvas.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
     ax.set_title(title), ax.axis("off")
@@ -57,28 +71,63 @@ def image_grid(images: torch.Tensor, image_shape: tuple[int, int], path: Path, t
 
 
 def training_curve(history: History, path: Path) -> None:
-    """Training loss and validation ELBO against epochs (nats per example)."""
+    """Training bound and validation ELBO against epochs (nats per example); markers, so that
+    a one-epoch run shows its point."""
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [r["epoch"] for r in history.rows]
-    ax.plot(epochs, [-r["train_loss"] for r in history.rows], label="train bound")
+    ax.plot(epochs, [-r["train_loss"] for r in history.rows], marker="o", label="train bound (minus the loss)")
     if history.rows and "valid_elbo" in history.rows[0]:
-        ax.plot(epochs, [r["valid_elbo"] for r in history.rows], label="validation ELBO")
+        ax.plot(epochs, [r["valid_elbo"] for r in history.rows], marker="o", label="validation ELBO, 1 sample per example")
     ax.set_xlabel("epoch"), ax.set_ylabel("nats per example"), ax.legend(), ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _save(fig, path)
+
+
+def latent_map(means: torch.Tensor, labels: torch.Tensor | None, path: Path, title: str) -> None:
+    """Posterior means (N, D) as a 2-D scatter, projected on their first two principal axes
+    where D > 2, coloured by label where there are labels."""
+    means = means.detach().cpu().reshape(len(means), -1).float()
+    if means.shape[1] > 2:
+        centred = means - means.mean(0)
+        _, _, v = torch.linalg.svd(centred, full_matrices=False)
+        points, axes = centred @ v[:2].T, ("principal axis 1", "principal axis 2")
+    else:
+        points, axes = means, ("z1", "z2") if means.shape[1] == 2 else ("z1", "")
+    if points.shape[1] == 1:
+        points = torch.cat([points, torch.zeros_like(points)], 1)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    shown = ax.scatter(points[:, 0], points[:, 1], s=4, c=None if labels is None else labels.cpu(), cmap="tab10", alpha=0.7)
+    if labels is not None:
+        fig.colorbar(shown, ax=ax, label="label")
+    ax.set_xlabel(axes[0]), ax.set_ylabel(axes[1]), ax.set_title(title), ax.grid(alpha=0.3)
     _save(fig, path)
 
 
 def write_run_plots(experiment: Run, history: History, out: Path) -> None:
-    """training.png, and for image data samples.png and (with a trained guide) reconstructions.png."""
+    """training.png; for image data samples.png; with a trained guide reconstructions.png,
+    latents.png (the held-out posterior means) and, for image data, interpolations.png."""
     if history.rows:
         training_curve(history, out / "training.png")
     shape = experiment.data.image_shape
-    if shape is None:
-        return
     experiment.train_mode(False)
     split = "valid" if "valid" in experiment.data.splits else "train"
-    x = as_batch(experiment.split(split))[:32]
-    image_grid(sample(experiment.model, x, 64), shape, out / "samples.png", "samples from p(x|z), z ~ p(z)")
-    if not experiment.method.trains_guide:
-        return  # no trained encoder to reconstruct with
-    pairs = torch.stack([x.primary, reconstruct(experiment.model, experiment.guide, x)], 1).reshape(2 * len(x), -1)
-    image_grid(pairs, shape, out / "reconstructions.png", "data | reconstruction", columns=16)
+    x = as_batch(experiment.split(split))
+    if shape is not None:
+        image_grid(sample(experiment.model, x[:32], 64), shape, out / "samples.png", "samples: means of p(x|z), z ~ p(z)")
+    guide, sites = experiment.guide if experiment.method.trains_guide else None, experiment.method.sites
+    if guide is None or sites is None or not sites.latents or not x.is_tensor:
+        return  # no trained encoder (or its data is more than one tensor)
+    if shape is not None:
+        pairs = torch.stack([x[:32].primary, reconstruct(experiment.model, guide, x[:32])], 1).reshape(64, -1)
+        image_grid(pairs, shape, out / "reconstructions.png", "data | reconstruction", columns=16)
+    if len(sites.latents) == 1:
+        (name,) = sites.latents
+        held_out = x[:2000]
+        means = torch.cat([encode(guide, sites, part)[name] for part in held_out.chunks(500)])
+        labels = experiment.data.split(split).y
+        latent_map(means, None if labels is None else labels[: len(means)], out / "latents.png",
+                   f"posterior means of {name}, {len(means)} {split} examples")
+    if shape is not None:
+        lines = [interpolate(experiment.model, guide, sites, x.primary[2 * i], x.primary[2 * i + 1], steps=10) for i in range(min(4, len(x) // 2))]
+        if lines:
+            image_grid(torch.cat(lines), shape, out / "interpolations.png", "decodings along the line between two encodings", columns=10)

@@ -1,4 +1,6 @@
-"""Draws from any Pyro model: prior samples of x, and reconstructions through a guide."""
+"""Draws from any Pyro model: prior samples of x, reconstructions through a guide, the guide's
+posterior means (encode), decodings of given latents, and interpolations between two examples
+(Kingma & Welling 2019, sec. 2.1)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ from pyro import poutine
 
 from pyrovae.batch import Batch, Data, as_batch
 from pyrovae.errors import PyrovaeError
-from pyrovae.sites import inspect_model
+from pyrovae.sites import ModelSites, inspect_model
 
-__all__ = ["data_site", "reconstruct", "sample"]
+__all__ = ["data_site", "decode", "encode", "interpolate", "reconstruct", "sample"]
+
+Latents = dict[str, torch.Tensor]  # site name -> (B, *event shape)
 
 
 def _observed_mean(model: Callable, x: Batch, trace_guide=None) -> torch.Tensor:
@@ -49,3 +53,48 @@ def reconstruct(model: Callable, guide: Callable, x: Data) -> torch.Tensor:
     """Means of p(x|z) with z ~ q(z|x): the autoencoder's reconstruction of `x`."""
     batch = as_batch(x)
     return _observed_mean(model, batch, batch.call(poutine.trace(guide).get_trace))
+
+
+@torch.no_grad()
+def encode(guide: Callable, sites: ModelSites, x: Data, samples: int = 100) -> Latents:
+    """The guide's posterior mean of each latent site, (B, *shape): its distribution's mean where
+    it has one (Gaussian guides), else the average of `samples` draws (flows)."""
+    batch = as_batch(x)
+    trace = batch.call(poutine.trace(guide).get_trace)
+    means = {}
+    for name, shape in sites.latents.items():
+        try:
+            means[name] = trace.nodes[name]["fn"].mean
+        except NotImplementedError:
+            draws = [batch.call(poutine.trace(guide).get_trace).nodes[name]["value"] for _ in range(samples)]
+            means[name] = torch.stack(draws).mean(0)
+        means[name] = means[name].reshape((-1,) + shape)
+    return means
+
+
+@torch.no_grad()
+def decode(model: Callable, sites: ModelSites, z: Latents, like: Data) -> torch.Tensor:
+    """The mean of p(x | z) for each row of `z`; a model's other arguments (a label, a condition)
+    come from the rows of `like`, repeated where `z` has more rows."""
+    rows = len(next(iter(z.values())))
+    template = as_batch(like)
+    if len(template) < rows:
+        template = template[torch.arange(rows) % len(template)]
+    template = template[:rows]
+    conditioned = {name: v.reshape(sites.example_shape(rows) + sites.latents[name]) for name, v in z.items()}
+    trace = template.call(poutine.trace(poutine.condition(model, data=conditioned)).get_trace)
+    return trace.nodes[data_site(model, template)]["fn"].mean.reshape(template.primary.shape)
+
+
+def interpolate(model: Callable, guide: Callable, sites: ModelSites, x1: torch.Tensor, x2: torch.Tensor, steps: int = 8) -> torch.Tensor:
+    """Decodings of the straight line between the encodings of two examples, (steps, *x.shape)."""
+    if steps < 2:
+        raise PyrovaeError(f"an interpolation needs at least 2 steps, got {steps}")
+    ends = encode(guide, sites, torch.stack([x1, x2]))
+    weights = torch.linspace(0.0, 1.0, steps, device=x1.device)
+
+    def line(z: torch.Tensor) -> torch.Tensor:
+        w = weights.reshape((steps,) + (1,) * (z.dim() - 1))
+        return z[0] * (1 - w) + z[1] * w
+
+    return decode(model, sites, {name: line(v) for name, v in ends.items()}, like=x1[None].expand(steps, *x1.shape))

@@ -8,6 +8,7 @@ user's own model with other site and plate names and no pyrovae base class.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -40,7 +41,9 @@ def register(name: str, module: torch.nn.Module) -> None:
     parameters with torch and the per-step registration would be pure overhead.
     """
     if _REGISTER.get():
-        pyro.module(name, module)
+        with warnings.catch_warnings():  # a module its user froze is left out of the store: what freezing asks for
+            warnings.filterwarnings("ignore", message=".*was not registered in the param store because requires_grad=False")
+            pyro.module(name, module)
 
 
 @contextmanager

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pyro import poutine
 
 from pyrovae.ais import AISSettings, ais
 from pyrovae.batch import Batch, Data, as_batch
@@ -17,7 +16,7 @@ from pyrovae.errors import PyrovaeError
 from pyrovae.evaluate import evaluate
 from pyrovae.experiment import Experiment
 from pyrovae.experiment import load as load_experiment
-from pyrovae.sampling import data_site, reconstruct, sample
+from pyrovae.sampling import decode, encode, interpolate, reconstruct, sample
 
 __all__ = ["TrainedRun", "load"]
 
@@ -51,37 +50,17 @@ class TrainedRun:
         batch = as_batch(self.experiment.split(split))[:examples]
         return batch.primary if batch.is_tensor else batch
 
-    @torch.no_grad()
     def encode(self, x: Data, samples: int = 100) -> Latents:
         """The guide's posterior mean of each latent: its distribution's mean where it has one
         (Gaussian guides), else the average of `samples` draws (flows)."""
         self._needs_guide("encode")
-        batch = as_batch(x)
-        trace = batch.call(poutine.trace(self.guide).get_trace)
-        means = {}
-        for name in self._latents():
-            fn = trace.nodes[name]["fn"]
-            try:
-                means[name] = fn.mean
-            except NotImplementedError:
-                draws = [batch.call(poutine.trace(self.guide).get_trace).nodes[name]["value"] for _ in range(samples)]
-                means[name] = torch.stack(draws).mean(0)
-        return self._unpack(means)
+        return self._unpack(encode(self.guide, self.experiment.method.sites, x, samples))
 
-    @torch.no_grad()
     def decode(self, z: Latents, like: Data | None = None) -> torch.Tensor:
         """The mean of p(x | z) for each row of `z`. A model with other arguments (a label, a
         condition) takes them from `like`, default the first rows of the validation split."""
         values = z if isinstance(z, dict) else {self._one_latent(): z}
-        rows = len(next(iter(values.values())))
-        template = as_batch(like if like is not None else self.data("valid"))
-        if len(template) < rows:
-            template = template[torch.arange(rows) % len(template)]
-        template = template[:rows]
-        shapes = self.experiment.method.sites.latents
-        conditioned = {name: v.reshape(self.experiment.method.sites.example_shape(rows) + shapes[name]) for name, v in values.items()}
-        trace = template.call(poutine.trace(poutine.condition(self.model, data=conditioned)).get_trace)
-        return trace.nodes[data_site(self.model, template)]["fn"].mean.reshape(template.primary.shape)
+        return decode(self.model, self.experiment.method.sites, values, like if like is not None else self.data("valid"))
 
     def sample(self, num: int = 64) -> torch.Tensor:
         """Means of p(x | z) for `num` draws z ~ p(z)."""
@@ -94,17 +73,8 @@ class TrainedRun:
 
     def interpolate(self, x1: torch.Tensor, x2: torch.Tensor, steps: int = 8) -> torch.Tensor:
         """Decodings of the straight line between the encodings of two examples (steps, *x.shape)."""
-        if steps < 2:
-            raise PyrovaeError(f"an interpolation needs at least 2 steps, got {steps}")
-        ends = self.encode(torch.stack([x1, x2]))
-        weights = torch.linspace(0.0, 1.0, steps, device=x1.device)
-
-        def line(z: torch.Tensor) -> torch.Tensor:
-            shape = (steps,) + (1,) * (z.dim() - 1)
-            return z[0] * (1 - weights.reshape(shape)) + z[1] * weights.reshape(shape)
-
-        path = {k: line(v) for k, v in ends.items()} if isinstance(ends, dict) else line(ends)
-        return self.decode(path, like=x1[None].expand(steps, *x1.shape))
+        self._needs_guide("interpolate")
+        return interpolate(self.model, self.guide, self.experiment.method.sites, x1, x2, steps)
 
     def log_likelihood(self, x: Data, samples: int = 1000, estimator: str = "is", settings: AISSettings | None = None) -> torch.Tensor:
         """log p(x) per example (nats): importance sampling with the guide, or AIS (any run)."""
@@ -125,8 +95,7 @@ class TrainedRun:
         return names[0]
 
     def _unpack(self, values: dict[str, torch.Tensor]) -> Latents:
-        rows = {k: v.reshape((-1,) + self.experiment.method.sites.latents[k]) for k, v in values.items()}
-        return next(iter(rows.values())) if len(rows) == 1 else rows
+        return next(iter(values.values())) if len(values) == 1 else values
 
     def _needs_guide(self, what: str) -> None:
         if self.experiment.amortized_guide is None:

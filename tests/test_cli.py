@@ -20,16 +20,19 @@ def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "pyrovae", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
-def test_gaps_of_a_flow_run_from_the_command_line(tmp_path):
+def test_gaps_of_a_flow_run_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "iaf"
-    done = run_cli("fit", "--dataset", "digits", "--guide", "iaf", "--guide-option", "flow_steps=1", "--epochs", "1", "--eval-samples", "0", "--out", str(out), *FAST)
-    assert done.returncode == 0, done.stderr
-    done = run_cli("compare", "--gaps", str(out), "--eval-examples", "3", "--proposal-steps", "10", "--samples", "50", "--json")
-    assert done.returncode == 0, done.stderr
-    gaps = json.loads(done.stdout)
+    assert main(["fit", "--dataset", "digits", "--guide", "iaf", "--guide-option", "flow_steps=1", "--epochs", "1", "--eval-samples", "0",
+                 "--out", str(out), *FAST]) == 0
+    capsys.readouterr()
+    assert main(["compare", "--gaps", str(out), "--eval-examples", "3", "--proposal-steps", "10", "--samples", "50", "--json"]) == 0
+    gaps = json.loads(capsys.readouterr().out)
     assert gaps["guide"] == "iaf" and gaps["qstar"] == "guide fine-tuned per example" and gaps["examples"] == 3
     assert abs(gaps["approximation_gap"] + gaps["amortization_gap"] - gaps["total_gap"]) < 1e-4
-    assert (out / "gaps.json").exists()
+    assert json.loads((out / "gaps.json").read_text()) == gaps
+    assert main(["compare", "--gaps", str(out), "--eval-examples", "3", "--proposal-steps", "10", "--samples", "50"]) == 0
+    table = capsys.readouterr().out
+    assert "amortization gap" in table and "±" in table and "{" not in table  # a table, not a key dump
 
 
 def test_options_take_json_and_python_literals():
@@ -41,7 +44,7 @@ def test_options_take_json_and_python_literals():
     assert _option("variant=rws") == ("variant", "rws")
 
 
-def test_fit_evaluate_sample_end_to_end(tmp_path):
+def test_fit_evaluate_sample_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     done = run_cli("fit", "--dataset", "digits", "--epochs", "3", "--eval-samples", "50", "--out", str(out), *FAST[:-1])
     assert done.returncode == 0, done.stderr
@@ -49,8 +52,8 @@ def test_fit_evaluate_sample_end_to_end(tmp_path):
     # off a terminal, one line per epoch and one before the final scoring (none with --quiet: the resume below)
     lines = [line for line in done.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"] and all("valid ELBO" in line and "examples/s" in line for line in lines), done.stdout
-    assert "scoring the valid split (IS-50)" in done.stdout
-    for name in ("config.json", "checkpoint.pt", "metrics.json", "samples.png", "reconstructions.png", "training.png"):
+    assert "scoring the valid split (IS-50)" in done.stdout and done.stdout.startswith("loading digits and building vae / diagonal / amortized")
+    for name in ("config.json", "checkpoint.pt", "metrics.json", "log.csv", "samples.png", "reconstructions.png", "training.png", "latents.png", "interpolations.png"):
         assert (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("model", "guide", "method", "objective", "dataset", "split", "examples", "elbo", "log_likelihood",
@@ -59,9 +62,9 @@ def test_fit_evaluate_sample_end_to_end(tmp_path):
     assert metrics["split"] == "valid" and metrics["examples"] == 300 and metrics["epochs"] == 3
     assert metrics["log_likelihood"] >= metrics["elbo"] - 0.05
 
-    done = run_cli("evaluate", str(out), "--split", "valid", "--samples", "100", "--json")
-    assert done.returncode == 0, done.stderr
-    scored = json.loads(done.stdout)
+    # the rest in this process (the console script itself is tested above and in test_console_script_and_module_agree)
+    assert main(["evaluate", str(out), "--split", "valid", "--samples", "100", "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
     assert scored["num_samples"] == 100 and scored["examples"] == 300
     assert abs(scored["log_likelihood"] - metrics["log_likelihood"]) < 1.0
     # the ELBO agrees with Pyro's Trace_ELBO on the reloaded run within Monte Carlo error, and
@@ -70,23 +73,23 @@ def test_fit_evaluate_sample_end_to_end(tmp_path):
     assert abs(scored["elbo"] - reference) < 4 * error + 1e-3, (scored["elbo"], reference, error)
     assert scored["elbo"] < scored["log_likelihood"] < min(0.0, scored["elbo"] + 5.0), scored
 
-    done = run_cli("evaluate", str(out), "--estimator", "ais", "--ais-steps", "100", "--chains", "4", "--leapfrog", "3", "--bdmc", "5", "--json")
-    assert done.returncode == 0, done.stderr
-    annealed = json.loads(done.stdout)
+    assert main(["evaluate", str(out), "--estimator", "ais", "--ais-steps", "100", "--chains", "4", "--leapfrog", "3", "--bdmc", "5", "--json"]) == 0
+    annealed = json.loads(capsys.readouterr().out)
     assert annealed["estimator"] == "ais" and annealed["examples"] == 300 and annealed["ais_steps"] == 100 and annealed["chains"] == 4
     # a lower bound on log p(x) as IS is: the two agree within their Monte Carlo errors on this small latent space
     assert abs(annealed["log_likelihood"] - scored["log_likelihood"]) < 0.3 + 4 * annealed["stderr"], (annealed, scored)
     assert annealed["bdmc_examples"] == 5 and 0 <= annealed["bdmc_width"] + 0.1 < 1.0 and (out / "eval-valid-ais-100x4.json").exists()
     for bad in (["--estimator", "ais", "--ais-steps", "0"], ["--bdmc", "3"], ["--estimator", "ais", "--chains", "-1"]):
-        done = run_cli("evaluate", str(out), *bad)
-        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("pyrovae: error: --"), (bad, done.stderr)
+        assert main(["evaluate", str(out), *bad]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("pyrovae: error: --"), (bad, err)
 
     assert main(["sample", str(out), "--num", "16", "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").stat().st_size > 0
 
-    done = run_cli("fit", "--epochs", "5", "--out", str(out), "--resume", *FAST)
-    assert done.returncode == 0, done.stderr
-    assert not any(line.startswith("epoch ") for line in done.stdout.splitlines())
+    capsys.readouterr()
+    assert main(["fit", "--epochs", "5", "--out", str(out), "--resume", *FAST]) == 0
+    assert not any(line.startswith(("epoch ", "loading ", "ready ")) for line in capsys.readouterr().out.splitlines())  # --quiet
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 5
 
 

@@ -10,12 +10,14 @@ import sys
 import tempfile
 
 import pytest
+import torch
 
 from pyrovae import catalog
 from pyrovae.cli import _parser, main
 from pyrovae.compare import gaps_table
 from pyrovae.files import atomic_write, locked
 from pyrovae.nets import ACTIVATIONS
+from pyrovae.plots import SEPARATOR, grid_canvas
 
 FAST = ["--dataset", "digits", "--hidden", "16", "--latent", "2", "--epochs", "1", "--eval-samples", "10", "--quiet"]
 
@@ -124,3 +126,28 @@ def test_the_gaps_table_gives_standard_errors_and_explains_a_negative_gap():
     table = gaps_table(result)
     assert "-0.300 ± 0.100" in table and "3.000 ± 0.200" in table and "raise --proposal-steps" in table
     assert "negative" not in gaps_table({**result, "amortization_gap": 0.3, "total_gap": 3.3})
+
+
+def test_sample_grids_have_light_separators_and_blank_empty_cells():
+    images = torch.ones(5, 4)  # five solid black 2x2 images in a 3x3 grid
+    canvas = grid_canvas(images, (2, 2), columns=3)
+    assert canvas.shape == (5, 8)  # two rows and three columns of 2x2 cells, one pixel apart
+    assert torch.all(canvas[2, :] == SEPARATOR) and torch.all(canvas[:, 2] == SEPARATOR)  # the lines between cells
+    assert torch.all(canvas[0:2, 0:2] == 1) and torch.all(canvas[3:5, 3:5] == 1)  # images 0 and 4
+    assert torch.all(canvas[3:5, 6:8] == 0)  # the sixth cell is empty: paper, not ink
+    assert SEPARATOR < 0.5
+
+
+def test_a_delta_run_is_scored_by_fitted_proposals(tmp_path, capsys):
+    """A point-estimate guide gives no ELBO: its decoder is scored as local, map and mcmc-em
+    decoders are, by a Gaussian fitted per held-out example; asking for the guide is refused."""
+    run = tmp_path / "delta"
+    assert main(["fit", *FAST, "--guide", "delta", "--out", str(run)]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["log_likelihood"] is not None and metrics["elbo"] <= metrics["log_likelihood"] + 0.05
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--samples", "20", "--proposal-steps", "20", "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["proposal"].startswith("a diagonal Gaussian fitted") and scored["log_likelihood_stderr"] > 0
+    assert main(["evaluate", str(run), "--samples", "20", "--proposal", "guide"]) == 2
+    assert "--proposal fitted" in capsys.readouterr().err

@@ -100,6 +100,7 @@ def train(
     device: torch.device | str = "cpu",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    on_epoch: Callable[[History], None] | None = None,
 ) -> History:
     """Train `method` on `data`'s train split for `epochs` epochs.
 
@@ -116,6 +117,8 @@ def train(
         progress: a progress bar where stderr is a terminal.
         log: called with one line per epoch (loss, validation bound, examples per second,
             elapsed seconds), written above the bar, whether or not a terminal is attached.
+        on_epoch: called with the history after each epoch, before its checkpoint, on a fork
+            of the random state: what it draws does not change the training run.
     """
     train_split = data.split("train")
     num = len(train_split)
@@ -146,8 +149,9 @@ def train(
     # no tqdm at all without a bar: even a disabled one takes tqdm's process-wide lock (and starts its
     # monitor thread), and a process killed holding it blocks every process forked from the same parent
     total = (epochs - history.epochs) * steps_per_epoch
-    bar = tqdm(total=total, disable=None, unit="batch", dynamic_ncols=True, leave=False) if progress else _NoBar()
+    bar = tqdm(total=total, disable=None, unit="batch", dynamic_ncols=True) if progress else _NoBar()
     running, began = None, time.perf_counter()
+    shown: dict[str, str] = {}  # the last validation bound, on the bar
     while history.epochs < epochs and not history.stopped_early:
         epoch = history.epochs
         start, total, seen = time.perf_counter(), 0.0, 0
@@ -164,7 +168,7 @@ def train(
                     raise PyrovaeError(f"the loss became {value} at epoch {epoch + 1}, step {at}: lower --lr or check the data{kept}")
                 total, seen = total + value * size, seen + size
                 running = value if running is None else 0.95 * running + 0.05 * value
-            bar.set_postfix(epoch=epoch + 1, loss=f"{running:.2f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{running:.2f}", **shown)
             pending.clear()
 
         for index in minibatches(num, batch_size, generator, device=train_data.device):
@@ -179,7 +183,12 @@ def train(
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / seen, "seconds": time.perf_counter() - start}
         if validate is not None:
             row["valid_elbo"] = validate()
+            shown = {"valid_elbo": f"{row['valid_elbo']:.2f}"}
+            bar.set_postfix(epoch=epoch + 1, loss=f"{running:.2f}", **shown)
         history.rows.append(row)
+        if on_epoch is not None:
+            with torch.random.fork_rng(devices=None if torch.device(device).type == "cuda" else []):
+                on_epoch(history)
         if log is not None:
             line = _epoch_line(row, epochs, num, time.perf_counter() - began)
             if bar.disable:
