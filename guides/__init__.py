@@ -12,6 +12,7 @@ from pyrovae.guides.full import FullGaussian
 from pyrovae.guides.hierarchical import BottomUpGuide, TopDownGuide
 from pyrovae.guides.iaf import InverseAutoregressiveFlow
 from pyrovae.guides.local import LocalGaussian
+from pyrovae.guides.m2 import M2Guide
 from pyrovae.guides.none import NoGuide
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "FullGaussian",
     "InverseAutoregressiveFlow",
     "LocalGaussian",
+    "M2Guide",
     "NoGuide",
     "PlanarFlow",
     "RadialFlow",

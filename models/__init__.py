@@ -7,6 +7,7 @@ from pyrovae.models.fully_observed import MADEModel, RealNVPModel
 from pyrovae.models.hierarchical import Hierarchical
 from pyrovae.models.linear_gaussian import LinearGaussian
 from pyrovae.models.priors import FlowPrior, StandardPrior, VampPrior
+from pyrovae.models.semi_supervised import M2
 from pyrovae.models.vae import VAE
 
-__all__ = ["FlowPrior", "Hierarchical", "LinearGaussian", "MADEModel", "RealNVPModel", "StandardPrior", "VAE", "VampPrior"]
+__all__ = ["FlowPrior", "Hierarchical", "LinearGaussian", "M2", "MADEModel", "RealNVPModel", "StandardPrior", "VAE", "VampPrior"]

@@ -242,6 +242,8 @@ def _fit(args: argparse.Namespace) -> None:
         rows.append((f"{metrics['split']} ELBO (nats/example)", metrics["elbo"]))
     if metrics["log_likelihood"] is not None:
         rows.append((f"{metrics['split']} log p(x), IS-{metrics['num_samples']}", metrics["log_likelihood"]))
+    if "classification_error" in metrics:
+        rows.append((f"{metrics['classification_split']} classification error", f"{100 * metrics['classification_error']:.2f}%"))
     print(_table(rows))
 
 
@@ -281,6 +283,7 @@ def _show_evaluation(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
         ("ELBO", se("elbo")), (f"log p(x), IS-{args.samples}", se("log_likelihood")),
         ("gap log p(x) - ELBO", se("gap")), ("seconds", metrics["eval_seconds"]),
         *([("active units", f"{metrics['active_units']} of {metrics['total_units']}")] if "active_units" in metrics else []),
+        *([("classification error", f"{100 * metrics['classification_error']:.2f}%")] if "classification_error" in metrics else []),
     ]))
 
 

@@ -45,7 +45,7 @@ from pyrovae.batch import Batch
 from pyrovae.errors import PyrovaeError
 from pyrovae.registry import DATASETS
 
-__all__ = ["Split", "Dataset", "load_dataset", "data_dir", "cache_dir", "minibatches"]
+__all__ = ["UNLABELLED", "Split", "Dataset", "load_dataset", "data_dir", "cache_dir", "minibatches", "semi_supervised"]
 
 SPLITS = ("train", "valid", "test")
 FIELDS = ("x", "y", "lengths", "mask")
@@ -375,20 +375,54 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array).copy())
 
 
+# Semi-supervised protocols
+
+UNLABELLED = -1  # the label of an example without one
+
+
+def semi_supervised(data: Dataset, labels: int, seed: int = 0) -> Dataset:
+    """`data` with `labels` labels kept in its train split, drawn class-balanced with `seed`
+    (the remainder of labels // classes to the lowest classes), the other training labels and
+    those of the valid split set to UNLABELLED (its bound is then one on log p(x)); the test
+    split keeps its labels, for the classification error (Kingma et al. 2014, sec. 4.1)."""
+    train = data.split("train")
+    _require(train.y is not None, f"data set {data.name!r} has no labels to keep")
+    assert train.y is not None
+    classes = sorted(torch.unique(train.y).tolist())
+    _require(isinstance(labels, int) and not isinstance(labels, bool) and len(classes) <= labels <= len(train),
+             f"labels must be a whole number from {len(classes)} (one per class) to {len(train)}, got {labels!r}")
+    generator = torch.Generator().manual_seed(seed)
+    keep = []
+    for i, c in enumerate(classes):
+        pool = torch.nonzero(train.y == c).flatten()
+        want = labels // len(classes) + (i < labels % len(classes))
+        _require(want <= len(pool), f"class {c} has {len(pool)} training examples, fewer than the {want} labels asked of it")
+        keep.append(pool[torch.randperm(len(pool), generator=generator)[:want]])
+    y = torch.full_like(train.y, UNLABELLED)
+    kept = torch.cat(keep)
+    y[kept] = train.y[kept]
+    splits = {**data.splits, "train": replace(train, y=y)}
+    if "valid" in splits and splits["valid"].y is not None:
+        splits["valid"] = replace(splits["valid"], y=torch.full_like(splits["valid"].y, UNLABELLED))
+    return replace(data, name=f"{data.name} ({labels} labels)", splits=splits)
+
+
 # Digits
 
 @DATASETS.register("digits", "scikit-learn's bundled 8x8 handwritten digits, 1797 images with labels")
-def _load_digits(data_dir: Path, binarize: bool = True, seed: int = 0) -> Dataset:
-    """Fixed seeded split 1197/300/300; binary pixels are ``value >= 8`` of 0..16."""
+def _load_digits(data_dir: Path, binarize: bool = True, seed: int = 0, labels: int | None = None) -> Dataset:
+    """Fixed seeded split 1197/300/300; binary pixels are ``value >= 8`` of 0..16. With
+    ``labels=N``, the semi-supervised protocol of `semi_supervised` (N labels kept)."""
     from sklearn.datasets import load_digits
 
     _require(isinstance(binarize, bool), f"digits option binarize must be true or false, got {binarize!r}")
     bunch = load_digits()
-    values, labels = bunch.data, bunch.target.astype(np.int64)
+    values, targets = bunch.data, bunch.target.astype(np.int64)
     x = (values >= 8).astype(np.uint8) if binarize else np.rint(values * 255 / 16).astype(np.uint8)
     parts = _fixed_split(len(x), (1197, 300, 300), seed)
-    splits = {k: Split(_tensor(x[i]), _tensor(labels[i])) for k, i in parts.items()}
-    return Dataset("digits", splits, (64,), "binary" if binarize else "grayscale", (8, 8))
+    splits = {k: Split(_tensor(x[i]), _tensor(targets[i])) for k, i in parts.items()}
+    data = Dataset("digits", splits, (64,), "binary" if binarize else "grayscale", (8, 8))
+    return data if labels is None else semi_supervised(data, labels, seed)
 
 
 # binarized MNIST

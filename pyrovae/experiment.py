@@ -106,6 +106,19 @@ class Experiment:
         return heldout_scores(self.model, x, sites, ProposalSettings(steps=proposal_steps, samples=num_samples))
 
 
+    @torch.no_grad()
+    def classification_error(self, split: str) -> float | None:
+        """The error rate of the model's classifier (its ``classify(x)``, q(y|x) of M2) on the
+        labelled examples of a split; None for a model without one or a split without labels."""
+        classify, labels = getattr(self.model, "classify", None), self.data.split(split).y
+        if not callable(classify) or labels is None or not bool((labels >= 0).any()):
+            return None
+        self.train_mode(False)
+        x, labelled = as_batch(self.split(split)).primary, labels.to(self.device) >= 0
+        predicted = torch.cat([classify(chunk).probs.argmax(-1) for chunk in x[labelled].split(1000)])
+        return (predicted != labels.to(self.device)[labelled]).float().mean().item()
+
+
 PROPOSALS = ("auto", "guide", "fitted")
 
 
@@ -423,6 +436,10 @@ def _metrics(experiment: Experiment, history: History) -> dict[str, Any]:
                        eval_seconds=time.perf_counter() - start)
     elif history.rows and "valid_elbo" in history.rows[-1]:
         metrics["elbo"] = history.rows[-1]["valid_elbo"]
+    labelled = [name for name in ("test", "valid") if name in experiment.data.splits]
+    error = experiment.classification_error(labelled[0]) if labelled else None
+    if error is not None:
+        metrics.update(classification_error=error, classification_split=labelled[0])
     return metrics
 
 
@@ -470,6 +487,9 @@ def evaluate_run(path: str | Path, split: str = "valid", num_samples: int = 1000
     fitted = proposal == "fitted" or (proposal == "auto" and experiment.amortized_guide is None)
     summary = experiment.evaluate(split, num_samples, proposal=proposal, proposal_steps=proposal_steps).summary()
     summary["proposal"] = f"a diagonal Gaussian fitted per example ({proposal_steps} Adam steps)" if fitted else f"the run's {config.guide} guide"
+    error = experiment.classification_error(split)
+    if error is not None:
+        summary["classification_error"] = error
     x = as_batch(experiment.split(split))
     if experiment.amortized_guide is not None and x.is_tensor and experiment.method.sites.latents:
         summary.update(active_units(experiment.model, experiment.guide, x.primary[:1000].split(500)).summary())

@@ -19,7 +19,7 @@ from torch.nn.functional import softplus
 from pyrovae.errors import PyrovaeError
 from pyrovae.registry import LIKELIHOODS
 
-__all__ = ["ACTIVATIONS", "LIKELIHOODS", "MLP", "Likelihood", "activation"]
+__all__ = ["ACTIVATIONS", "LIKELIHOODS", "MLP", "Likelihood", "activation", "broadcast_cat"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
@@ -35,6 +35,13 @@ def activation(name: str) -> nn.Module:
     if name not in ACTIVATIONS:
         raise PyrovaeError(f"unknown activation {name!r}: choose from {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]()
+
+
+def broadcast_cat(*tensors: torch.Tensor) -> torch.Tensor:
+    """Concatenate on the last dim after broadcasting the others (an enumerated site's value has
+    leading dims of its own)."""
+    shape = torch.broadcast_shapes(*(t.shape[:-1] for t in tensors))
+    return torch.cat([t.expand(*shape, t.shape[-1]) for t in tensors], -1)
 
 
 class MLP(nn.Sequential):

@@ -1,0 +1,101 @@
+"""M2 (Kingma et al. 2014) on the labels-as-data contract: its bound against a hand-computed
+sum over y, the classification term reaching the classifier, the labels protocol, and
+accuracy from unlabelled data beyond what the labels alone give."""
+
+import json
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import TraceEnum_ELBO
+from torch.nn.functional import one_hot, softplus
+
+from pyrovae.cli import main
+from pyrovae.data import UNLABELLED, load_dataset
+from pyrovae.guides.m2 import M2Guide
+from pyrovae.models.semi_supervised import M2
+from pyrovae.sites import inspect_model
+
+
+def tiny(alpha=None):
+    pyro.set_rng_seed(0)
+    model = M2((6,), latent=2, hidden=(5,), classes=3, alpha=alpha)
+    x, y = torch.bernoulli(torch.full((2, 6), 0.5)), torch.tensor([1, UNLABELLED])
+    guide = M2Guide(inspect_model(model, (x, y)), (6,), model, hidden=(5,))
+    return model, guide, x, y
+
+
+@torch.no_grad()
+def hand_bound(model, guide, x, y, draws=200_000):
+    """sum_y q(y|x) [E_q(z|x,y) log p(x|y,z) p(z) / q(z|x,y) + log p(y) - log q(y|x)] per example, by
+    direct Monte Carlo over z for each class in turn."""
+    total = 0.0
+    for i in range(len(x)):
+        q = one_hot(y[i], 3).float() if y[i] >= 0 else model.classify(x[i : i + 1]).probs[0]
+        for c in range(3):
+            if q[c] == 0:
+                continue
+            onehot = one_hot(torch.tensor(c), 3).float()
+            loc, raw = guide.encoder(torch.cat([x[i], onehot])).chunk(2, -1)
+            qz = dist.Normal(loc, softplus(raw) + guide.min_scale).to_event(1)
+            z = qz.sample((draws,))
+            px = model.decode(torch.cat([z, onehot.expand(draws, 3)], -1))
+            inner = px.log_prob(x[i]) + dist.Normal(0.0, 1.0).expand([2]).to_event(1).log_prob(z) - qz.log_prob(z)
+            total += q[c] * (inner.mean() + math.log(1 / 3) - q[c].log())
+    return float(total)
+
+
+def test_the_bound_is_the_hand_computed_sum_over_y_on_a_labelled_and_an_unlabelled_example():
+    model, guide, x, y = tiny()
+    model.eval()  # the bound alone: no classification term
+    elbo = TraceEnum_ELBO(max_plate_nesting=1, num_particles=20_000, vectorize_particles=True)
+    with torch.no_grad():
+        pyrovae_bound = -elbo.loss(model, guide, x, y)
+    assert pyrovae_bound == pytest.approx(hand_bound(model, guide, x, y), abs=0.05)
+
+
+def test_the_classification_term_trains_the_classifier_on_labels_and_only_in_training():
+    model, guide, x, y = tiny(alpha=5.0)
+    labelled = (x[:1], y[:1])
+    elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    for training, reaches in ((True, True), (False, False)):
+        model.train(training)
+        model.zero_grad()
+        elbo.differentiable_loss(model, guide, *labelled).backward()
+        grads = [p.grad for p in model.classifier.parameters()]
+        # a labelled example's bound does not involve q(y|x): only the alpha term can reach it
+        assert all((g is not None and g.abs().sum() > 0) == reaches for g in grads), (training, grads)
+    model.train(True)
+    model.zero_grad()
+    elbo.differentiable_loss(model, guide, x[1:], y[1:]).backward()  # unlabelled: through q(y|x) in the bound
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.classifier.parameters())
+
+
+def test_the_labels_protocol_is_class_balanced_seeded_and_hides_the_valid_labels():
+    data = load_dataset("digits", labels=50)
+    train = data.split("train").y
+    kept = train[train >= 0]
+    assert len(kept) == 50 and torch.bincount(kept, minlength=10).tolist() == [5] * 10
+    assert torch.equal(load_dataset("digits", labels=50).split("train").y, train)
+    assert not torch.equal(load_dataset("digits", labels=50, seed=1).split("train").y, train)
+    assert (data.split("valid").y == UNLABELLED).all() and (data.split("test").y >= 0).all()
+    with pytest.raises(Exception, match="labels must be a whole number"):
+        load_dataset("digits", labels=5)
+
+
+def test_m2_on_digits_with_100_labels_beats_a_classifier_of_the_labels_alone(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+
+    data = load_dataset("digits", labels=100)
+    train, test = data.split("train"), data.split("test")
+    labelled = train.y >= 0
+    alone = 1 - LogisticRegression(max_iter=2000).fit(train.x[labelled].numpy(), train.y[labelled].numpy()).score(test.x.numpy(), test.y.numpy())
+    run = tmp_path / "m2"
+    assert main(["fit", "--model", "m2", "--guide", "m2", "--objective", "elbo-enum", "--fields", "x,y", "--data-option", "labels=100",
+                 "--epochs", "30", "--latent", "8", "--hidden", "100", "--model-option", "alpha=50", "--eval-samples", "20",
+                 "--out", str(run), "--quiet", "--log", "none"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["classification_split"] == "test" and metrics["classification_error"] < alone - 0.01, (metrics["classification_error"], alone)
+    assert metrics["elbo"] <= metrics["log_likelihood"] + 0.05  # the valid split's labels are hidden: a bound on log p(x)
