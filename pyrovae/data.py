@@ -600,6 +600,49 @@ def _load_mnist(data_dir: Path, binarize: str | None = None, base_url: str | Non
     return Dataset("mnist", splits, (784,), "binary" if dynamic else "grayscale", (28, 28), dynamic)
 
 
+# The semi-supervised MNIST protocol
+
+@DATASETS.register("mnist-semi", "semi-supervised MNIST: 50k unlabelled binarized-MNIST images, N labels and a test set from the t10k halves")
+def _load_mnist_semi(data_dir: Path, labels: int = 100, seed: int = 0) -> Dataset:
+    """The fixed protocol of Kingma et al. (2014)'s semi-supervised MNIST task, built from the
+    static binarized MNIST train/valid splits and the labelled MNIST t10k images:
+
+    - the t10k images are split once, by a permutation seeded 0, into a labelled pool (first
+      5,000) and the test set (last 5,000), and binarized by sampling Bernoulli(pixel / 255)
+      with a generator seeded 0;
+    - ``labels`` labels are drawn class-balanced from the pool with ``seed``;
+    - train: the 50,000 binarized-MNIST training images, unlabelled (UNLABELLED), with the
+      labelled examples placed at evenly spaced rows (every prefix holds the same fraction);
+      valid: the 10,000 validation images, unlabelled; test: the test half, with its labels.
+
+    The t10k images are the sources of binarized MNIST's test split: a model trained here is
+    never used for the density tables.
+    """
+    density = _load_binarized_mnist(data_dir)
+    digits = _load_mnist(data_dir)
+    _require("test" in digits.splits, f"mnist-semi needs the MNIST t10k images and labels (t10k-*-ubyte[.gz]) in {data_dir / 'mnist'}")
+    t10k = digits.split("test")
+    assert t10k.y is not None
+    order = torch.randperm(len(t10k), generator=torch.Generator().manual_seed(0))
+    binary = torch.bernoulli(t10k.x.float() / 255.0, generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    pool, test = order[:5000], order[5000:]
+    chosen = semi_supervised(Dataset("t10k", {"train": Split(binary[pool], t10k.y[pool])}, (784,), "binary"), labels, seed).split("train")
+    assert chosen.y is not None
+    kept = chosen.y >= 0
+    unlabelled = density.split("train").x
+    n = len(unlabelled) + int(kept.sum())
+    at = torch.linspace(0, n - 1, int(kept.sum())).round().long()  # where the labelled rows go
+    slots = torch.ones(n, dtype=torch.bool)
+    slots[at] = False
+    x = torch.empty((n, 784), dtype=torch.uint8)
+    y = torch.full((n,), UNLABELLED, dtype=torch.int64)
+    x[slots], x[at], y[at] = unlabelled, chosen.x[kept], chosen.y[kept]
+    valid = density.split("valid").x
+    splits = {"train": Split(x, y), "valid": Split(valid, torch.full((len(valid),), UNLABELLED, dtype=torch.int64)),
+              "test": Split(binary[test], t10k.y[test])}
+    return Dataset(f"mnist-semi ({labels} labels)", splits, (784,), "binary", (28, 28))
+
+
 # JSB chorales
 
 _JSB_URL = "https://raw.githubusercontent.com/czhuang/JSB-Chorales-dataset/master/"

@@ -99,3 +99,26 @@ def test_m2_on_digits_with_100_labels_beats_a_classifier_of_the_labels_alone(tmp
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["classification_split"] == "test" and metrics["classification_error"] < alone - 0.01, (metrics["classification_error"], alone)
     assert metrics["elbo"] <= metrics["log_likelihood"] + 0.05  # the valid split's labels are hidden: a bound on log p(x)
+
+
+def test_the_mnist_semi_protocol_is_fixed_balanced_and_keeps_the_test_half_apart(monkeypatch, tmp_path):
+    from test_data import DEAD_URL, SHARED
+
+    monkeypatch.setenv("PYROVAE_BINARIZED_MNIST_URL", DEAD_URL)  # the withheld test split is not fetched
+    monkeypatch.setenv("PYROVAE_CACHE", str(tmp_path / "cache"))
+    if not (SHARED / "mnist" / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("the shared MNIST t10k files are not here")
+    data = load_dataset("mnist-semi", str(SHARED), labels=100)
+    train, valid, test = data.split("train"), data.split("valid"), data.split("test")
+    assert (len(train), len(valid), len(test)) == (50_100, 10_000, 5_000)
+    labelled = train.y >= 0
+    assert torch.bincount(train.y[labelled], minlength=10).tolist() == [10] * 10
+    assert labelled[:10_000].sum() == 20  # evenly spread: a prefix holds the same fraction
+    assert (valid.y == UNLABELLED).all() and (test.y >= 0).all() and torch.bincount(test.y).min() > 400
+    seen = {row.numpy().tobytes() for row in train.x[labelled]}
+    assert not seen & {row.numpy().tobytes() for row in test.x}, "a labelled training image is in the test half"
+    again = load_dataset("mnist-semi", str(SHARED), labels=100)
+    assert torch.equal(again.split("train").x, train.x) and torch.equal(again.split("test").x, test.x)
+    other = load_dataset("mnist-semi", str(SHARED), labels=100, seed=1).split("train")
+    assert torch.equal(other.x[~labelled], train.x[~labelled]) and not torch.equal(other.x[labelled], train.x[labelled])
+    assert set(torch.unique(test.x).tolist()) == {0, 1} and abs(test.x.float().mean().item() - train.x[~labelled].float().mean().item()) < 0.01
