@@ -33,7 +33,7 @@ class Run(Protocol):
 
     def train_mode(self, training: bool) -> None: ...
 
-__all__ = ["grid_canvas", "image_grid", "latent_map", "training_curve", "write_run_plots"]
+__all__ = ["classifier_plots", "confusion", "grid_canvas", "image_grid", "latent_map", "training_curve", "write_run_plots"]
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -103,9 +103,46 @@ def latent_map(means: torch.Tensor, labels: torch.Tensor | None, path: Path, tit
     _save(fig, path)
 
 
+def confusion(labels: torch.Tensor, predicted: torch.Tensor, classes: int, path: Path, title: str) -> torch.Tensor:
+    """The confusion matrix (rows: true class, columns: predicted) as counts, drawn with them."""
+    counts = torch.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes)
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.imshow(counts.numpy(), cmap="Blues")
+    for (i, j), n in zip(torch.cartesian_prod(torch.arange(classes), torch.arange(classes)).tolist(), counts.flatten().tolist()):
+        ax.text(j, i, str(n), ha="center", va="center", fontsize=7, color="white" if n > counts.max() / 2 else "black")
+    ax.set_xlabel("predicted class"), ax.set_ylabel("true class"), ax.set_title(title)
+    ax.set_xticks(range(classes)), ax.set_yticks(range(classes))
+    _save(fig, path)
+    return counts
+
+
+@torch.no_grad()
+def classifier_plots(experiment: Run, out: Path, per_class: int = 8) -> None:
+    """For a model with a classifier (M2's q(y|x)): confusion.png on the labelled examples of
+    the test (else valid) split, and for image data classes.png, `per_class` samples of each
+    class y (a row each) with z ~ p(z)."""
+    model = experiment.model
+    classes = int(model.classes)
+    experiment.train_mode(False)
+    split = next((s for s in ("test", "valid") if s in experiment.data.splits and experiment.data.split(s).y is not None
+                  and bool((experiment.data.split(s).y >= 0).any())), None)
+    if split is not None:
+        x, labels = as_batch(experiment.split(split)).primary, experiment.data.split(split).y
+        kept = labels >= 0
+        predicted = torch.cat([model.classify(part).probs.argmax(-1).cpu() for part in x[kept.to(x.device)].split(1000)])
+        error = (predicted != labels[kept]).float().mean().item()
+        confusion(labels[kept], predicted, classes, out / "confusion.png", f"q(y|x) on {int(kept.sum())} {split} examples: {100 * error:.2f}% error")
+    shape = experiment.data.image_shape
+    if shape is not None:
+        like = as_batch(experiment.split("train"))[:1]
+        y = torch.arange(classes, device=like.primary.device).repeat_interleave(per_class)
+        image_grid(sample(model, like, len(y), given={"y": y}), shape, out / "classes.png", "samples of each class y (rows), z ~ p(z)", columns=per_class)
+
+
 def write_run_plots(experiment: Run, history: History, out: Path) -> None:
     """training.png; for image data samples.png; with a trained guide reconstructions.png,
-    latents.png (the held-out posterior means) and, for image data, interpolations.png."""
+    latents.png (the held-out posterior means) and, for image data, interpolations.png; for a
+    model with a classifier confusion.png and classes.png (`classifier_plots`)."""
     if history.rows:
         training_curve(history, out / "training.png")
     shape = experiment.data.image_shape
@@ -114,6 +151,8 @@ def write_run_plots(experiment: Run, history: History, out: Path) -> None:
     x = as_batch(experiment.split(split))
     if shape is not None:
         image_grid(sample(experiment.model, x[:32], 64), shape, out / "samples.png", "samples: means of p(x|z), z ~ p(z)")
+    if callable(getattr(experiment.model, "classify", None)):
+        classifier_plots(experiment, out)
     guide, sites = experiment.guide if experiment.method.trains_guide else None, experiment.method.sites
     if guide is None or sites is None or not sites.latents or not x.is_tensor:
         return  # no trained encoder (or its data is more than one tensor)

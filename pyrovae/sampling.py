@@ -18,9 +18,10 @@ __all__ = ["data_site", "decode", "encode", "interpolate", "reconstruct", "sampl
 Latents = dict[str, torch.Tensor]  # site name -> (B, *event shape)
 
 
-def _observed_mean(model: Callable, x: Batch, trace_guide=None) -> torch.Tensor:
+def _observed_mean(model: Callable, x: Batch, trace_guide=None, given: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     observed = data_site(model, x)
     program = poutine.uncondition(model) if trace_guide is None else poutine.replay(model, trace=trace_guide)
+    program = poutine.condition(program, data=given) if given else program
     trace = x.call(poutine.trace(program).get_trace)
     return trace.nodes[observed]["fn"].mean.reshape(x.primary.shape)
 
@@ -41,11 +42,12 @@ def data_site(model: Callable, x: Batch) -> str:
 
 
 @torch.no_grad()
-def sample(model: Callable, like: Data, num: int) -> torch.Tensor:
+def sample(model: Callable, like: Data, num: int, given: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Means of p(x|z) for `num` draws z ~ p(z); `like` is one batch of data (for shapes, and the
-    other arguments: a conditional model's condition is the first example's, repeated)."""
+    other arguments: a conditional model's condition is the first example's, repeated). Latent
+    sites in `given` take those values (one per draw: M2's class y) instead of being drawn."""
     template = as_batch(like)[:1].map(lambda v: v.expand(num, *v.shape[1:]).clone())
-    return _observed_mean(model, template)
+    return _observed_mean(model, template, given=given)
 
 
 @torch.no_grad()

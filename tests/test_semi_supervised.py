@@ -99,6 +99,15 @@ def test_m2_on_digits_with_100_labels_beats_a_classifier_of_the_labels_alone(tmp
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["classification_split"] == "test" and metrics["classification_error"] < alone - 0.01, (metrics["classification_error"], alone)
     assert metrics["elbo"] <= metrics["log_likelihood"] + 0.05  # the valid split's labels are hidden: a bound on log p(x)
+    for plot in ("confusion.png", "classes.png", "samples.png", "training.png"):
+        assert (run / plot).read_bytes()[:4] == b"\x89PNG", plot
+
+
+def test_the_confusion_matrix_counts_true_classes_by_row(tmp_path):
+    from pyrovae.plots import confusion
+
+    counts = confusion(torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([0, 1, 1, 2, 2, 0]), 3, tmp_path / "c.png", "t")
+    assert counts.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]] and (tmp_path / "c.png").exists()
 
 
 def test_the_mnist_semi_protocol_is_fixed_balanced_and_keeps_the_test_half_apart(monkeypatch, tmp_path):
