@@ -3,6 +3,7 @@
 if __name__ != "pyrovae.models":
     raise ImportError(f"import pyrovae.models, not {__name__!r}: this folder is installed as pyrovae.models")
 
+from pyrovae.models.conditional import CVAE, CompletionNet
 from pyrovae.models.fully_observed import MADEModel, RealNVPModel
 from pyrovae.models.hierarchical import Hierarchical
 from pyrovae.models.linear_gaussian import LinearGaussian
@@ -10,4 +11,4 @@ from pyrovae.models.priors import FlowPrior, StandardPrior, VampPrior
 from pyrovae.models.semi_supervised import M2
 from pyrovae.models.vae import VAE
 
-__all__ = ["FlowPrior", "Hierarchical", "LinearGaussian", "M2", "MADEModel", "RealNVPModel", "StandardPrior", "VAE", "VampPrior"]
+__all__ = ["CVAE", "CompletionNet", "FlowPrior", "Hierarchical", "LinearGaussian", "M2", "MADEModel", "RealNVPModel", "StandardPrior", "VAE", "VampPrior"]

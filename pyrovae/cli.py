@@ -241,7 +241,7 @@ def _fit(args: argparse.Namespace) -> None:
     if metrics["elbo"] is not None:
         rows.append((f"{metrics['split']} ELBO (nats/example)", metrics["elbo"]))
     if metrics["log_likelihood"] is not None:
-        rows.append((f"{metrics['split']} log p(x), IS-{metrics['num_samples']}", metrics["log_likelihood"]))
+        rows.append((f"{metrics['split']} {metrics['scores']}, IS-{metrics['num_samples']}", metrics["log_likelihood"]))
     if "classification_error" in metrics:
         rows.append((f"{metrics['classification_split']} classification error", f"{100 * metrics['classification_error']:.2f}%"))
     print(_table(rows))
@@ -280,8 +280,8 @@ def _show_evaluation(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
     se = lambda key: metrics[key] if metrics.get(f"{key}_stderr") is None else f"{metrics[key]:.3f} ± {metrics[f'{key}_stderr']:.3f}"  # noqa: E731
     print(_table([
         *head, ("proposal", metrics["proposal"]), ("nats per example", "mean ± standard error over the examples"),
-        ("ELBO", se("elbo")), (f"log p(x), IS-{args.samples}", se("log_likelihood")),
-        ("gap log p(x) - ELBO", se("gap")), ("seconds", metrics["eval_seconds"]),
+        ("ELBO", se("elbo")), (f"{metrics['scores']}, IS-{args.samples}", se("log_likelihood")),
+        (f"gap {metrics['scores']} - ELBO", se("gap")), ("seconds", metrics["eval_seconds"]),
         *([("active units", f"{metrics['active_units']} of {metrics['total_units']}")] if "active_units" in metrics else []),
         *([("classification error", f"{100 * metrics['classification_error']:.2f}%")] if "classification_error" in metrics else []),
     ]))

@@ -37,7 +37,7 @@ from pyrovae.programs import program_modules
 from pyrovae.protocols import guide_traits
 from pyrovae.registry import METHODS, MODELS
 from pyrovae.run import RunDir
-from pyrovae.sampling import sample
+from pyrovae.sampling import sample, why_no_images
 from pyrovae.sites import call_kwargs, inspect_model
 
 __all__ = ["Config", "Experiment", "build", "fit", "load", "evaluate_run"]
@@ -378,7 +378,9 @@ def _epoch_metrics(experiment: Experiment, history: History, images: bool, examp
                 units = active_units(experiment.model, guide, x.primary, num_samples=10)
                 metrics.update({f"active_units.{name}": count for name, count in units.per_site.items()})
         shape = experiment.data.image_shape
-        grid = sample(experiment.model, x, 64).reshape(64, 1, *shape).clamp(0, 1) if images and shape is not None else None
+        grid = None
+        if images and shape is not None and why_no_images(experiment.model, x) is None:
+            grid = sample(experiment.model, x, 64).reshape(64, 1, *shape).clamp(0, 1)
     finally:
         experiment.train_mode(True)
     return metrics, grid
@@ -412,12 +414,18 @@ def _global_bound(experiment: Experiment, split: str, num_samples: int) -> dict[
     }
 
 
+def scored_quantity(model: Callable) -> str:
+    """What a run's log-likelihood figures are of: log p(x), or a conditional model's own
+    (``scores``: the CVAE's log p(x_out | x_in))."""
+    return str(getattr(model, "scores", "log p(x)"))
+
+
 def _metrics(experiment: Experiment, history: History) -> dict[str, Any]:
     config = experiment.config
     split = "valid" if "valid" in experiment.data.splits else "train"
     metrics: dict[str, Any] = {
         "model": config.model, "guide": config.guide, "method": config.method, "objective": config.objective,
-        "dataset": config.dataset, "split": split, "examples": len(experiment.data.split(split)),
+        "dataset": config.dataset, "split": split, "examples": len(experiment.data.split(split)), "scores": scored_quantity(experiment.model),
         "elbo": None, "log_likelihood": None, "num_samples": config.eval_samples,
         "epochs": history.epochs, "stopped_early": history.stopped_early,
         "train_seconds": history.train_seconds,
@@ -472,7 +480,8 @@ def evaluate_run(path: str | Path, split: str = "valid", num_samples: int = 1000
     experiment = load(path, data_dir, device)
     experiment.data.split(split)
     config = experiment.config
-    head = {"model": config.model, "guide": config.guide, "method": config.method, "objective": config.objective, "dataset": config.dataset, "split": split}
+    head = {"model": config.model, "guide": config.guide, "method": config.method, "objective": config.objective, "dataset": config.dataset, "split": split,
+            "scores": scored_quantity(experiment.model)}
     start = time.perf_counter()
     if estimator == "ais":
         result: dict[str, Any] = {**head, "estimator": "ais", **experiment.anneal(split, annealing).summary(), "eval_seconds": time.perf_counter() - start}

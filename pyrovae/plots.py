@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,7 +19,7 @@ from pyrovae.batch import as_batch  # noqa: E402
 from pyrovae.data import Dataset  # noqa: E402
 from pyrovae.files import atomic_write  # noqa: E402
 from pyrovae.infer.loop import History  # noqa: E402
-from pyrovae.sampling import encode, interpolate, reconstruct, sample  # noqa: E402
+from pyrovae.sampling import encode, interpolate, reconstruct, sample, why_no_images  # noqa: E402
 
 
 class Run(Protocol):
@@ -33,7 +34,7 @@ class Run(Protocol):
 
     def train_mode(self, training: bool) -> None: ...
 
-__all__ = ["classifier_plots", "confusion", "grid_canvas", "image_grid", "latent_map", "training_curve", "write_run_plots"]
+__all__ = ["classifier_plots", "completion_plots", "confusion", "grid_canvas", "image_grid", "latent_map", "training_curve", "write_run_plots"]
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -139,20 +140,43 @@ def classifier_plots(experiment: Run, out: Path, per_class: int = 8) -> None:
         image_grid(sample(model, like, len(y), given={"y": y}), shape, out / "classes.png", "samples of each class y (rows), z ~ p(z)", columns=per_class)
 
 
+@torch.no_grad()
+def completion_plots(experiment: Run, out: Path, examples: int = 8, draws: int = 4) -> None:
+    """For a completion model (a ``given`` mask of the pixels it conditions on: the CVAE):
+    completions.png, a column per held-out example: the given pixels (the rest grey), the
+    truth, and `draws` completions, the means of p(x_out | x_in, z) for z ~ p(z | x_in)."""
+    experiment.train_mode(False)
+    split = "valid" if "valid" in experiment.data.splits else "train"
+    x = as_batch(experiment.split(split))[:examples]
+    truth = x.primary.reshape(len(x), -1)
+    given = experiment.model.given.to(truth.device)
+    shown = torch.where(given, truth, torch.full_like(truth, 0.5))
+    completed = torch.stack([sample(experiment.model, x[i : i + 1], draws) for i in range(len(x))], 1).reshape(draws * len(x), -1)
+    image_grid(torch.cat([shown, truth, completed]), experiment.data.image_shape, out / "completions.png",
+               f"given (row 1), truth (row 2), {draws} completions (rows below)", columns=len(x))
+
+
 def write_run_plots(experiment: Run, history: History, out: Path) -> None:
     """training.png; for image data samples.png; with a trained guide reconstructions.png,
     latents.png (the held-out posterior means) and, for image data, interpolations.png; for a
-    model with a classifier confusion.png and classes.png (`classifier_plots`)."""
+    model with a classifier confusion.png and classes.png (`classifier_plots`); for a completion
+    model completions.png (`completion_plots`)."""
     if history.rows:
         training_curve(history, out / "training.png")
     shape = experiment.data.image_shape
     experiment.train_mode(False)
     split = "valid" if "valid" in experiment.data.splits else "train"
     x = as_batch(experiment.split(split))
+    unshowable = why_no_images(experiment.model, x) if shape is not None else None
+    if unshowable:
+        print(f"note: no sample or reconstruction plots: {unshowable}", file=sys.stderr)
+        shape = None
     if shape is not None:
         image_grid(sample(experiment.model, x[:32], 64), shape, out / "samples.png", "samples: means of p(x|z), z ~ p(z)")
     if callable(getattr(experiment.model, "classify", None)):
         classifier_plots(experiment, out)
+    if shape is not None and torch.is_tensor(getattr(experiment.model, "given", None)):
+        completion_plots(experiment, out)
     guide, sites = experiment.guide if experiment.method.trains_guide else None, experiment.method.sites
     if guide is None or sites is None or not sites.latents or not x.is_tensor:
         return  # no trained encoder (or its data is more than one tensor)

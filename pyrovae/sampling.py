@@ -13,7 +13,7 @@ from pyrovae.batch import Batch, Data, as_batch
 from pyrovae.errors import PyrovaeError
 from pyrovae.sites import ModelSites, inspect_model
 
-__all__ = ["data_site", "decode", "encode", "interpolate", "reconstruct", "sample"]
+__all__ = ["data_site", "decode", "encode", "interpolate", "reconstruct", "sample", "why_no_images"]
 
 Latents = dict[str, torch.Tensor]  # site name -> (B, *event shape)
 
@@ -35,10 +35,21 @@ def data_site(model: Callable, x: Batch) -> str:
         if trace.nodes[name]["value"] is x.primary:
             return name
     same = [n for n in observed if trace.nodes[n]["value"].numel() == x.primary.numel()]
-    if len(observed) == 1 or len(same) == 1:
-        return (same or list(observed))[0]
-    raise PyrovaeError(f"the model observes {len(observed)} sites ({', '.join(map(repr, observed))}) and none is the data tensor itself: "
-                       "which one is x is ambiguous")
+    if len(same) == 1:
+        return same[0]
+    names = ", ".join(map(repr, observed))
+    if not same:  # e.g. Pyro's CVAE example observes only the pixels it predicts
+        raise PyrovaeError(f"no observed site of the model ({names}) scores the whole data tensor {tuple(x.primary.shape)}: there are no images of x to draw")
+    raise PyrovaeError(f"the model observes {len(observed)} sites ({names}) and none is the data tensor itself: which one is x is ambiguous")
+
+
+def why_no_images(model: Callable, x: Data) -> str | None:
+    """Why draws of x cannot be shown for `model` (no observed site scores the data tensor), or None."""
+    try:
+        data_site(model, as_batch(x)[:2])
+    except PyrovaeError as error:
+        return str(error)
+    return None
 
 
 @torch.no_grad()
