@@ -14,11 +14,13 @@ from pyrovae.guides.iaf import InverseAutoregressiveFlow
 from pyrovae.guides.local import LocalGaussian
 from pyrovae.guides.m2 import M2Guide
 from pyrovae.guides.none import NoGuide
+from pyrovae.guides.sequential import DMMGuide, VRNNGuide
 
 __all__ = [
     "AmortizedGuide",
     "BottomUpGuide",
     "DeltaGuide",
+    "DMMGuide",
     "DiagonalGaussian",
     "ExactPosterior",
     "FlowGuide",
@@ -32,5 +34,6 @@ __all__ = [
     "SplineFlow",
     "SylvesterFlow",
     "TopDownGuide",
+    "VRNNGuide",
     "build_guide",
 ]

@@ -9,6 +9,7 @@ from pyrovae.models.hierarchical import Hierarchical
 from pyrovae.models.linear_gaussian import LinearGaussian
 from pyrovae.models.priors import FlowPrior, StandardPrior, VampPrior
 from pyrovae.models.semi_supervised import M2
+from pyrovae.models.sequential import DMM, VRNN
 from pyrovae.models.vae import VAE
 
-__all__ = ["CVAE", "CompletionNet", "FlowPrior", "Hierarchical", "LinearGaussian", "M2", "MADEModel", "RealNVPModel", "StandardPrior", "VAE", "VampPrior"]
+__all__ = ["CVAE", "DMM", "CompletionNet", "FlowPrior", "Hierarchical", "LinearGaussian", "M2", "MADEModel", "RealNVPModel", "StandardPrior", "VAE", "VRNN", "VampPrior"]

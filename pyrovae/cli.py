@@ -242,6 +242,8 @@ def _fit(args: argparse.Namespace) -> None:
         rows.append((f"{metrics['split']} ELBO (nats/example)", metrics["elbo"]))
     if metrics["log_likelihood"] is not None:
         rows.append((f"{metrics['split']} {metrics['scores']}, IS-{metrics['num_samples']}", metrics["log_likelihood"]))
+    if "log_likelihood_per_step" in metrics:
+        rows.append(("per time step: ELBO / IS", f"{metrics['elbo_per_step']:.4f} / {metrics['log_likelihood_per_step']:.4f}"))
     if "classification_error" in metrics:
         rows.append((f"{metrics['classification_split']} classification error", f"{100 * metrics['classification_error']:.2f}%"))
     print(_table(rows))
@@ -282,6 +284,8 @@ def _show_evaluation(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
         *head, ("proposal", metrics["proposal"]), ("nats per example", "mean ± standard error over the examples"),
         ("ELBO", se("elbo")), (f"{metrics['scores']}, IS-{args.samples}", se("log_likelihood")),
         (f"gap {metrics['scores']} - ELBO", se("gap")), ("seconds", metrics["eval_seconds"]),
+        *([("per time step: ELBO / IS", f"{metrics['elbo_per_step']:.4f} / {metrics['log_likelihood_per_step']:.4f}")]
+          if "log_likelihood_per_step" in metrics else []),
         *([("active units", f"{metrics['active_units']} of {metrics['total_units']}")] if "active_units" in metrics else []),
         *([("classification error", f"{100 * metrics['classification_error']:.2f}%")] if "classification_error" in metrics else []),
     ]))

@@ -684,8 +684,10 @@ def _parse_jsb(path: Path, where: str | None = None) -> dict[str, Split]:
 
 
 @DATASETS.register("jsb-chorales", "Bach chorales (JSB) as 88-key piano rolls, 229/76/77 sequences")
-def _load_jsb_chorales(data_dir: Path, base_url: str | None = None) -> Dataset:
-    """Reads ``jsb-chorales-quarter.json`` (or the pickle) from the data directory, downloading if needed."""
+def _load_jsb_chorales(data_dir: Path, base_url: str | None = None, sequences: int | None = None) -> Dataset:
+    """Reads ``jsb-chorales-quarter.json`` (or the pickle) from the data directory, downloading if
+    needed; ``sequences=N`` keeps the first N of each split (a quick subset), padded to the
+    longest kept."""
     sub = data_dir / "jsb_chorales"
     found = next((d / n for d in (sub, data_dir) for n in _JSB_FILES if (d / n).is_file()), None)
     if found is not None:
@@ -699,6 +701,11 @@ def _load_jsb_chorales(data_dir: Path, base_url: str | None = None) -> Dataset:
             except _FetchError as err:
                 raise PyrovaeError(f"could not download JSB chorales from {url} ({err}); place {name} "
                                    f"in {sub}, or set base_url / PYROVAE_JSB_URL") from None
+    if sequences is not None:
+        _require(isinstance(sequences, int) and sequences >= 1, f"sequences must be a positive integer, got {sequences!r}")
+        kept = {name: (part.x[:sequences], part.lengths[:sequences]) for name, part in splits.items() if part.lengths is not None}
+        longest = max(int(lengths.max()) for _, lengths in kept.values())
+        splits = {name: Split(x[:, :longest].contiguous(), lengths=lengths) for name, (x, lengths) in kept.items()}
     t_max = next(iter(splits.values())).x.shape[1]
     return Dataset("jsb-chorales", splits, (t_max, 88), "sequence")
 

@@ -42,11 +42,17 @@ class Evaluation:
         return cls(elbo=torch.cat([p.elbo for p in parts]), log_likelihood=torch.cat([p.log_likelihood for p in parts]),
                    iwae=None, num_samples=parts[0].num_samples, iwae_k=None)
 
-    def summary(self) -> dict[str, float | int | None]:
-        """Means over the examples, each with its standard error (the spread over examples, /sqrt(N))."""
+    def summary(self, lengths: torch.Tensor | None = None) -> dict[str, float | int | None]:
+        """Means over the examples, each with its standard error (the spread over examples, /sqrt(N));
+        with the `lengths` of sequences also the totals per time step (Krishnan et al. 2017's
+        figure: the sum over the sequences divided by their summed lengths)."""
         gap = self.log_likelihood - self.elbo
         stderr = lambda v: v.std().item() / math.sqrt(len(v)) if len(v) > 1 else None  # noqa: E731
-        return {
+        per_step = {}
+        if lengths is not None:
+            steps = lengths[: len(self.elbo)].sum().item()
+            per_step = {"elbo_per_step": self.elbo.sum().item() / steps, "log_likelihood_per_step": self.log_likelihood.sum().item() / steps}
+        return {**per_step,
             "examples": len(self.elbo),
             "elbo": self.elbo.mean().item(),
             "log_likelihood": self.log_likelihood.mean().item(),

@@ -106,6 +106,10 @@ class Experiment:
         return heldout_scores(self.model, x, sites, ProposalSettings(steps=proposal_steps, samples=num_samples))
 
 
+    def lengths(self, split: str) -> torch.Tensor | None:
+        """The lengths of a split's sequences (for figures per time step), else None."""
+        return self.data.split(split).lengths if self.data.kind == "sequence" else None
+
     @torch.no_grad()
     def classification_error(self, split: str) -> float | None:
         """The error rate of the model's classifier (its ``classify(x)``, q(y|x) of M2) on the
@@ -435,8 +439,9 @@ def _metrics(experiment: Experiment, history: History) -> dict[str, Any]:
     }
     if config.eval_samples > 0 and scorable(experiment):
         start = time.perf_counter()
-        summary = experiment.evaluate(split, config.eval_samples).summary()
-        metrics.update(elbo=summary["elbo"], log_likelihood=summary["log_likelihood"], gap=summary["gap"], eval_seconds=time.perf_counter() - start)
+        summary = experiment.evaluate(split, config.eval_samples).summary(experiment.lengths(split))
+        metrics.update(elbo=summary["elbo"], log_likelihood=summary["log_likelihood"], gap=summary["gap"], eval_seconds=time.perf_counter() - start,
+                       **{k: v for k, v in summary.items() if k.endswith("_per_step")})
     elif config.eval_samples > 0 and experiment.method.sites is not None and experiment.method.sites.global_latents and experiment.method.trains_guide:
         start = time.perf_counter()
         bound = _global_bound(experiment, split, config.eval_samples)
@@ -494,7 +499,7 @@ def evaluate_run(path: str | Path, split: str = "valid", num_samples: int = 1000
     if sites is not None and sites.global_latents:
         return {**head, "estimator": "is", **_global_bound(experiment, split, num_samples), "eval_seconds": time.perf_counter() - start}
     fitted = proposal == "fitted" or (proposal == "auto" and experiment.amortized_guide is None)
-    summary = experiment.evaluate(split, num_samples, proposal=proposal, proposal_steps=proposal_steps).summary()
+    summary = experiment.evaluate(split, num_samples, proposal=proposal, proposal_steps=proposal_steps).summary(experiment.lengths(split))
     summary["proposal"] = f"a diagonal Gaussian fitted per example ({proposal_steps} Adam steps)" if fitted else f"the run's {config.guide} guide"
     error = experiment.classification_error(split)
     if error is not None:

@@ -19,7 +19,7 @@ from pyrovae.batch import as_batch  # noqa: E402
 from pyrovae.data import Dataset  # noqa: E402
 from pyrovae.files import atomic_write  # noqa: E402
 from pyrovae.infer.loop import History  # noqa: E402
-from pyrovae.sampling import encode, interpolate, reconstruct, sample, why_no_images  # noqa: E402
+from pyrovae.sampling import encode, interpolate, reconstruct, sample, sample_sequences, why_no_images  # noqa: E402
 
 
 class Run(Protocol):
@@ -34,7 +34,7 @@ class Run(Protocol):
 
     def train_mode(self, training: bool) -> None: ...
 
-__all__ = ["classifier_plots", "completion_plots", "confusion", "grid_canvas", "image_grid", "latent_map", "training_curve", "write_run_plots"]
+__all__ = ["classifier_plots", "completion_plots", "confusion", "grid_canvas", "image_grid", "latent_map", "piano_rolls", "training_curve", "write_run_plots"]
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -97,7 +97,8 @@ def latent_map(means: torch.Tensor, labels: torch.Tensor | None, path: Path, tit
     if points.shape[1] == 1:
         points = torch.cat([points, torch.zeros_like(points)], 1)
     fig, ax = plt.subplots(figsize=(6, 5))
-    shown = ax.scatter(points[:, 0], points[:, 1], s=4, c=None if labels is None else labels.cpu(), cmap="tab10", alpha=0.7)
+    coloured = {} if labels is None else {"c": labels.cpu(), "cmap": "tab10"}
+    shown = ax.scatter(points[:, 0], points[:, 1], s=4, alpha=0.7, **coloured)
     if labels is not None:
         fig.colorbar(shown, ax=ax, label="label")
     ax.set_xlabel(axes[0]), ax.set_ylabel(axes[1]), ax.set_title(title), ax.grid(alpha=0.3)
@@ -156,11 +157,31 @@ def completion_plots(experiment: Run, out: Path, examples: int = 8, draws: int =
                f"given (row 1), truth (row 2), {draws} completions (rows below)", columns=len(x))
 
 
+@torch.no_grad()
+def piano_rolls(experiment: Run, out: Path, draws: int = 4) -> None:
+    """For sequence data: piano_rolls.png, two held-out sequences and `draws` sequences sampled
+    from the model at the first one's length (notes by time, a note played in black)."""
+    experiment.train_mode(False)
+    split = "valid" if "valid" in experiment.data.splits else "train"
+    x = as_batch(experiment.split(split))[:2]
+    lengths = experiment.data.split(split).lengths
+    length = int(lengths[0]) if lengths is not None else x.primary.shape[1]
+    drawn = sample_sequences(experiment.model, x, draws)[:, :length]
+    rolls = [("held out", x.primary[i, : int(lengths[i]) if lengths is not None else None]) for i in range(len(x))]
+    rolls += [(f"sample {i + 1}", roll) for i, roll in enumerate(drawn)]
+    fig, axes = plt.subplots(len(rolls), 1, figsize=(8, 1.6 * len(rolls)), sharex=True)
+    for ax, (title, roll) in zip(axes, rolls):
+        ax.imshow(roll.reshape(len(roll), -1).T.cpu().numpy(), aspect="auto", origin="lower", cmap="Greys", interpolation="nearest")
+        ax.set_ylabel("note"), ax.set_title(title, fontsize=9)
+    axes[-1].set_xlabel("time step")
+    _save(fig, out / "piano_rolls.png")
+
+
 def write_run_plots(experiment: Run, history: History, out: Path) -> None:
     """training.png; for image data samples.png; with a trained guide reconstructions.png,
     latents.png (the held-out posterior means) and, for image data, interpolations.png; for a
     model with a classifier confusion.png and classes.png (`classifier_plots`); for a completion
-    model completions.png (`completion_plots`)."""
+    model completions.png (`completion_plots`); for a model of sequence steps piano_rolls.png."""
     if history.rows:
         training_curve(history, out / "training.png")
     shape = experiment.data.image_shape
@@ -177,6 +198,8 @@ def write_run_plots(experiment: Run, history: History, out: Path) -> None:
         classifier_plots(experiment, out)
     if shape is not None and torch.is_tensor(getattr(experiment.model, "given", None)):
         completion_plots(experiment, out)
+    if experiment.data.kind == "sequence" and len(experiment.method.sites.observed if experiment.method.sites else ()) > 1:
+        piano_rolls(experiment, out)
     guide, sites = experiment.guide if experiment.method.trains_guide else None, experiment.method.sites
     if guide is None or sites is None or not sites.latents or not x.is_tensor:
         return  # no trained encoder (or its data is more than one tensor)

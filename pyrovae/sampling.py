@@ -13,7 +13,7 @@ from pyrovae.batch import Batch, Data, as_batch
 from pyrovae.errors import PyrovaeError
 from pyrovae.sites import ModelSites, inspect_model
 
-__all__ = ["data_site", "decode", "encode", "interpolate", "reconstruct", "sample", "why_no_images"]
+__all__ = ["data_site", "decode", "encode", "interpolate", "reconstruct", "sample", "sample_sequences", "why_no_images"]
 
 Latents = dict[str, torch.Tensor]  # site name -> (B, *event shape)
 
@@ -59,6 +59,17 @@ def sample(model: Callable, like: Data, num: int, given: dict[str, torch.Tensor]
     sites in `given` take those values (one per draw: M2's class y) instead of being drawn."""
     template = as_batch(like)[:1].map(lambda v: v.expand(num, *v.shape[1:]).clone())
     return _observed_mean(model, template, given=given)
+
+
+@torch.no_grad()
+def sample_sequences(model: Callable, like: Data, num: int) -> torch.Tensor:
+    """`num` draws of a sequence model's observed steps x_1, x_2, ... from the prior, stacked on
+    dim 1, (num, T, *step shape); `like` gives the shapes and the other arguments (the first
+    example's, repeated: its length)."""
+    template = as_batch(like)[:1].map(lambda v: v.expand(num, *v.shape[1:]).clone())
+    observed = inspect_model(model, template).observed
+    trace = template.call(poutine.trace(poutine.uncondition(model)).get_trace)
+    return torch.stack([trace.nodes[name]["value"].reshape(num, -1) for name in observed], 1)
 
 
 @torch.no_grad()
