@@ -85,7 +85,7 @@ class DMM(_Sequential):
         self.emitter = MLP(latent, [emission, emission], notes, "relu")
         self.z_0 = nn.Parameter(torch.zeros(latent))
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None, index: torch.Tensor | None = None, size: int | None = None) -> None:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, index: torch.Tensor | None = None, size: int | None = None) -> None:
         register("dmm", self)
         mask = self.check_sequences(x, lengths)
         z = self.z_0.expand(len(x), -1)
@@ -154,7 +154,7 @@ class VRNN(_Sequential):
         updated = self.cell(features.reshape(-1, features.shape[-1]), h_flat).reshape(*z.shape[:-1], self.hidden)
         return torch.where(real[:, None], updated, h)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None, index: torch.Tensor | None = None, size: int | None = None) -> None:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, index: torch.Tensor | None = None, size: int | None = None) -> None:
         register("vrnn", self)
         mask = self.check_sequences(x, lengths)
         h = self.h_0.expand(len(x), -1)

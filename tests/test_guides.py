@@ -126,9 +126,9 @@ X_MODELS = [name for name in MODELS if _takes_x_alone(name)]
 
 
 def _compatible_pairs():
-    x = torch.bernoulli(torch.full((6, 5), 0.5))
+    x = torch.bernoulli(torch.full((6, 4), 0.5))
     for model_name in X_MODELS:
-        model = _build_model(model_name, (5,))
+        model = _build_model(model_name, (4,))
         sites = inspect_model(model, x)
         for guide_name in GUIDES:
             guide_cls = GUIDES.get(guide_name)
@@ -151,8 +151,8 @@ def test_matrix_is_not_empty():
 @pytest.mark.parametrize("model_name, guide_name", PAIRS, ids=[f"{m}-{g}" for m, g in PAIRS])
 def test_swap_matrix_one_finite_step(model_name, guide_name, objective):
     torch.manual_seed(0)
-    x = torch.bernoulli(torch.full((6, 5), 0.5))
-    model = _build_model(model_name, (5,))
+    x = torch.bernoulli(torch.full((6, 4), 0.5))
+    model = _build_model(model_name, (4,))
     guide = build_guide(guide_name, model, x, hidden=(8,))
     if objective == "elbo-analytic" and not getattr(guide, "analytic_kl", True):
         with pytest.raises(PyrovaeError, match="elbo-analytic"):
