@@ -95,3 +95,19 @@ def test_sequence_models_refuse_data_without_lengths_and_other_models_guides():
     assert done.returncode == 2 and "--model vrnn" in done.stderr
     done = run_cli("fit", "--model", "dmm", "--guide", "dmm", *QUICK[:4], "--data-option", "sequences=0", "--fields", "x,lengths")
     assert done.returncode == 2 and "sequences must be a positive integer" in done.stderr
+
+
+def test_clip_norm_bounds_the_gradient_of_every_step():
+    from pyrovae.infer import AmortizedVI, TrainSettings
+
+    model, guide, x, lengths = pair("dmm", rnn=8)
+    batch, index = Batch((x, lengths), {}), torch.arange(len(x))
+
+    def norm_after_a_step(clip):
+        method = AmortizedVI(model, guide, TrainSettings(), num_examples=len(x), clip_norm=clip)
+        method.step(batch, index)
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for g in method.optimizer.param_groups for p in g["params"] if p.grad is not None]))
+
+    assert norm_after_a_step(None) > 1.0 and norm_after_a_step(0.5) <= 0.5 + 1e-5
+    with pytest.raises(Exception, match="clip_norm must be a positive number"):
+        AmortizedVI(model, guide, TrainSettings(), num_examples=len(x), clip_norm=0.0)
