@@ -104,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method-option", type=_option, action="append", metavar="KEY=VALUE", help="method option, e.g. variant=rws, covariance=full")
     p.add_argument("--epochs", type=int, help=f"passes over the training split (default: {d('epochs')})")
     p.add_argument("--batch-size", type=int, help=f"examples per minibatch (default: {d('batch_size')})")
+    p.add_argument("--labelled-per-batch", type=int, metavar="K",
+                   help="K labelled examples in every minibatch, the rest unlabelled, weighted to stay unbiased (M2 as Kingma et al. train it; "
+                        f"default: {d('labelled_per_batch')}, uniform minibatches)")
     p.add_argument("--lr", type=float, help=f"Adam's learning rate, in (0, 1] (default: {d('lr')})")
     p.add_argument("--warmup", type=float, help=f"epochs of linear KL warm-up (default: {d('warmup')})")
     p.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement (default: none)")
@@ -216,7 +219,7 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
         dataset_options=_pairs(args.data_option), data_dir=args.data_dir, likelihood=args.likelihood, latent=args.latent,
         hidden=args.hidden, activation=args.activation, layers=args.layers, prior=args.prior, decoder=args.decoder,
         free_bits=args.free_bits, model_options=_pairs(args.model_option), guide_options=_pairs(args.guide_option),
-        method_options=_pairs(args.method_option), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        method_options=_pairs(args.method_option), epochs=args.epochs, batch_size=args.batch_size, labelled_per_batch=args.labelled_per_batch, lr=args.lr,
         particles=args.particles, warmup=args.warmup, patience=args.patience, seed=args.seed,
         eval_samples=args.eval_samples, device=args.device, capture=None if args.eager is None else not args.eager,
         fields=args.fields, plate=args.plate, collate=args.collate, logs=args.log,

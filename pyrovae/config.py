@@ -55,6 +55,7 @@ class Config:
     method_options: dict[str, Any] = field(default_factory=dict)
     epochs: int = 50
     batch_size: int = 100
+    labelled_per_batch: int = 0  # > 0: that many labelled examples in every minibatch, the rest unlabelled (M2's training)
     lr: float = 1e-3
     particles: int = 1
     warmup: float = 0.0
@@ -78,6 +79,8 @@ class Config:
             (self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}"),
             (math.isfinite(self.lr) and 0 < self.lr <= MAX_LR, f"--lr must be a number in (0, {MAX_LR:g}] (Adam's step size), got {self.lr}"),
             (self.batch_size >= 1, f"--batch-size must be positive, got {self.batch_size}"),
+            (is_integer(self.labelled_per_batch) and 0 <= self.labelled_per_batch < max(self.batch_size, 1),
+             f"--labelled-per-batch must be in 0..{self.batch_size - 1} (less than --batch-size), got {self.labelled_per_batch}"),
             (self.particles >= 1, f"--particles must be at least 1, got {self.particles}"),
             (self.eval_samples >= 0, f"--eval-samples must be >= 0, got {self.eval_samples}"),
             (math.isfinite(self.warmup) and self.warmup >= 0, f"--warmup must be >= 0 epochs, got {self.warmup}"),
@@ -106,7 +109,7 @@ class Config:
 
 
 SAVED_EXTRAS = ("format", "pyrovae")  # written beside the settings in config.json
-ADDED_LATER = {"fields": "x", "plate": None, "collate": None, "logs": "csv,tensorboard"}  # settings runs saved before they existed take as their default
+ADDED_LATER = {"fields": "x", "plate": None, "collate": None, "logs": "csv,tensorboard", "labelled_per_batch": 0}  # settings runs saved before they existed take as their default
 
 
 def _kind(hint: Any) -> tuple[Callable[[Any], bool], str]:

@@ -23,6 +23,7 @@ import hashlib
 import http.client
 import inspect
 import json
+import math
 import os
 import pickle
 import shutil
@@ -45,7 +46,7 @@ from pyrovae.batch import Batch
 from pyrovae.errors import PyrovaeError
 from pyrovae.registry import DATASETS
 
-__all__ = ["UNLABELLED", "Split", "Dataset", "load_dataset", "data_dir", "cache_dir", "minibatches", "semi_supervised"]
+__all__ = ["UNLABELLED", "Split", "Dataset", "load_dataset", "data_dir", "cache_dir", "minibatches", "semi_supervised", "stratified_minibatches"]
 
 SPLITS = ("train", "valid", "test")
 FIELDS = ("x", "y", "lengths", "mask")
@@ -195,6 +196,35 @@ def minibatches(num_examples: int, batch_size: int, generator: torch.Generator, 
     stop = num_examples - num_examples % batch_size if drop_last else num_examples
     for start in range(0, stop, batch_size):
         yield order[start : start + batch_size]
+
+
+def stratified_minibatches(labelled: torch.Tensor, batch_size: int, labelled_per_batch: int, generator: torch.Generator,
+                           device: torch.device | str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of minibatches of `labelled_per_batch` labelled and ``batch_size -
+    labelled_per_batch`` unlabelled examples (``labelled``: a bool per example), as Kingma et
+    al. (2014) train M2: the epoch covers the unlabelled examples once, the labelled ones are
+    drawn in shuffled passes as often as needed.
+
+    Yields ``(index, weights)``: with the plate's own scale N / B, the weight of each example
+    makes the minibatch an unbiased estimate of the sum over the data set (stratified sampling:
+    N_labelled / K per labelled example, N_unlabelled / B_u per unlabelled one)."""
+    labelled = labelled.cpu()
+    have, lack = labelled.nonzero().squeeze(-1), (~labelled).nonzero().squeeze(-1)
+    unlabelled_per_batch = batch_size - labelled_per_batch
+    _require(0 < labelled_per_batch < batch_size, f"labelled examples per batch must be in 1..{batch_size - 1}, got {labelled_per_batch}")
+    _require(len(have) > 0 and len(lack) > 0, "stratified minibatches need both labelled and unlabelled training examples")
+    steps = math.ceil(len(lack) / unlabelled_per_batch)
+    passes = math.ceil(steps * labelled_per_batch / len(have))
+    drawn = torch.cat([have[torch.randperm(len(have), generator=generator)] for _ in range(passes)])
+    order = lack[torch.randperm(len(lack), generator=generator)]
+    num = len(labelled)
+    for step in range(steps):
+        rows_u = order[step * unlabelled_per_batch : (step + 1) * unlabelled_per_batch]
+        rows_l = drawn[step * labelled_per_batch : (step + 1) * labelled_per_batch]
+        plate = num / (len(rows_l) + len(rows_u))
+        weights = torch.cat([torch.full((len(rows_l),), len(have) / len(rows_l)), torch.full((len(rows_u),), len(lack) / len(rows_u))]) / plate
+        index = torch.cat([rows_l, rows_u])
+        yield (index, weights) if device is None else (index.to(device), weights.to(device))
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, **options: Any) -> Dataset:

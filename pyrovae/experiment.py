@@ -20,7 +20,7 @@ from pyrovae import plots, usercode
 from pyrovae.ais import AISResult, AISSettings, BDMCResult, ais, bdmc
 from pyrovae.batch import Batch, as_batch
 from pyrovae.config import Config
-from pyrovae.data import Dataset, load_dataset
+from pyrovae.data import UNLABELLED, Dataset, load_dataset
 from pyrovae.dataset_bound import dataset_elbo
 from pyrovae.diagnostics import active_units, kl_per_site
 from pyrovae.errors import PyrovaeError
@@ -38,7 +38,7 @@ from pyrovae.protocols import guide_traits
 from pyrovae.registry import METHODS, MODELS
 from pyrovae.run import RunDir
 from pyrovae.sampling import sample, why_no_images
-from pyrovae.sites import call_kwargs, inspect_model
+from pyrovae.sites import ModelSites, call_kwargs, inspect_model
 
 __all__ = ["Config", "Experiment", "build", "fit", "load", "evaluate_run"]
 
@@ -186,12 +186,28 @@ def build(config: Config) -> Experiment:
                             num_examples=num_train, **config.guide_options).to(device)
     sites = inspect_model(model, example, plate=config.plate)
     settings = TrainSettings(config.objective, config.particles, config.lr, config.batch_size, sites.max_plate_nesting, config.free_bits,
-                             config.capture, config.plate)
+                             config.capture, config.plate, config.labelled_per_batch)
+    if config.labelled_per_batch:
+        _check_stratified(config, data, sites)
     common = dict(model=model, guide=guide, settings=settings, num_examples=num_train, sites=sites)
     method = _construct(method_cls, f"method {config.method!r}", common, {}, config.method_options, flag="--method-option")
     first = as_batch(data.batch("train", torch.arange(min(num_train, config.batch_size)), torch.Generator().manual_seed(0))).to(device)
     method.prepare(first)  # param-store parameters exist, and the program is checked, before any checkpoint is read
     return Experiment(config, data, model, guide, method, device)
+
+
+def _check_stratified(config: Config, data: Dataset, sites: ModelSites) -> None:
+    """Stratified minibatches weight each example's terms: for amortized VI on labelled and
+    unlabelled examples, and a model whose every latent is per example."""
+    labels = data.split("train").y
+    if config.method != "amortized":
+        raise PyrovaeError(f"--labelled-per-batch trains with amortized VI only, not --method {config.method}")
+    if labels is None or "y" not in data.fields:
+        raise PyrovaeError("--labelled-per-batch needs labels as data: --fields x,y on a data set with labels")
+    if not ((labels == UNLABELLED).any() and (labels != UNLABELLED).any()):
+        raise PyrovaeError("--labelled-per-batch needs both labelled and unlabelled training examples (e.g. --data-option labels=100)")
+    if sites.global_latents:
+        raise PyrovaeError(f"--labelled-per-batch weights each example's terms; the model's global latent(s) {', '.join(sites.global_latents)} are not per example")
 
 
 def _to(program: Callable, device: torch.device) -> None:

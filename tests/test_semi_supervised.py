@@ -10,6 +10,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import TraceEnum_ELBO
+from test_user_cli import run_cli
 from torch.nn.functional import one_hot, softplus
 
 from pyrovae.cli import main
@@ -131,3 +132,61 @@ def test_the_mnist_semi_protocol_is_fixed_balanced_and_keeps_the_test_half_apart
     other = load_dataset("mnist-semi", str(SHARED), labels=100, seed=1).split("train")
     assert torch.equal(other.x[~labelled], train.x[~labelled]) and not torch.equal(other.x[labelled], train.x[labelled])
     assert set(torch.unique(test.x).tolist()) == {0, 1} and abs(test.x.float().mean().item() - train.x[~labelled].float().mean().item()) < 0.01
+
+
+# --- stratified minibatches: K labelled examples in every batch, weighted to stay unbiased ---
+
+
+def test_stratified_minibatches_cover_the_unlabelled_once_and_weigh_each_stratum_exactly():
+    from pyrovae.data import stratified_minibatches
+
+    labelled = torch.zeros(103, dtype=torch.bool)
+    labelled[torch.tensor([3, 50, 77, 90])] = True
+    batches = list(stratified_minibatches(labelled, 10, 3, torch.Generator().manual_seed(0)))
+    rows = torch.cat([index for index, _ in batches])
+    unlabelled = rows[~labelled[rows]]
+    assert sorted(unlabelled.tolist()) == sorted((~labelled).nonzero().squeeze(-1).tolist())  # each unlabelled example once
+    assert all(int(labelled[index].sum()) == 3 and labelled[index][:3].all() for index, _ in batches)
+    for index, weights in batches:  # with the plate's scale N / B: N_l / K per labelled, N_u / B_u per unlabelled example
+        scaled = weights * 103 / len(index)
+        assert torch.allclose(scaled[:3], torch.tensor(4 / 3)) and torch.allclose(scaled[3:], torch.tensor(99 / (len(index) - 3)))
+    # unbiased: over many epochs the weighted minibatch sums of any f average to its sum over the data set
+    f = torch.randn(103)
+    estimates = [(f[index] * weights * 103 / len(index)).sum() for epoch in range(300)
+                 for index, weights in stratified_minibatches(labelled, 10, 3, torch.Generator().manual_seed(epoch))]
+    assert abs(torch.stack(estimates).mean() - f.sum()) < 0.02 * f.abs().sum()
+
+
+def test_example_weights_multiply_each_examples_terms_of_the_enumerated_bound():
+    from pyrovae.infer import AmortizedVI, TrainSettings
+
+    model, guide, x, y = tiny()
+    method = AmortizedVI(model, guide, TrainSettings(objective="elbo-enum"), num_examples=2, sites=inspect_model(model, (x, y)))
+    batch, index = (x, y), torch.arange(2)
+
+    def loss(weights):
+        pyro.set_rng_seed(3)
+        return method.loss(batch, index, weights=torch.tensor(weights))
+
+    first = loss([2.0, 1.0]) - loss([1.0, 1.0])  # (Pyro's scales must be positive)
+    second = loss([1.0, 1.0]) - first
+    pyro.set_rng_seed(3)
+    unweighted = method.loss(batch, index)
+    assert torch.allclose(loss([0.3, 2.5]), 0.3 * first + 2.5 * second) and torch.allclose(loss([1.0, 1.0]), unweighted)
+    assert not torch.allclose(first, second)
+
+
+def test_stratified_training_resumes_exactly_and_is_refused_where_it_cannot_hold(tmp_path):
+    common = ["--model", "m2", "--guide", "m2", "--objective", "elbo-enum", "--fields", "x,y", "--data-option", "labels=50", "--latent", "4",
+              "--hidden", "16", "--labelled-per-batch", "20", "--eval-samples", "0", "--quiet", "--log", "none"]
+    assert main(["fit", *common, "--epochs", "3", "--out", str(tmp_path / "a")]) == 0
+    assert main(["fit", *common, "--epochs", "2", "--out", str(tmp_path / "b")]) == 0
+    assert main(["fit", "--resume", "--epochs", "3", "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in "ab")
+    assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
+    assert a["history"][0]["train_loss"] > a["history"][-1]["train_loss"]
+    labelled_all = [a for a in common if a != "labels=50" and a != "--data-option"]
+    for args, says in [([*common, "--labelled-per-batch", "100"], "less than --batch-size"), ([*common, "--method", "local"], "amortized VI only"),
+                       (labelled_all, "both labelled and unlabelled")]:
+        done = run_cli("fit", *args, "--epochs", "1", "--out", str(tmp_path / "bad"))
+        assert done.returncode == 2 and says in done.stderr and not (tmp_path / "bad").exists(), done.stderr

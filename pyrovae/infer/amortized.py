@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from pyro import poutine
 from torch import nn
 
 from pyrovae.batch import Data, as_batch
@@ -62,11 +63,16 @@ class AmortizedVI(InferenceMethod):
         self.optimizer.add_param_group({"params": model + guide})
         self.captured = None  # the store's tensors are not module state a graph could take as inputs
 
-    def loss(self, x: Data, index: torch.Tensor | None = None, beta: float = 1.0) -> torch.Tensor:
-        """Minus the bound on the whole data set, divided by its size: nats per example."""
+    def loss(self, x: Data, index: torch.Tensor | None = None, beta: float = 1.0, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Minus the bound on the whole data set, divided by its size: nats per example. `weights`
+        (one per example, from `stratified_minibatches`) scale each example's terms."""
         batch = as_batch(x)
         kwargs, factor = self.minibatch_kwargs(batch, index)
         model, guide = scale_latents(self.model, beta), scale_latents(self.guide, beta)
+        if weights is not None:
+            assert self.sites is not None and not self.sites.global_latents  # refused when the run is built
+            weights = weights.reshape(self.sites.example_shape(len(weights)))
+            model, guide = poutine.scale(model, scale=weights), poutine.scale(guide, scale=weights)
         if factor != 1.0 and self.sites is not None and self.sites.global_latents:
             # global latents count once, per-example sites N / B times: scale inside the plate only
             model, guide, factor = scale_plate(model, self.plate, factor), scale_plate(guide, self.plate, factor), 1.0
@@ -74,7 +80,7 @@ class AmortizedVI(InferenceMethod):
         total = factor * self.objective.differentiable_loss(model, guide, *args, **call_kwargs, **kwargs)
         return total / (self.num_examples if index is not None else len(batch))
 
-    def step(self, x: Data, index: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    def step(self, x: Data, index: torch.Tensor, beta: float = 1.0, weights: torch.Tensor | None = None) -> torch.Tensor:
         """One Adam step. The loss at full KL weight is replayed from a captured graph
         (`pyrovae.capture`) where the program allows it (modules, one data tensor); the steps
         that capture or check a graph are the program's own, so the first step runs Pyro's
@@ -83,9 +89,9 @@ class AmortizedVI(InferenceMethod):
         first = not self.prepared
         self.prepare(x)
         self.optimizer.zero_grad(set_to_none=True)
-        replay = self.captured is not None and beta == 1.0 and torch.is_tensor(x)
+        replay = self.captured is not None and beta == 1.0 and torch.is_tensor(x) and weights is None
         with self.fast_path():
-            loss = self.captured(x, index) if replay else self.loss(x, index, beta)
+            loss = self.captured(x, index) if replay else self.loss(x, index, beta, weights)
         if first:
             self.check_complete(loss)
         loss.backward()

@@ -35,6 +35,7 @@ class TrainSettings:
     free_bits: float = 0.0
     capture: bool = True  # replay the loss from a captured graph where it can (pyrovae.capture)
     plate: str | None = None  # the per-example plate; None: "data", else the one sized like the data
+    labelled_per_batch: int = 0  # > 0: stratified minibatches of that many labelled examples (`pyrovae.data.stratified_minibatches`)
 
 
 class InferenceMethod:

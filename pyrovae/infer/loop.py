@@ -13,7 +13,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyrovae.data import Dataset, minibatches
+from pyrovae.data import UNLABELLED, Dataset, minibatches, stratified_minibatches
 from pyrovae.errors import PyrovaeError
 from pyrovae.files import one_line
 from pyrovae.infer.base import InferenceMethod
@@ -125,7 +125,14 @@ def train(
     batch_size = method.settings.batch_size
     if batch_size < 1:
         raise PyrovaeError(f"--batch-size must be positive, got {batch_size}")
-    steps_per_epoch = math.ceil(num / batch_size)
+    stratified = method.settings.labelled_per_batch
+    if stratified:
+        if train_split.y is None:
+            raise PyrovaeError("--labelled-per-batch needs a data set with labels")
+        labelled = train_split.y != UNLABELLED
+        steps_per_epoch = math.ceil(int((~labelled).sum()) / (batch_size - stratified))
+    else:
+        steps_per_epoch = math.ceil(num / batch_size)
     generator = torch.Generator().manual_seed(seed)
     pyro.set_rng_seed(seed)
     history, best_state, step = History(), None, 0
@@ -171,9 +178,13 @@ def train(
             bar.set_postfix(epoch=epoch + 1, loss=f"{running:.2f}", **shown)
             pending.clear()
 
-        for index in minibatches(num, batch_size, generator, device=train_data.device):
+        batches = (stratified_minibatches(labelled, batch_size, stratified, generator, device=train_data.device) if stratified
+                   else ((index, None) for index in minibatches(num, batch_size, generator, device=train_data.device)))
+        for index, weights in batches:
             x = train_data.batch("train", index, generator)
-            pending.append((method.step(x, index, warmup_beta(step, int(warmup_epochs * steps_per_epoch))), len(index)))
+            beta = warmup_beta(step, int(warmup_epochs * steps_per_epoch))
+            loss = method.step(x, index, beta) if weights is None else method.step(x, index, beta, weights=weights)
+            pending.append((loss, len(index)))
             step += 1
             bar.update()
             if len(pending) == READ_EVERY:
