@@ -12,11 +12,14 @@ validation image, by importance sampling with the run's own recognition model as
 (Sohn et al.'s CLL), beside the negative bound; the baselines' figures are exact.
 
     python benchmarks/cvae.py --epochs 10
+
+A run scored before is read back from its directory (rerun the script to finish a cut one).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -65,12 +68,17 @@ def train_peer_baseline(dataset: str, quadrants: int, epochs: int, path: Path, s
 
 
 def run(name: str, config: Config, out: Path, samples: int) -> dict:
+    """Fit and score one run; a run scored before (its row.json) is read back, not run again."""
+    done = out / "row.json"
+    if done.exists():
+        return json.loads(done.read_text())
     start = time.perf_counter()
-    _, metrics = fit(config, out, progress=False)
+    _, metrics = fit(config, out, resume=(out / "checkpoint.pt").exists(), progress=False)
     seconds = time.perf_counter() - start
     scored = evaluate_run(out, "valid", samples)
     row = {"name": name, "epochs": metrics["epochs"], "seconds": seconds, "train_seconds": metrics["train_seconds"],
            "nll": -scored["log_likelihood"], "nll_stderr": scored.get("log_likelihood_stderr"), "neg_elbo": -scored["elbo"]}
+    done.write_text(json.dumps(row))
     print(f"  {name}: -log p(x_out|x_in) {row['nll']:.2f}, -ELBO {row['neg_elbo']:.2f}, {seconds:.0f} s", flush=True)
     return row
 
@@ -89,7 +97,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = dict(dataset=args.dataset, data_dir=SHARED_DATA, epochs=args.epochs, batch_size=128, lr=1e-3, hidden=(500, 500),
-                  activation="relu", eval_samples=0, seed=args.seed)
+                  activation="relu", eval_samples=0, seed=args.seed, logs="none")
     rows = []
     for q in (int(n) for n in args.quadrants.split(",")):
         print(f"{q} quadrant(s) given", flush=True)
@@ -99,8 +107,12 @@ def main() -> None:
             found[f"cvae_gsnn{gsnn}"] = run(f"cvae gsnn={gsnn}", Config(model="cvae", latent=200, model_options={"quadrants": q, "gsnn": gsnn}, **common),
                                             out / f"cvae-gsnn{gsnn}-q{q}", args.samples)
         weights = out / f"pyro-baseline-q{q}.pt"
-        nll, seconds = train_peer_baseline(args.dataset, q, args.epochs, weights, args.seed)
-        found["pyro_baseline"] = {"nll": nll, "train_seconds": seconds}
+        trained = out / f"pyro-baseline-q{q}.json"
+        if not trained.exists():
+            nll, seconds = train_peer_baseline(args.dataset, q, args.epochs, weights, args.seed)
+            trained.write_text(json.dumps({"nll": nll, "train_seconds": seconds}))
+        found["pyro_baseline"] = json.loads(trained.read_text())
+        nll, seconds = found["pyro_baseline"]["nll"], found["pyro_baseline"]["train_seconds"]
         print(f"  Pyro's baseline: -log p(x_out|x_in) {nll:.2f}, {seconds:.0f} s", flush=True)
         peer = {k: v for k, v in common.items() if k not in ("hidden", "activation")}
         found["pyro_cvae"] = run("Pyro's CVAE", Config(model=f"{PEER}:CVAE.model", guide=f"{PEER}:CVAE.guide", collate=f"{PEER}:given_{q}",

@@ -59,7 +59,7 @@ def main() -> None:
         scored_file = where / "scored.json"
         if not scored_file.exists():
             config = Config(dataset="jsb-chorales", data_dir=SHARED_DATA, fields="x,lengths", epochs=args.epochs, batch_size=20, lr=args.lr,
-                            warmup=args.warmup, eval_samples=0, seed=0, method_options={"clip_norm": 10.0}, **chosen[name])
+                            warmup=args.warmup, eval_samples=0, seed=0, method_options={"clip_norm": 10.0}, logs="none", **chosen[name])
             start = time.perf_counter()
             resume = (where / "checkpoint.pt").exists()
             try:
