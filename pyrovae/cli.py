@@ -271,7 +271,7 @@ def _show_evaluation(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
         return
     head = [("run", args.run), ("split / examples", f"{args.split} / {metrics['examples']}")]
     if args.estimator == "ais":
-        rows = [*head, (f"log p(x), AIS T={args.ais_steps} K={args.chains} from the {args.ais_start}", metrics["log_likelihood"]),
+        rows = [*head, (f"{metrics['scores']}, AIS T={args.ais_steps} K={args.chains} from the {args.ais_start}", metrics["log_likelihood"]),
                 ("Monte Carlo standard error", metrics["stderr"]), ("HMC acceptance rate", metrics["accept_rate"]), ("seconds", metrics["eval_seconds"])]
         if args.bdmc:
             rows += [(f"BDMC on {metrics['bdmc_examples']} simulated: lower / upper", f"{metrics['bdmc_lower']:.3f} / {metrics['bdmc_upper']:.3f}"),

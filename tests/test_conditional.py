@@ -105,6 +105,8 @@ def test_the_cvae_and_its_baseline_fit_and_evaluate_from_the_command_line(tmp_pa
     done = run_cli("evaluate", str(tmp_path / "cvae"), "--samples", "50", "--json")
     scored = json.loads(done.stdout)
     assert scored["scores"] == "log p(x_out | x_in)" and scored["log_likelihood"] >= scored["elbo"]
+    done = run_cli("evaluate", str(tmp_path / "cvae"), "--estimator", "ais", "--ais-steps", "20", "--chains", "2")
+    assert done.returncode == 0 and "log p(x_out | x_in), AIS T=20" in done.stdout, done.stderr
     done = run_cli("fit", "--model", "completion-nn", "--guide", "none", "--dataset", "digits", "--epochs", "3", "--hidden", "32",
                    "--model-option", "quadrants=2", "--out", str(tmp_path / "nn"), "--quiet")
     assert done.returncode == 0, done.stderr
