@@ -7,13 +7,15 @@ import dataclasses
 import json
 import math
 import resource
+import sys
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 import pyrovae.models  # noqa: F401  (registers the built-in models)
 from pyrovae import plots, usercode
@@ -86,13 +88,14 @@ class Experiment:
             module.train(training)
 
     def evaluate(self, split: str = "valid", num_samples: int = 1000, examples: int | None = None, proposal_steps: int = 100,
-                 proposal: str = "auto") -> Evaluation:
+                 proposal: str = "auto", progress: Callable[[int], None] | None = None) -> Evaluation:
         """ELBO and IS log p(x) per example of a split, whatever method trained the model.
 
         `proposal` ``"guide"``: the trained amortized guide proposes; ``"fitted"``: a Gaussian
         fitted per held-out example, `proposal_steps` Adam steps with the decoder frozen (the
         only way to score local, map and mcmc-em runs, and point-estimate guides such as
-        delta); ``"auto"``: the guide where it gives an ELBO, else fitted.
+        delta); ``"auto"``: the guide where it gives an ELBO, else fitted. `progress` is called
+        with the examples each scored chunk held (guide proposals).
         """
         if proposal not in PROPOSALS:
             raise PyrovaeError(f"unknown --proposal {proposal!r}: choose from {', '.join(PROPOSALS)}")
@@ -101,7 +104,7 @@ class Experiment:
         x = as_batch(self.split(split))[:examples]
         self.train_mode(False)
         if proposal == "guide" or (proposal == "auto" and self.amortized_guide is not None):
-            return evaluate(self.model, self.guide, x.chunks(500), num_samples=num_samples, plate=self.method.plate)
+            return evaluate(self.model, self.guide, x.chunks(500), num_samples=num_samples, plate=self.method.plate, progress=progress)
         sites = self.method.sites or model_sites(self.model, self.guide, x)
         return heldout_scores(self.model, x, sites, ProposalSettings(steps=proposal_steps, samples=num_samples))
 
@@ -371,7 +374,7 @@ def _fit(experiment: Experiment, run: RunDir | None, resume: bool, checkpoint: d
             epoch_log.close()
     if config.eval_samples > 0 and progress and scorable(experiment):
         log(f"scoring the {'valid' if 'valid' in experiment.data.splits else 'train'} split (IS-{config.eval_samples})")
-    metrics = _metrics(experiment, history)
+    metrics = _metrics(experiment, history, progress)
     if run is not None:
         run.write_json("metrics.json", metrics)
         plots.write_run_plots(experiment, history, run.path)
@@ -434,13 +437,23 @@ def _global_bound(experiment: Experiment, split: str, num_samples: int) -> dict[
     }
 
 
+@contextlib.contextmanager
+def scoring_bar(examples: int, show: bool) -> Iterator[Callable[[int], None] | None]:
+    """A bar over the examples being scored, where stderr is a terminal and `show`; it stays."""
+    if not show or not sys.stderr.isatty():
+        yield None
+        return
+    with tqdm(total=examples, unit="example", desc="scoring", dynamic_ncols=True) as bar:
+        yield bar.update
+
+
 def scored_quantity(model: Callable) -> str:
     """What a run's log-likelihood figures are of: log p(x), or a conditional model's own
     (``scores``: the CVAE's log p(x_out | x_in))."""
     return str(getattr(model, "scores", "log p(x)"))
 
 
-def _metrics(experiment: Experiment, history: History) -> dict[str, Any]:
+def _metrics(experiment: Experiment, history: History, progress: bool = False) -> dict[str, Any]:
     config = experiment.config
     split = "valid" if "valid" in experiment.data.splits else "train"
     metrics: dict[str, Any] = {
@@ -455,7 +468,8 @@ def _metrics(experiment: Experiment, history: History) -> dict[str, Any]:
     }
     if config.eval_samples > 0 and scorable(experiment):
         start = time.perf_counter()
-        summary = experiment.evaluate(split, config.eval_samples).summary(experiment.lengths(split))
+        with scoring_bar(len(experiment.data.split(split)), progress) as advance:
+            summary = experiment.evaluate(split, config.eval_samples, progress=advance).summary(experiment.lengths(split))
         metrics.update(elbo=summary["elbo"], log_likelihood=summary["log_likelihood"], gap=summary["gap"], eval_seconds=time.perf_counter() - start,
                        **{k: v for k, v in summary.items() if k.endswith("_per_step")})
     elif config.eval_samples > 0 and experiment.method.sites is not None and experiment.method.sites.global_latents and experiment.method.trains_guide:

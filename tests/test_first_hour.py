@@ -151,3 +151,17 @@ def test_a_delta_run_is_scored_by_fitted_proposals(tmp_path, capsys):
     assert scored["proposal"].startswith("a diagonal Gaussian fitted") and scored["log_likelihood_stderr"] > 0
     assert main(["evaluate", str(run), "--samples", "20", "--proposal", "guide"]) == 2
     assert "--proposal fitted" in capsys.readouterr().err
+
+
+def test_the_final_scoring_has_a_bar_on_a_terminal_only(monkeypatch, capsys):
+    from pyrovae.experiment import scoring_bar
+
+    with scoring_bar(300, show=True) as advance:
+        assert advance is None  # stderr is not a terminal under pytest
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    with scoring_bar(300, show=False) as advance:
+        assert advance is None
+    with scoring_bar(300, show=True) as advance:
+        assert advance is not None
+        advance(200), advance(100)
+    assert "300/300" in capsys.readouterr().err
