@@ -117,13 +117,20 @@ class Experiment:
     def classification_error(self, split: str) -> float | None:
         """The error rate of the model's classifier (its ``classify(x)``, q(y|x) of M2) on the
         labelled examples of a split; None for a model without one or a split without labels."""
+        predictions = self.predictions(split)
+        return None if predictions is None else (predictions[0] != predictions[1]).float().mean().item()
+
+    @torch.no_grad()
+    def predictions(self, split: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(labels, the classifier's most probable classes) on the labelled examples of a split,
+        on the CPU; None for a model without a ``classify(x)`` or a split without labels."""
         classify, labels = getattr(self.model, "classify", None), self.data.split(split).y
         if not callable(classify) or labels is None or not bool((labels >= 0).any()):
             return None
         self.train_mode(False)
-        x, labelled = as_batch(self.split(split)).primary, labels.to(self.device) >= 0
-        predicted = torch.cat([classify(chunk).probs.argmax(-1) for chunk in x[labelled].split(1000)])
-        return (predicted != labels.to(self.device)[labelled]).float().mean().item()
+        labelled = labels >= 0
+        x = as_batch(self.split(split)).primary[labelled.to(self.device)]
+        return labels[labelled].cpu(), torch.cat([classify(chunk).probs.argmax(-1).cpu() for chunk in x.split(1000)])
 
 
 PROPOSALS = ("auto", "guide", "fitted")

@@ -34,6 +34,8 @@ class Run(Protocol):
 
     def train_mode(self, training: bool) -> None: ...
 
+    def predictions(self, split: str) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+
 __all__ = ["classifier_plots", "completion_plots", "confusion", "grid_canvas", "image_grid", "latent_map", "piano_rolls", "training_curve", "write_run_plots"]
 
 
@@ -125,15 +127,11 @@ def classifier_plots(experiment: Run, out: Path, per_class: int = 8) -> None:
     class y (a row each) with z ~ p(z)."""
     model = experiment.model
     classes = int(model.classes)
-    experiment.train_mode(False)
-    split = next((s for s in ("test", "valid") if s in experiment.data.splits and experiment.data.split(s).y is not None
-                  and bool((experiment.data.split(s).y >= 0).any())), None)
-    if split is not None:
-        x, labels = as_batch(experiment.split(split)).primary, experiment.data.split(split).y
-        kept = labels >= 0
-        predicted = torch.cat([model.classify(part).probs.argmax(-1).cpu() for part in x[kept.to(x.device)].split(1000)])
-        error = (predicted != labels[kept]).float().mean().item()
-        confusion(labels[kept], predicted, classes, out / "confusion.png", f"q(y|x) on {int(kept.sum())} {split} examples: {100 * error:.2f}% error")
+    found = next(((s, p) for s in ("test", "valid") if s in experiment.data.splits and (p := experiment.predictions(s)) is not None), None)
+    if found is not None:
+        split, (labels, predicted) = found
+        error = (predicted != labels).float().mean().item()
+        confusion(labels, predicted, classes, out / "confusion.png", f"q(y|x) on {len(labels)} {split} examples: {100 * error:.2f}% error")
     shape = experiment.data.image_shape
     if shape is not None:
         like = as_batch(experiment.split("train"))[:1]
