@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.distributions.transforms import affine_autoregressive
+from pyro.distributions.transforms import AffineAutoregressive, affine_autoregressive
 from torch import nn
 from torch.nn.functional import softplus
 
@@ -70,7 +70,9 @@ class DMMGuide(nn.Module):
                 h = 0.5 * (torch.tanh(self.combine(z)) + summaries[:, t])
                 q: dist.Distribution = dist.Normal(self.loc(h), softplus(self.scale(h)) + 1e-4).to_event(1)
                 if len(self.iafs):
-                    q = dist.TransformedDistribution(q, list(self.iafs))
+                    # a fresh transform per step on the shared networks: each caches its own draw, so
+                    # scoring z_t needs no inverse pass (a flow shared by all steps caches only the last)
+                    q = dist.TransformedDistribution(q, [AffineAutoregressive(iaf.arn) for iaf in self.iafs])
                 z = pyro.sample(f"z_{t + 1}", q.mask(mask[:, t]))
 
 

@@ -111,3 +111,16 @@ def test_clip_norm_bounds_the_gradient_of_every_step():
     assert norm_after_a_step(None) > 1.0 and norm_after_a_step(0.5) <= 0.5 + 1e-5
     with pytest.raises(Exception, match="clip_norm must be a positive number"):
         AmortizedVI(model, guide, TrainSettings(), num_examples=len(x), clip_norm=0.0)
+
+
+def test_the_iaf_guide_scores_its_draws_without_inverting_the_flow(monkeypatch):
+    """Each step's IAF caches its own draw: the bound needs no inverse (D sequential passes a step)."""
+    from pyro.distributions.transforms import AffineAutoregressive
+
+    model, guide, x, lengths = pair("dmm", rnn=8, iafs=2, iaf_hidden=8)
+
+    def refuse(self, y):
+        raise AssertionError("the IAF was inverted")
+
+    monkeypatch.setattr(AffineAutoregressive, "_inverse", refuse)
+    assert torch.isfinite(make_objective("elbo", 1, 1).differentiable_loss(model, guide, x, lengths))
