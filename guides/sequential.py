@@ -91,7 +91,7 @@ class VRNNGuide(nn.Module):
     def __init__(self, sites: ModelSites, data_shape: Sequence[int], model: Any) -> None:
         super().__init__()
         self.model = [model]  # shared, not a submodule: its parameters are the model's
-        self.encoder = nn.Sequential(nn.Linear(2 * model.hidden, model.hidden), nn.ReLU(), nn.Linear(model.hidden, 2 * model.latent))
+        self.encoder = nn.Sequential(nn.Linear(2 * model.state, model.state), nn.ReLU(), nn.Linear(model.state, 2 * model.latent))
 
     @classmethod
     def supports(cls, model: Callable, sites: ModelSites) -> str | None:

@@ -131,17 +131,16 @@ class VRNN(_Sequential):
 
     def __init__(self, data_shape: Sequence[int], latent: int = 32, state: int = 128, emission: int = 128) -> None:
         super().__init__()
-        hidden = state
-        if len(data_shape) != 2 or min(latent, hidden, emission) < 1:
+        if len(data_shape) != 2 or min(latent, state, emission) < 1:
             raise PyrovaeError(f"vrnn models sequences (T, notes) with positive sizes, got data of shape {tuple(data_shape)}")
         notes = data_shape[1]
-        self.latent, self.hidden = latent, hidden
-        self.phi_x = nn.Sequential(nn.Linear(notes, hidden), nn.ReLU())
-        self.phi_z = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU())
-        self.prior_net = MLP(hidden, [hidden], 2 * latent, "relu")
-        self.emitter = MLP(2 * hidden, [emission], notes, "relu")
-        self.cell = nn.GRUCell(2 * hidden, hidden)
-        self.h_0 = nn.Parameter(torch.zeros(hidden))
+        self.latent, self.state = latent, state
+        self.phi_x = nn.Sequential(nn.Linear(notes, state), nn.ReLU())
+        self.phi_z = nn.Sequential(nn.Linear(latent, state), nn.ReLU())
+        self.prior_net = MLP(state, [state], 2 * latent, "relu")
+        self.emitter = MLP(2 * state, [emission], notes, "relu")
+        self.cell = nn.GRUCell(2 * state, state)
+        self.h_0 = nn.Parameter(torch.zeros(state))
 
     def prior(self, h: torch.Tensor) -> dist.Normal:
         loc, raw = self.prior_net(h).chunk(2, -1)
@@ -150,8 +149,8 @@ class VRNN(_Sequential):
     def step(self, h: torch.Tensor, x_t: torch.Tensor, z: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """h_t from h_{t-1}; past a sequence's end h stays (nothing there is scored)."""
         features = torch.cat([self.phi_x(x_t).expand(*z.shape[:-1], -1), self.phi_z(z)], -1)
-        h_flat = h.expand(*z.shape[:-1], -1).reshape(-1, self.hidden)
-        updated = self.cell(features.reshape(-1, features.shape[-1]), h_flat).reshape(*z.shape[:-1], self.hidden)
+        h_flat = h.expand(*z.shape[:-1], -1).reshape(-1, self.state)
+        updated = self.cell(features.reshape(-1, features.shape[-1]), h_flat).reshape(*z.shape[:-1], self.state)
         return torch.where(real[:, None], updated, h)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, index: torch.Tensor | None = None, size: int | None = None) -> None:
