@@ -196,9 +196,10 @@ def write_run_plots(experiment: Run, history: History, out: Path) -> None:
         classifier_plots(experiment, out)
     if shape is not None and torch.is_tensor(getattr(experiment.model, "given", None)):
         completion_plots(experiment, out)
-    if experiment.data.kind == "sequence" and len(experiment.method.sites.observed if experiment.method.sites else ()) > 1:
+    sites = experiment.method.sites
+    if experiment.data.kind == "sequence" and sites is not None and len(sites.observed) > 1:  # one observed site per step
         piano_rolls(experiment, out)
-    guide, sites = experiment.guide if experiment.method.trains_guide else None, experiment.method.sites
+    guide = experiment.guide if experiment.method.trains_guide else None
     if guide is None or sites is None or not sites.latents or not x.is_tensor:
         return  # no trained encoder (or its data is more than one tensor)
     if shape is not None:
