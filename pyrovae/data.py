@@ -13,6 +13,8 @@ References:
     Section 4 (static binarized MNIST, 50k/10k/10k).
     Boulanger-Lewandowski, Bengio & Vincent, *Modeling Temporal Dependencies in High-Dimensional
     Sequences*, ICML 2012, Section 6 (JSB chorales as 88-key piano rolls).
+    Eslami et al., *Attend, Infer, Repeat*, NeurIPS 2016, Section 3.1 (multi-MNIST: 50x50
+    canvases of 0-2 digits, composed by `pyrovae.multi_mnist`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import torch
 
 from pyrovae.batch import Batch
 from pyrovae.errors import PyrovaeError
+from pyrovae.multi_mnist import compose
 from pyrovae.registry import DATASETS
 
 __all__ = ["UNLABELLED", "Split", "Dataset", "load_dataset", "data_dir", "cache_dir", "minibatches", "semi_supervised", "stratified_minibatches"]
@@ -56,11 +59,14 @@ _CUSTOM_SUFFIXES = (".npy", ".npz", ".pt", ".pth")
 
 @dataclass(frozen=True)
 class Split:
-    """One split: ``x`` of shape ``(N, *event_shape)``, optional labels ``y`` and ``lengths``."""
+    """One split: ``x`` of shape ``(N, *event_shape)``, optional labels ``y`` and ``lengths``, and
+    for scenes of objects optional ``boxes`` ``(N, max_objects, 4)``: each object's ``(x0, y0,
+    width, height)`` in pixels, NaN rows beyond its count (kept on the CPU)."""
 
     x: torch.Tensor
     y: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
+    boxes: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -543,6 +549,24 @@ def _load_binarized_mnist(data_dir: Path, base_url: str | None = None) -> Datase
                         "/ PYROVAE_BINARIZED_MNIST_URL") from None
     splits = {k: Split(torch.from_numpy(arrays[k])) for k in SPLITS if k in arrays}
     return Dataset("binarized-mnist", splits, (784,), "binary", (28, 28))
+
+
+# multi-MNIST
+
+@DATASETS.register("multi-mnist", "50x50 canvases of 0-2 binarized-MNIST digits with their counts (y) and boxes, for AIR (Eslami et al. 2016)")
+def _load_multi_mnist(data_dir: Path, base_url: str | None = None, canvases: int | None = None, seed: int = 0) -> Dataset:
+    """Composes each split's canvases from the binarized-MNIST digits of that split only, seeded
+    ``3 * seed + i`` for the i-th of train/valid/test; ``canvases`` per split, by default as many
+    as the split has digits. The labels ``y`` are the digit counts."""
+    _require(canvases is None or (isinstance(canvases, int) and not isinstance(canvases, bool) and canvases >= 1),
+             f"multi-mnist option canvases must be a positive integer, got {canvases!r}")
+    _require(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, f"multi-mnist option seed must be a non-negative integer, got {seed!r}")
+    digits = _load_binarized_mnist(data_dir, base_url)
+    splits = {}
+    for name, part in digits.splits.items():
+        images, counts, boxes = compose(part.x.numpy(), canvases or len(part), 3 * seed + SPLITS.index(name))
+        splits[name] = Split(torch.from_numpy(images), y=torch.from_numpy(counts), boxes=torch.from_numpy(boxes))
+    return Dataset("multi-mnist", splits, (2500,), "binary", (50, 50))
 
 
 # MNIST (IDX)
