@@ -6,6 +6,7 @@ if __name__ != "pyrovae.guides":
 from pyrovae.guides.base import AmortizedGuide, build_guide
 from pyrovae.guides.delta import DeltaGuide
 from pyrovae.guides.diagonal import DiagonalGaussian
+from pyrovae.guides.draw import DRAWGuide
 from pyrovae.guides.exact import ExactPosterior
 from pyrovae.guides.flows import FlowGuide, PlanarFlow, RadialFlow, SplineFlow, SylvesterFlow
 from pyrovae.guides.full import FullGaussian
@@ -21,6 +22,7 @@ __all__ = [
     "BottomUpGuide",
     "DeltaGuide",
     "DMMGuide",
+    "DRAWGuide",
     "DiagonalGaussian",
     "ExactPosterior",
     "FlowGuide",

@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from pyro import poutine  # noqa: E402
 
 from pyrovae.batch import as_batch  # noqa: E402
 from pyrovae.data import Dataset  # noqa: E402
@@ -36,7 +37,7 @@ class Run(Protocol):
 
     def predictions(self, split: str) -> tuple[torch.Tensor, torch.Tensor] | None: ...
 
-__all__ = ["classifier_plots", "completion_plots", "confusion", "grid_canvas", "image_grid", "latent_map", "piano_rolls", "training_curve", "write_run_plots"]
+__all__ = ["canvas_plots", "classifier_plots", "completion_plots", "confusion", "grid_canvas", "image_grid", "latent_map", "piano_rolls", "training_curve", "write_run_plots"]
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -175,6 +176,25 @@ def piano_rolls(experiment: Run, out: Path, draws: int = 4) -> None:
     _save(fig, out / "piano_rolls.png")
 
 
+@torch.no_grad()
+def canvas_plots(experiment: Run, out: Path, examples: int = 8, columns: int = 10) -> None:
+    """For a model that draws in steps (a ``canvases(latents)`` method: DRAW): canvases.png, a row per
+    held-out example (its z_t from the guide) and per prior draw, the canvas at `columns` steps
+    spaced evenly to the last."""
+    experiment.train_mode(False)
+    split = "valid" if "valid" in experiment.data.splits else "train"
+    x = as_batch(experiment.split(split))[:examples]
+    model = experiment.model
+    inferred = x.call(poutine.trace(experiment.guide).get_trace)
+    drawn = x.call(poutine.trace(poutine.uncondition(model)).get_trace)
+    rows = [model.canvases({name: site["value"] for name, site in trace.nodes.items() if site["type"] == "sample"}) for trace in (inferred, drawn)]
+    steps = torch.linspace(0, len(rows[0]) - 1, min(columns, len(rows[0]))).round().long()
+    strips = torch.cat([canvases[steps].transpose(0, 1) for canvases in rows]).reshape(-1, rows[0].shape[-1])
+    image_grid(strips, experiment.data.image_shape, out / "canvases.png",
+               f"canvas at steps {', '.join(str(int(t) + 1) for t in steps)}: {len(x)} {split} images (top), {len(x)} prior draws (bottom)",
+               columns=len(steps))
+
+
 def write_run_plots(experiment: Run, history: History, out: Path) -> None:
     """training.png; for image data samples.png; with a trained guide reconstructions.png,
     latents.png (the held-out posterior means) and, for image data, interpolations.png; for a
@@ -200,6 +220,8 @@ def write_run_plots(experiment: Run, history: History, out: Path) -> None:
     if experiment.data.kind == "sequence" and sites is not None and len(sites.observed) > 1:  # one observed site per step
         piano_rolls(experiment, out)
     guide = experiment.guide if experiment.method.trains_guide else None
+    if shape is not None and guide is not None and callable(getattr(experiment.model, "canvases", None)):
+        canvas_plots(experiment, out)
     if guide is None or sites is None or not sites.latents or not x.is_tensor:
         return  # no trained encoder (or its data is more than one tensor)
     if shape is not None:
