@@ -57,12 +57,13 @@ class Filterbank(nn.Module):
         stride = max((side - 1) / max(n - 1, 1), 1.0)
         with torch.no_grad():
             # The grid starts over the whole image, each filter half a stride wide; a write grid
-            # starts at 1 / gamma = stride^2, so that a patch value lands as about that much on
-            # each of the stride^2 pixels its filters spread it over (at gamma = 1 a write of
-            # unit patch values is ~0.005 logits, and training stalls at the blank canvas).
+            # starts at the gamma that makes a patch of ones write 1 on the average pixel (at
+            # gamma = 1 that is ~1 / stride^2, 0.02 for 5 x 5 on 28 x 28, and training stalls at
+            # the blank canvas).
             self.params.bias[2] = 2 * math.log(stride / 2)
             if writes:
-                self.params.bias[4] = -2 * math.log(stride)
+                fx, fy = self.place(*self.params.bias[:4])
+                self.params.bias[4] = torch.log((fy.T @ torch.ones(n, n) @ fx).mean())
 
     def filters(self, h: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         """F_X and F_Y, (..., N, side) each, and the intensity gamma (...)."""

@@ -131,3 +131,16 @@ def test_fit_and_evaluate_from_the_command_line(tmp_path):
     assert json.loads(scored.stdout)["log_likelihood"] < 0
     refused = run_cli("fit", "--model", "draw", "--guide", "draw", "--dataset", "digits", "--model-option", "read=20", "--out", str(tmp_path / "bad"))
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+
+@pytest.mark.parametrize("side, n", [(28, 5), (28, 2), (8, 3)])
+def test_a_write_grid_starts_at_unit_gain_over_the_whole_image(side, n):
+    """At initialization (h = 0: the biases), a patch of ones writes one logit on the average pixel
+    and within a factor of 5 of one on every pixel inside the grid's span: at gamma = 1 it
+    would be ~1 / stride^2 (0.02 at 28 x 28, 5 x 5), and training would stall at the blank canvas."""
+    bank = Filterbank(4, side, n, writes=True)
+    written = bank.write(torch.ones(1, n * n), torch.zeros(1, 4)).reshape(side, side)
+    inner = written[side // 4 : side - side // 4, side // 4 : side - side // 4]
+    assert torch.isclose(written.mean(), torch.tensor(1.0), atol=1e-4)
+    assert 0.2 < inner.min() and inner.max() < 5.0
