@@ -23,7 +23,6 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrovae.conv import image_side
 from pyrovae.errors import PyrovaeError
 from pyrovae.registry import MODELS
 from pyrovae.sites import data_plate, register
@@ -132,7 +131,9 @@ class DRAW(nn.Module):
         super().__init__()
         if len(data_shape) != 1 or min(latent, steps, state) < 1 or min(read, write) < 0:
             raise PyrovaeError(f"draw models flattened square images with positive latent, steps and state, got data of shape {tuple(data_shape)}")
-        self.side = image_side(data_shape, "draw")
+        self.side = math.isqrt(data_shape[0])
+        if self.side * self.side != data_shape[0]:
+            raise PyrovaeError(f"draw models square images, flattened; {data_shape[0]} values per example are not a square")
         if max(read, write) > self.side:
             raise PyrovaeError(f"an attention grid of {max(read, write)} x {max(read, write)} filters does not fit an image of side {self.side}")
         self.dim, self.latent, self.steps, self.state = data_shape[0], latent, steps, state
