@@ -11,7 +11,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrovae.models.draw import DRAW, Filterbank, _lstm
+from pyrovae.models.draw import DRAW, Filterbank, lstm_step
 from pyrovae.nets import broadcast_cat
 from pyrovae.registry import GUIDES
 from pyrovae.sites import ModelSites, data_plate, register
@@ -62,7 +62,7 @@ class DRAWGuide(nn.Module):
         with data_plate(x, index, size):
             for t in range(model.steps):
                 glimpse = self.read(x, x - torch.sigmoid(state.canvas), state.h)
-                e, cell = _lstm(self.encoder, broadcast_cat(glimpse, state.h), e, cell)
+                e, cell = lstm_step(self.encoder, broadcast_cat(glimpse, state.h), e, cell)
                 loc, log_scale = self.posterior(e).chunk(2, -1)
                 z = pyro.sample(f"z_{t + 1}", dist.Normal(loc, torch.exp(log_scale)).to_event(1))
                 state = model.advance(state, z)

@@ -27,7 +27,7 @@ from pyrovae.errors import PyrovaeError
 from pyrovae.registry import MODELS
 from pyrovae.sites import data_plate, register
 
-__all__ = ["DRAW", "DecoderState", "Filterbank", "filterbank"]
+__all__ = ["DRAW", "DecoderState", "Filterbank", "filterbank", "lstm_step"]
 
 
 def filterbank(center: torch.Tensor, stride: torch.Tensor, variance: torch.Tensor, n: int, size: int) -> torch.Tensor:
@@ -100,7 +100,7 @@ class DecoderState(NamedTuple):
     canvas: torch.Tensor
 
 
-def _lstm(cell: nn.LSTMCell, inputs: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def lstm_step(cell: nn.LSTMCell, inputs: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An LSTM cell on inputs and states with any leading dims (particles, examples)."""
     lead = torch.broadcast_shapes(inputs.shape[:-1], h.shape[:-1])
     flat = [t.expand(*lead, t.shape[-1]).reshape(-1, t.shape[-1]) for t in (inputs, h, c)]
@@ -163,7 +163,7 @@ class DRAW(nn.Module):
 
     def advance(self, state: DecoderState, z: torch.Tensor) -> DecoderState:
         """One drawing step: h_t = LSTM(h_{t-1}, z_t), c_t = c_{t-1} + write(h_t)."""
-        h, cell = _lstm(self.decoder, z, state.h, state.cell)
+        h, cell = lstm_step(self.decoder, z, state.h, state.cell)
         written = self.writer.write(self.patch(h), h) if self.write_size else self.patch(h)
         return DecoderState(h, cell, state.canvas + written)
 
