@@ -5,7 +5,7 @@ guides (`pyrovae.guides`); any guide can be swapped onto any model with the same
 sites, trained by an inference method on an objective, and scored by importance sampling.
 
 The names below are imported on first use, so that `pyrovae --help` and `pyrovae list` start
-without loading torch and Pyro.
+without loading torch and Pyro; `__init__.pyi` gives type checkers their types.
 """
 
 from __future__ import annotations
@@ -13,17 +13,7 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from pyrovae import data, guides, models, objectives
-    from pyrovae.errors import PyrovaeError
-    from pyrovae.evaluate import Evaluation, evaluate
-    from pyrovae.guides import build_guide
-    from pyrovae.infer import AmortizedVI, TrainSettings, train
-    from pyrovae.registry import DATASETS, GUIDES, METHODS, MODELS, OBJECTIVES
-    from pyrovae.sites import ModelSites, data_plate, inspect_model
-    from pyrovae.trained import TrainedRun, load
+from typing import Any
 
 __version__ = "0.1.0"
 
