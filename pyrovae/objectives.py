@@ -1,4 +1,5 @@
-"""Training objectives: the ELBO (sec. 2.2), its analytic-KL and enumerated forms, and the IWAE bound.
+"""Training objectives: the ELBO (sec. 2.2), its analytic-KL, enumerated and graph (baselined
+score-function) forms, and the IWAE bound.
 
 Every objective offers ``differentiable_loss(model, guide, *args, **kwargs)``: a scalar
 estimate of minus the bound for the whole data set (minibatches scaled up exactly).
@@ -24,7 +25,7 @@ from pyrovae.importance import PARTICLES, VECTORIZE_ERRORS, _per_example, apply_
 from pyrovae.registry import OBJECTIVES
 from pyrovae.sites import DATA_PLATE
 
-__all__ = ["FreeBitsELBO", "IWAE", "make_objective"]
+__all__ = ["FreeBitsELBO", "IWAE", "MaskedGraphELBO", "make_objective"]
 
 
 class IWAE:
@@ -119,12 +120,31 @@ class MaskedEnumELBO(_ModelMasks, pyro.infer.TraceEnum_ELBO):
     """`TraceEnum_ELBO` honouring the model's masks on guide sites."""
 
 
+class MaskedGraphELBO(_ModelMasks, pyro.infer.TraceGraph_ELBO):
+    """`TraceGraph_ELBO` honouring the model's masks on guide sites, as a differentiable loss.
+
+    Its value is minus the ELBO; its gradient is that of Pyro's surrogate loss: each
+    non-reparameterizable guide site's score function times its downstream cost only (Schulman
+    et al. 2015), less the site's baseline (``infer={"baseline": ...}``: ``nn_baseline``,
+    ``baseline_value``, ``use_decaying_avg_baseline``), plus the baselines' squared-error
+    regression on those costs (Mnih & Gregor 2014). Pyro's class offers only
+    ``loss_and_grads``, which steps no optimizer of ours; this exposes the same surrogate.
+    """
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        elbo, surrogate = self._loss_and_surrogate_loss(model, guide, args, kwargs)
+        return -torch.as_tensor(elbo).detach() + (surrogate - surrogate.detach())
+
+
 OBJECTIVES.register("elbo", "Trace_ELBO: Monte Carlo ELBO with reparameterized samples (sec. 2.3)")(_elbo(MaskedTraceELBO))
 OBJECTIVES.register("elbo-analytic", "TraceMeanField_ELBO: the ELBO with the KL term in closed form where known (sec. 2.4)")(
     _elbo(MaskedMeanFieldELBO)
 )
 OBJECTIVES.register("elbo-enum", "TraceEnum_ELBO: the ELBO with the model's enumerated discrete sites summed exactly (infer={'enumerate': 'parallel'})")(
     _elbo(MaskedEnumELBO)
+)
+OBJECTIVES.register("elbo-graph", "TraceGraph_ELBO: the ELBO with Rao-Blackwellized score-function gradients and the guide's baselines (infer={'baseline': ...}) for discrete guide sites")(
+    _elbo(MaskedGraphELBO)
 )
 OBJECTIVES.register("iwae", "importance-weighted bound with K = --particles samples (Burda et al. 2016)")(IWAE)
 

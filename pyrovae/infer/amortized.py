@@ -32,7 +32,9 @@ class AmortizedVI(InferenceMethod):
     set size so that the optimizer sees nats per example. Adam comes from torch directly, so
     the optimizer state is one `state_dict` for checkpoints. With ``clip_norm`` (``--method-option
     clip_norm=10``) the gradient is rescaled to at most that norm over all parameters before
-    each step (Pyro's DMM example trains with clipped Adam).
+    each step (Pyro's DMM example trains with clipped Adam). A guide's ``baseline`` module (AIR's
+    score-function baseline) learns at ``baseline_lr`` (``--method-option baseline_lr=...``;
+    by default the guide's own ``baseline_lr``, else the run's rate).
 
     References:
         Kingma & Welling (2019), Algorithm 1 (SGD on the ELBO with the reparameterization trick).
@@ -41,7 +43,7 @@ class AmortizedVI(InferenceMethod):
     name = "amortized"
 
     def __init__(self, model: Callable, guide: Callable, settings: TrainSettings, num_examples: int, *, sites: ModelSites | None = None,
-                 clip_norm: float | None = None) -> None:
+                 clip_norm: float | None = None, baseline_lr: float | None = None) -> None:
         super().__init__(model, guide, settings, num_examples, sites=sites)
         if clip_norm is not None and not (math.isfinite(clip_norm) and clip_norm > 0):
             raise PyrovaeError(f"clip_norm must be a positive number, got {clip_norm}")
@@ -55,9 +57,19 @@ class AmortizedVI(InferenceMethod):
                 "parents after and dependent on the site, so per-site analytic KLs are biased; use --objective elbo or iwae"
             )
         self.objective = make_objective(settings.objective, settings.particles, settings.max_plate_nesting, settings.free_bits, self.plate)
-        self.optimizer = adam(unique_parameters(model, guide), settings.lr)
+        baseline = getattr(guide, "baseline", None)
+        baselines = list(baseline.parameters()) if isinstance(baseline, nn.Module) else []
+        held = {id(p) for p in baselines}
+        self.optimizer = adam([p for p in unique_parameters(model, guide) if id(p) not in held], settings.lr)
+        if baselines:  # a score-function baseline regresses on costs of hundreds of nats: it learns at its own rate
+            rate = baseline_lr if baseline_lr is not None else getattr(guide, "baseline_lr", settings.lr)
+            if not (math.isfinite(rate) and rate > 0):
+                raise PyrovaeError(f"baseline_lr must be a positive number, got {rate}")
+            self.optimizer.add_param_group({"params": baselines, "lr": rate})
         modules = isinstance(model, nn.Module) and isinstance(guide, nn.Module)
-        self.captured = CapturedLoss(self.loss, nn.ModuleList([model, guide])) if settings.capture and modules else None
+        # elbo-graph's provenance-tracked values and baselines run eagerly: no captured graph
+        capture = settings.capture and modules and settings.objective != "elbo-graph"
+        self.captured = CapturedLoss(self.loss, nn.ModuleList([model, guide])) if capture else None
 
     def add_parameters(self, model: list[torch.Tensor], guide: list[torch.Tensor]) -> None:
         self.optimizer.add_param_group({"params": model + guide})

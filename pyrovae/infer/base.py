@@ -175,6 +175,19 @@ def check_guide(sites: ModelSites, guide_trace: Any, objective: str) -> None:
             f"the guide does not sample the model's latent site(s) {', '.join(map(repr, missing))}: sample them in the guide, "
             "or, for a discrete site, mark it infer={'enumerate': 'parallel'} in the model and use --objective elbo-enum"
         )
+    baselined = [n for n, s in sampled.items() if s["infer"].get("baseline")]
+    if baselined and objective != "elbo-graph":
+        raise PyrovaeError(
+            f"the guide gives {', '.join(map(repr, baselined))} a score-function baseline (infer={{'baseline': ...}}), which only "
+            f"--objective elbo-graph uses: under {objective!r} the baseline would stay untrained"
+        )
+    averaged = [n for n in baselined if sampled[n]["infer"]["baseline"].get("use_decaying_avg_baseline")]
+    if averaged:
+        raise PyrovaeError(
+            f"{', '.join(map(repr, averaged))} asks for use_decaying_avg_baseline, whose running average Pyro keeps per position of "
+            "the first minibatch, in its param store: minibatches of other sizes break it and checkpoints would not hold it; "
+            "give the site an nn_baseline or a baseline_value instead"
+        )
     if objective == "iwae":
         pathwise = [n for n, s in sampled.items() if not s["fn"].has_rsample]
         if pathwise:
