@@ -3,6 +3,7 @@
 if __name__ != "pyrovae.guides":
     raise ImportError(f"import pyrovae.guides, not {__name__!r}: this folder is installed as pyrovae.guides")
 
+from pyrovae.guides.air import AIRGuide
 from pyrovae.guides.base import AmortizedGuide, build_guide
 from pyrovae.guides.delta import DeltaGuide
 from pyrovae.guides.diagonal import DiagonalGaussian
@@ -18,6 +19,7 @@ from pyrovae.guides.none import NoGuide
 from pyrovae.guides.sequential import DMMGuide, VRNNGuide
 
 __all__ = [
+    "AIRGuide",
     "AmortizedGuide",
     "BottomUpGuide",
     "DeltaGuide",

@@ -3,6 +3,7 @@
 if __name__ != "pyrovae.models":
     raise ImportError(f"import pyrovae.models, not {__name__!r}: this folder is installed as pyrovae.models")
 
+from pyrovae.models.air import AIR
 from pyrovae.models.conditional import CVAE, CompletionNet
 from pyrovae.models.draw import DRAW
 from pyrovae.models.fully_observed import MADEModel, RealNVPModel
@@ -13,4 +14,4 @@ from pyrovae.models.semi_supervised import M2
 from pyrovae.models.sequential import DMM, VRNN
 from pyrovae.models.vae import VAE
 
-__all__ = ["CVAE", "DMM", "DRAW", "CompletionNet", "FlowPrior", "Hierarchical", "LinearGaussian", "M2", "MADEModel", "RealNVPModel", "StandardPrior", "VAE", "VRNN", "VampPrior"]
+__all__ = ["AIR", "CVAE", "DMM", "DRAW", "CompletionNet", "FlowPrior", "Hierarchical", "LinearGaussian", "M2", "MADEModel", "RealNVPModel", "StandardPrior", "VAE", "VRNN", "VampPrior"]

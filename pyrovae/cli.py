@@ -153,6 +153,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="digits", help=f"{names('datasets')}, or a .npy/.npz/.pt file")
     p.add_argument("--fields", default="x", help="the data's fields the model takes, in order, e.g. x,y for model(xs, ys)")
     p.add_argument("--plate", help="the model's per-example plate (default: 'data', else the plate sized like the data)")
+    p.add_argument("--data-option", type=_option, action="append", metavar="KEY=VALUE", help="data set option, as for fit")
+    p.add_argument("--model-option", type=_option, action="append", metavar="KEY=VALUE", help="model constructor option, as for fit")
+    p.add_argument("--guide-option", type=_option, action="append", metavar="KEY=VALUE", help="the amortized arms' guide option, as for fit")
     p.add_argument("--methods", default="amortized,local,mcmc-em,map,wake-sleep", help="comma-separated; options as NAME:KEY=VALUE, e.g. wake-sleep:variant=rws")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--budget", type=float, help="training seconds per method")
@@ -249,6 +252,8 @@ def _fit(args: argparse.Namespace) -> None:
         rows.append(("per time step: ELBO / IS", f"{metrics['elbo_per_step']:.4f} / {metrics['log_likelihood_per_step']:.4f}"))
     if "classification_error" in metrics:
         rows.append((f"{metrics['classification_split']} classification error", f"{100 * metrics['classification_error']:.2f}%"))
+    if "count_accuracy" in metrics:
+        rows.append((f"{metrics['count_split']} count accuracy (one guide draw)", f"{100 * metrics['count_accuracy']:.2f}%"))
     print(_table(rows))
 
 
@@ -291,6 +296,7 @@ def _show_evaluation(args: argparse.Namespace, metrics: dict[str, Any]) -> None:
           if "log_likelihood_per_step" in metrics else []),
         *([("active units", f"{metrics['active_units']} of {metrics['total_units']}")] if "active_units" in metrics else []),
         *([("classification error", f"{100 * metrics['classification_error']:.2f}%")] if "classification_error" in metrics else []),
+        *([("count accuracy (one guide draw)", f"{100 * metrics['count_accuracy']:.2f}%")] if "count_accuracy" in metrics else []),
     ]))
 
 

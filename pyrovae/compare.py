@@ -160,6 +160,7 @@ def compare(
              "steps": steps, "latent": latent, "hidden": list(hidden), "batch_size": batch_size, "lr": lr, "seed": seed,
              "ais": None if annealing is None else dataclasses.asdict(annealing), "bdmc_examples": bdmc_examples,
              "checkpoint_examples": min(checkpoint_examples, eval_examples)}
+    _preflight(specs, config)
     rows = []
     with locked(out):
         for number, (spec, (name, options)) in enumerate(zip(methods, specs), 1):
@@ -190,6 +191,18 @@ def _positive(**values: float | None) -> None:
         if value is not None and not (math.isfinite(value) and value > 0):
             flag = {"budget_seconds": "budget"}.get(name, name).replace("_", "-")
             raise PyrovaeError(f"--{flag} must be positive, got {value}")
+
+
+def _preflight(specs: list[tuple[str, dict[str, Any]]], config: Config) -> None:
+    """Build every method and show it the model's sites before any trains: one that cannot infer
+    them (a discrete site for local, map, mcmc-em) refuses in one line, with nothing trained or written."""
+    experiment = build(config)
+    sites = experiment.method.sites
+    for name, options in specs:
+        method = METHODS.get(name)(experiment.model, experiment.guide, experiment.method.settings, len(experiment.data.split("train")),
+                                   sites=sites, **options)
+        if sites is not None:
+            method.check_sites(sites)
 
 
 def _arm(spec: str, name: str, options: dict[str, Any], config: Config, budget: _Budget, log: Callable[[str], None]) -> dict[str, Any]:
@@ -374,6 +387,7 @@ def run_compare(args: argparse.Namespace) -> None:
         annealing=AISSettings(steps=args.ais_steps, chains=args.chains, leapfrog=args.leapfrog, warmup=min(50, args.ais_steps)) if args.ais_steps else None,
         bdmc_examples=args.bdmc,
         log=(lambda s: None) if args.json else print, guide=args.guide, objective=args.objective, fields=args.fields, plate=args.plate,
+        dataset_options=dict(args.data_option or []), model_options=dict(args.model_option or []), guide_options=dict(args.guide_option or []),
     )
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -121,6 +121,24 @@ class Experiment:
         return None if predictions is None else (predictions[0] != predictions[1]).float().mean().item()
 
     @torch.no_grad()
+    def counts(self, split: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(the true object counts, those of one draw of the trained guide's scene) of a split's
+        scenes, on the CPU (the guide's ``scenes(x)``: AIR); None for a guide without one or a
+        split whose objects are not known (no boxes)."""
+        scenes, boxes = getattr(self.guide, "scenes", None), self.data.split(split).boxes
+        if not callable(scenes) or boxes is None or not self.method.trains_guide:
+            return None
+        self.train_mode(False)
+        x = as_batch(self.split(split)).primary
+        return (~boxes[..., 0].isnan()).sum(-1), torch.cat([scenes(chunk)[0].cpu() for chunk in x.split(1000)])
+
+    def count_accuracy(self, split: str) -> float | None:
+        """The share of a split's scenes whose count one draw of the guide gets right (`counts`;
+        Eslami et al. 2016, sec. 3.1; Pyro's AIR example also counts one draw)."""
+        counts = self.counts(split)
+        return None if counts is None else (counts[0] == counts[1]).float().mean().item()
+
+    @torch.no_grad()
     def predictions(self, split: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(labels, the classifier's most probable classes) on the labelled examples of a split,
         on the CPU; None for a model without a ``classify(x)`` or a split without labels."""
@@ -490,6 +508,10 @@ def _metrics(experiment: Experiment, history: History, progress: bool = False) -
     error = experiment.classification_error(labelled[0]) if labelled else None
     if error is not None:
         metrics.update(classification_error=error, classification_split=labelled[0])
+    counted = "valid" if "valid" in experiment.data.splits else "train"
+    accuracy = experiment.count_accuracy(counted)
+    if accuracy is not None:
+        metrics.update(count_accuracy=accuracy, count_split=counted)
     return metrics
 
 
@@ -541,6 +563,9 @@ def evaluate_run(path: str | Path, split: str = "valid", num_samples: int = 1000
     error = experiment.classification_error(split)
     if error is not None:
         summary["classification_error"] = error
+    accuracy = experiment.count_accuracy(split)
+    if accuracy is not None:
+        summary["count_accuracy"] = accuracy
     x = as_batch(experiment.split(split))
     if experiment.amortized_guide is not None and x.is_tensor and experiment.method.sites.latents:
         summary.update(active_units(experiment.model, experiment.guide, x.primary[:1000].split(500)).summary())

@@ -37,7 +37,7 @@ class Run(Protocol):
 
     def predictions(self, split: str) -> tuple[torch.Tensor, torch.Tensor] | None: ...
 
-__all__ = ["canvas_plots", "classifier_plots", "completion_plots", "confusion", "grid_canvas", "image_grid", "latent_map", "piano_rolls", "training_curve", "write_run_plots"]
+__all__ = ["canvas_plots", "classifier_plots", "completion_plots", "confusion", "grid_canvas", "image_grid", "latent_map", "piano_rolls", "scene_plots", "training_curve", "write_run_plots"]
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -195,11 +195,39 @@ def canvas_plots(experiment: Run, out: Path, examples: int = 8, columns: int = 1
                columns=len(steps))
 
 
+@torch.no_grad()
+def scene_plots(experiment: Run, out: Path, examples: int = 16, columns: int = 8) -> None:
+    """For a guide that infers scenes of objects (a ``scenes(x)`` method: AIR): scenes.png, held-out
+    images with the boxes of one draw of the guide's objects, a colour per step, its count above."""
+    experiment.train_mode(False)
+    split = "valid" if "valid" in experiment.data.splits else "train"
+    x = as_batch(experiment.split(split)).primary[:examples]
+    counts, boxes = experiment.guide.scenes(x)
+    truth = experiment.data.split(split).boxes
+    h, w = experiment.data.image_shape
+    rows = math.ceil(len(x) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.75 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= len(x):
+            continue
+        ax.imshow(x[i].reshape(h, w).cpu().numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+        for t, (x0, y0, bw, bh) in enumerate(boxes[i].tolist()):
+            if not math.isnan(x0):  # pixel centres are at integers: a box's edges are half a pixel out
+                ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), bw, bh, fill=False, lw=1.2, color=f"C{t}"))
+        known = "" if truth is None else f" of {int((~truth[i, :, 0].isnan()).sum())}"
+        ax.set_title(f"{int(counts[i])}{known}", fontsize=8)
+        ax.set_xlim(-0.5, w - 0.5), ax.set_ylim(h - 0.5, -0.5)
+    fig.suptitle(f"inferred objects on {len(x)} {split} images: count" + (" of true count" if truth is not None else ""), fontsize=9)
+    _save(fig, out / "scenes.png")
+
+
 def write_run_plots(experiment: Run, history: History, out: Path) -> None:
     """training.png; for image data samples.png; with a trained guide reconstructions.png,
     latents.png (the held-out posterior means) and, for image data, interpolations.png; for a
     model with a classifier confusion.png and classes.png (`classifier_plots`); for a completion
-    model completions.png (`completion_plots`); for a model of sequence steps piano_rolls.png."""
+    model completions.png (`completion_plots`); for a model of sequence steps piano_rolls.png; for
+    a model that draws in steps canvases.png; for a guide of scenes of objects scenes.png."""
     if history.rows:
         training_curve(history, out / "training.png")
     shape = experiment.data.image_shape
@@ -222,6 +250,8 @@ def write_run_plots(experiment: Run, history: History, out: Path) -> None:
     guide = experiment.guide if experiment.method.trains_guide else None
     if shape is not None and guide is not None and callable(getattr(experiment.model, "canvases", None)):
         canvas_plots(experiment, out)
+    if shape is not None and guide is not None and callable(getattr(guide, "scenes", None)):
+        scene_plots(experiment, out)
     if guide is None or sites is None or not sites.latents or not x.is_tensor:
         return  # no trained encoder (or its data is more than one tensor)
     if shape is not None:
@@ -234,7 +264,7 @@ def write_run_plots(experiment: Run, history: History, out: Path) -> None:
         labels = experiment.data.split(split).y
         latent_map(means, None if labels is None else labels[: len(means)], out / "latents.png",
                    f"posterior means of {name}, {len(means)} {split} examples")
-    if shape is not None:
+    if shape is not None and not sites.discrete:  # a line between two 0/1 draws is no draw
         lines = [interpolate(experiment.model, guide, sites, x.primary[2 * i], x.primary[2 * i + 1], steps=10) for i in range(min(4, len(x) // 2))]
         if lines:
             image_grid(torch.cat(lines), shape, out / "interpolations.png", "decodings along the line between two encodings", columns=10)

@@ -55,7 +55,7 @@ def refuse_discrete(method: str, sites: ModelSites) -> None:
     discrete = sites.discrete  # enumerated sites are discrete too
     if discrete:
         raise PyrovaeError(
-            f"the {method} method moves latents on the reals, but {', '.join(map(repr, discrete))} is discrete: "
+            f"the {method} method moves latents on the reals, but {', '.join(map(repr, discrete))} {'are' if len(discrete) > 1 else 'is'} discrete: "
             "use --method amortized with --objective elbo-enum (enumerated) or a guide that samples it, or --method wake-sleep"
         )
 
