@@ -169,12 +169,16 @@ def test_the_elbo_bounds_the_importance_sampled_evidence():
 
 def test_objectives_and_methods_that_cannot_train_it_refuse_in_one_line():
     model, guide, x, _ = small()
-    for objective, message in (("elbo", "only --objective elbo-graph uses"), ("iwae", "only --objective elbo-graph uses")):
+    for objective, message in (("elbo", "amortized / elbo it would stay untrained"), ("iwae", "amortized / iwae it would stay untrained")):
         method = AmortizedVI(model, guide, TrainSettings(objective=objective, batch_size=32), len(x))
         with pytest.raises(PyrovaeError, match=message) as error:
             method.step(x[:32], torch.arange(32))
         assert "\n" not in str(error.value)
+    waking = METHODS.get("wake-sleep")(model, guide, TrainSettings(objective="elbo-graph", batch_size=32), len(x))
+    with pytest.raises(PyrovaeError, match="wake-sleep / elbo-graph it would stay untrained"):
+        waking.step(x[:32], torch.arange(32))
     bare = build_guide("air", model, x[:32], state=16, hidden=(16,), baseline=False)
+    assert math.isfinite(METHODS.get("wake-sleep")(model, bare, TrainSettings(batch_size=32), len(x)).step(x[:32], torch.arange(32)))
     with pytest.raises(PyrovaeError, match="without reparameterization"):
         AmortizedVI(model, bare, TrainSettings(objective="iwae", batch_size=32), len(x)).step(x[:32], torch.arange(32))
     for name in ("local", "map", "mcmc-em"):

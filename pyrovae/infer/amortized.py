@@ -41,6 +41,7 @@ class AmortizedVI(InferenceMethod):
     """
 
     name = "amortized"
+    trains_baselines = True
 
     def __init__(self, model: Callable, guide: Callable, settings: TrainSettings, num_examples: int, *, sites: ModelSites | None = None,
                  clip_norm: float | None = None, baseline_lr: float | None = None) -> None:

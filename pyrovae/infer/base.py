@@ -51,6 +51,7 @@ class InferenceMethod:
     name: ClassVar[str] = ""
     gives_elbo: ClassVar[bool] = True
     trains_guide: ClassVar[bool] = True  # leaves an amortized guide that can score held-out data
+    trains_baselines: ClassVar[bool] = False  # fits the guide's score-function baselines (amortized VI's elbo-graph)
     objective: Any = None  # the bound it ascends, where it has one (`pyrovae.objectives`)
     checks_guide: ClassVar[bool] = True  # the guide given is the one trained and scored: it must serve the model
 
@@ -94,7 +95,7 @@ class InferenceMethod:
         held = {id(t) for t in model_store}
         guide_store = [t for t in self.guide_parameters.discover(batch, **extra) if id(t) not in held]
         if self.checks_guide:
-            check_guide(self.sites, self.guide_parameters.trace, self.settings.objective)
+            check_guide(self.sites, self.guide_parameters.trace, self.settings.objective, self.name if not self.trains_baselines else None)
         if model_store or guide_store:
             self.add_parameters(model_store, guide_store)
         self.prepared = True
@@ -165,8 +166,10 @@ class InferenceMethod:
             part.load_store_state({n: store[n] for n in part.store_names})
 
 
-def check_guide(sites: ModelSites, guide_trace: Any, objective: str) -> None:
-    """The guide samples every latent the model does not enumerate, and (for IWAE) by reparameterization."""
+def check_guide(sites: ModelSites, guide_trace: Any, objective: str, method: str | None = None) -> None:
+    """The guide samples every latent the model does not enumerate, (for IWAE) by reparameterization,
+    and gives a site a baseline only where it is trained: by amortized VI on elbo-graph (`method`
+    names another method, which fits none)."""
     sampled = {n: s for n, s in guide_trace.nodes.items() if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)}
     wanted = [*sites.latents, *sites.global_latents]
     missing = [n for n in wanted if n not in sampled]
@@ -176,10 +179,11 @@ def check_guide(sites: ModelSites, guide_trace: Any, objective: str) -> None:
             "or, for a discrete site, mark it infer={'enumerate': 'parallel'} in the model and use --objective elbo-enum"
         )
     baselined = [n for n, s in sampled.items() if s["infer"].get("baseline")]
-    if baselined and objective != "elbo-graph":
+    if baselined and (objective != "elbo-graph" or method is not None):
         raise PyrovaeError(
             f"the guide gives {', '.join(map(repr, baselined))} a score-function baseline (infer={{'baseline': ...}}), which only "
-            f"--objective elbo-graph uses: under {objective!r} the baseline would stay untrained"
+            f"--method amortized with --objective elbo-graph trains: under {method or 'amortized'} / {objective} it would stay untrained; "
+            "use those, or a guide without it (AIR's: --guide-option baseline=false)"
         )
     averaged = [n for n in baselined if sampled[n]["infer"]["baseline"].get("use_decaying_avg_baseline")]
     if averaged:
