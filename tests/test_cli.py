@@ -116,7 +116,7 @@ def test_list_json_names_everything():
     kinds = ("models", "guides", "objectives", "methods", "datasets", "priors", "decoders", "likelihoods")
     names = {kind: {e["name"] for e in listing[kind]} for kind in kinds}
     assert {"vae", "linear-gaussian"} <= names["models"] and {"diagonal", "exact"} <= names["guides"]
-    assert names["objectives"] == {"elbo", "elbo-analytic", "elbo-enum", "iwae"}
+    assert names["objectives"] == {"elbo", "elbo-analytic", "elbo-enum", "elbo-graph", "iwae"}
     assert {"digits", "binarized-mnist", "mnist", "jsb-chorales"} <= names["datasets"]
     assert names["priors"] == {"standard", "vampprior", "flow"}
     assert names["decoders"] == {"mlp", "conv", "pixelcnn"}
