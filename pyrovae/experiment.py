@@ -34,6 +34,7 @@ from pyrovae.infer import History, TrainSettings, train
 from pyrovae.infer.local import model_sites
 from pyrovae.infer.loop import restore
 from pyrovae.logs import EpochLog, parse_kinds
+from pyrovae.memory import check_fits, meta_parameters
 from pyrovae.nets import LIKELIHOODS
 from pyrovae.programs import program_modules
 from pyrovae.protocols import guide_traits
@@ -200,6 +201,7 @@ def build(config: Config) -> Experiment:
         if likelihood not in LIKELIHOODS:
             raise PyrovaeError(f"unknown likelihood {likelihood!r}: choose from {', '.join(LIKELIHOODS)}")
         common = dict(data_shape=data.event_shape, latent=config.latent, hidden=config.hidden, activation=config.activation, likelihood=likelihood)
+        check_fits(meta_parameters(lambda: _construct(model_cls, f"model {config.model!r}", common, _chosen(config), config.model_options)), device)
         model = _construct(model_cls, f"model {config.model!r}", common, _chosen(config), config.model_options).to(device)
     _check_data(data, model)
     if hasattr(model, "init_from_data"):
@@ -219,6 +221,8 @@ def build(config: Config) -> Experiment:
         _check_stratified(config, data, sites)
     common = dict(model=model, guide=guide, settings=settings, num_examples=num_train, sites=sites)
     method = _construct(method_cls, f"method {config.method!r}", common, {}, config.method_options, flag="--method-option")
+    parameters = method.parameters()
+    check_fits(sum(p.numel() for p in parameters), device, held=sum(p.nbytes for p in parameters))
     first = as_batch(data.batch("train", torch.arange(min(num_train, config.batch_size)), torch.Generator().manual_seed(0))).to(device)
     method.prepare(first)  # param-store parameters exist, and the program is checked, before any checkpoint is read
     return Experiment(config, data, model, guide, method, device)

@@ -165,3 +165,19 @@ def test_the_final_scoring_has_a_bar_on_a_terminal_only(monkeypatch, capsys):
         assert advance is not None
         advance(200), advance(100)
     assert "300/300" in capsys.readouterr().err
+
+
+def test_a_run_too_large_for_memory_is_refused_before_it_is_allocated(tmp_path, capsys, monkeypatch):
+    from pyrovae import memory
+
+    out = tmp_path / "huge"
+    assert main(["fit", "--latent", "100000000", "--epochs", "1", "--out", str(out)]) == 2  # 20e9 parameters, built on "meta" only
+    assert "needs more than 149.0 GiB" in capsys.readouterr().err and not out.exists()
+    memory.check_fits(10, torch.device("cpu"), available=80)
+    with pytest.raises(memory.PyrovaeError, match="needs more than"):
+        memory.check_fits(10, torch.device("cpu"), available=79)
+    # the second check counts model, guide and method together: the default VAE's model alone (63,264
+    # parameters, 506 kB with gradients) passes the first, all 136,564 (1.09 MB, 546 kB held) fail the second
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 520_000)
+    assert main(["fit", "--epochs", "1", "--out", str(out)]) == 2
+    assert "(136,564 parameters" in capsys.readouterr().err and not out.exists()
