@@ -34,7 +34,7 @@ from pyrovae.infer import History, TrainSettings, train
 from pyrovae.infer.local import model_sites
 from pyrovae.infer.loop import restore
 from pyrovae.logs import EpochLog, parse_kinds
-from pyrovae.memory import check_fits, meta_parameters
+from pyrovae.memory import capped, check_fits, meta_parameters
 from pyrovae.nets import LIKELIHOODS
 from pyrovae.programs import program_modules
 from pyrovae.protocols import guide_traits
@@ -192,37 +192,38 @@ def build(config: Config) -> Experiment:
         if not callable(collate):
             raise PyrovaeError(f"--collate {config.collate} is a {type(collate).__name__}, not a function collate(args, kwargs)")
         data = dataclasses.replace(data, collate=collate)
-    instances: dict[str, object] = {}  # FILE:Class.model and FILE:Class.guide share one Class
-    if user_model:
-        model = usercode.build_program(config.model, data.event_shape, instances, **config.model_options)
-        _to(model, device)
-    else:
-        likelihood = config.likelihood or DEFAULT_LIKELIHOOD[data.kind]
-        if likelihood not in LIKELIHOODS:
-            raise PyrovaeError(f"unknown likelihood {likelihood!r}: choose from {', '.join(LIKELIHOODS)}")
-        common = dict(data_shape=data.event_shape, latent=config.latent, hidden=config.hidden, activation=config.activation, likelihood=likelihood)
-        check_fits(meta_parameters(lambda: _construct(model_cls, f"model {config.model!r}", common, _chosen(config), config.model_options)), device)
-        model = _construct(model_cls, f"model {config.model!r}", common, _chosen(config), config.model_options).to(device)
-    _check_data(data, model)
-    if hasattr(model, "init_from_data"):
-        model.init_from_data(data.batch("train", torch.arange(min(len(data.split("train")), 10000)), torch.Generator().manual_seed(0)))
-    num_train = len(data.split("train"))
-    example = as_batch(data.batch("train", torch.arange(min(num_train, 100)), torch.Generator().manual_seed(0))).to(device)
-    if usercode.is_spec(config.guide):
-        guide = usercode.build_program(config.guide, data.event_shape, instances, model=model, num_examples=num_train, **config.guide_options)
-        _to(guide, device)
-    else:
-        guide = build_guide(config.guide, model, example, plate=config.plate, hidden=config.hidden, activation=config.activation,
-                            num_examples=num_train, **config.guide_options).to(device)
-    sites = inspect_model(model, example, plate=config.plate)
-    settings = TrainSettings(config.objective, config.particles, config.lr, config.batch_size, sites.max_plate_nesting, config.free_bits,
-                             config.capture, config.plate, config.labelled_per_batch)
-    if config.labelled_per_batch:
-        _check_stratified(config, data, sites)
-    common = dict(model=model, guide=guide, settings=settings, num_examples=num_train, sites=sites)
-    method = _construct(method_cls, f"method {config.method!r}", common, {}, config.method_options, flag="--method-option")
-    parameters = method.parameters()
-    check_fits(sum(p.numel() for p in parameters), device, held=sum(p.nbytes for p in parameters))
+    with capped(device):  # an allocation beyond the memory available fails here, in one line, rather than being killed
+        instances: dict[str, object] = {}  # FILE:Class.model and FILE:Class.guide share one Class
+        if user_model:
+            model = usercode.build_program(config.model, data.event_shape, instances, **config.model_options)
+            _to(model, device)
+        else:
+            likelihood = config.likelihood or DEFAULT_LIKELIHOOD[data.kind]
+            if likelihood not in LIKELIHOODS:
+                raise PyrovaeError(f"unknown likelihood {likelihood!r}: choose from {', '.join(LIKELIHOODS)}")
+            common = dict(data_shape=data.event_shape, latent=config.latent, hidden=config.hidden, activation=config.activation, likelihood=likelihood)
+            check_fits(meta_parameters(lambda: _construct(model_cls, f"model {config.model!r}", common, _chosen(config), config.model_options)), device)
+            model = _construct(model_cls, f"model {config.model!r}", common, _chosen(config), config.model_options).to(device)
+        _check_data(data, model)
+        if hasattr(model, "init_from_data"):
+            model.init_from_data(data.batch("train", torch.arange(min(len(data.split("train")), 10000)), torch.Generator().manual_seed(0)))
+        num_train = len(data.split("train"))
+        example = as_batch(data.batch("train", torch.arange(min(num_train, 100)), torch.Generator().manual_seed(0))).to(device)
+        if usercode.is_spec(config.guide):
+            guide = usercode.build_program(config.guide, data.event_shape, instances, model=model, num_examples=num_train, **config.guide_options)
+            _to(guide, device)
+        else:
+            guide = build_guide(config.guide, model, example, plate=config.plate, hidden=config.hidden, activation=config.activation,
+                                num_examples=num_train, **config.guide_options).to(device)
+        sites = inspect_model(model, example, plate=config.plate)
+        settings = TrainSettings(config.objective, config.particles, config.lr, config.batch_size, sites.max_plate_nesting, config.free_bits,
+                                 config.capture, config.plate, config.labelled_per_batch)
+        if config.labelled_per_batch:
+            _check_stratified(config, data, sites)
+        common = dict(model=model, guide=guide, settings=settings, num_examples=num_train, sites=sites)
+        method = _construct(method_cls, f"method {config.method!r}", common, {}, config.method_options, flag="--method-option")
+        parameters = method.parameters()
+        check_fits(sum(p.numel() for p in parameters), device, held=sum(p.nbytes for p in parameters))
     first = as_batch(data.batch("train", torch.arange(min(num_train, config.batch_size)), torch.Generator().manual_seed(0))).to(device)
     method.prepare(first)  # param-store parameters exist, and the program is checked, before any checkpoint is read
     return Experiment(config, data, model, guide, method, device)

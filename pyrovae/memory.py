@@ -6,12 +6,17 @@ device, which allocates nothing, and its parameter count bounds the run's memory
 every parameter is held at least twice in training, as its value and its gradient (the guide,
 the optimizer's state and the activations come on top). A run whose lower bound exceeds the
 memory available is refused before anything is allocated; once model, guide and method are
-built (a user's program is only checked then), all their parameters are checked again.
+built (a user's program is only checked then), all their parameters are checked again. While
+they are built on the CPU, `capped` limits the address space to what is available, so that an
+allocation the bound did not foresee (a guide larger than the model) fails with the
+allocator's error, which the command line reports in one line, instead of being killed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import resource
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -57,3 +62,29 @@ def check_fits(parameters: int | None, device: torch.device, held: int = 0, avai
             f"this run needs more than {needed / 2**30:.1f} GiB ({parameters:,} parameters and their gradients) "
             f"but {(available + held) / 2**30:.1f} GiB is available on {device.type}: choose a smaller --latent, --hidden or --layers"
         )
+
+
+def _virtual_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@contextmanager
+def capped(device: torch.device) -> Iterator[None]:
+    """On a Linux CPU, let this process's address space grow by at most the memory available."""
+    available, used = (available_bytes(device), _virtual_bytes()) if device.type == "cpu" else (None, None)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = None if available is None or used is None else used + available
+    if limit is None or (soft != resource.RLIM_INFINITY and soft <= limit) or (hard != resource.RLIM_INFINITY and hard < limit):
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))

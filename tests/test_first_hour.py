@@ -2,6 +2,7 @@
 run directories that are locked while written, files with the umask's mode, read-only targets
 refused in one line (or, for a result already computed, printed and not lost)."""
 
+import contextlib
 import errno
 import json
 import os
@@ -168,7 +169,7 @@ def test_the_final_scoring_has_a_bar_on_a_terminal_only(monkeypatch, capsys):
 
 
 def test_a_run_too_large_for_memory_is_refused_before_it_is_allocated(tmp_path, capsys, monkeypatch):
-    from pyrovae import memory
+    from pyrovae import experiment, memory
 
     out = tmp_path / "huge"
     assert main(["fit", "--latent", "100000000", "--epochs", "1", "--out", str(out)]) == 2  # 20e9 parameters, built on "meta" only
@@ -179,5 +180,16 @@ def test_a_run_too_large_for_memory_is_refused_before_it_is_allocated(tmp_path, 
     # the second check counts model, guide and method together: the default VAE's model alone (63,264
     # parameters, 506 kB with gradients) passes the first, all 136,564 (1.09 MB, 546 kB held) fail the second
     monkeypatch.setattr(memory, "available_bytes", lambda device: 520_000)
+    monkeypatch.setattr(experiment, "capped", lambda device: contextlib.nullcontext())  # the cap would refuse first: tested below
     assert main(["fit", "--epochs", "1", "--out", str(out)]) == 2
     assert "(136,564 parameters" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the cap reads Linux's /proc")
+def test_the_address_space_cap_turns_an_unforeseen_allocation_into_an_error_and_is_lifted_after(monkeypatch):
+    from pyrovae import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2**28)
+    with pytest.raises(RuntimeError, match="can't allocate memory"), memory.capped(torch.device("cpu")):
+        torch.empty(2**29, dtype=torch.uint8)  # 512 MiB of address space, never touched
+    assert torch.empty(2**29, dtype=torch.uint8).numel() == 2**29
