@@ -34,7 +34,7 @@ from pyrovae.infer import History, TrainSettings, train
 from pyrovae.infer.local import model_sites
 from pyrovae.infer.loop import restore
 from pyrovae.logs import EpochLog, parse_kinds
-from pyrovae.memory import capped, check_fits, meta_parameters
+from pyrovae.memory import capped, check_fits, meta_parameters, proc_bytes
 from pyrovae.nets import LIKELIHOODS
 from pyrovae.programs import program_modules
 from pyrovae.protocols import guide_traits
@@ -272,13 +272,8 @@ def _peak_memory_mb() -> float:
     """Peak resident memory of this process. Linux's VmHWM, where there is one: ru_maxrss carries
     the parent's peak over into a process it starts (a benchmark's subprocess read 1688 MB, the
     parent's figure, for its own ~800 MB)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = proc_bytes("/proc/self/status", "VmHWM")
+    return peak / 2**20 if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # Settings `--resume` may change: the epochs to train to, the final evaluation's samples and the

@@ -31,9 +31,14 @@ def available_bytes(device: torch.device) -> int | None:
     """Memory a new allocation could take on `device`: free GPU memory, or Linux's MemAvailable."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    return proc_bytes("/proc/meminfo", "MemAvailable")
+
+
+def proc_bytes(path: str, field: str) -> int | None:
+    """A Linux /proc file's `field` (given there in kB) in bytes; None where there is none."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -64,20 +69,10 @@ def check_fits(parameters: int | None, device: torch.device, held: int = 0, avai
         )
 
 
-def _virtual_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 @contextmanager
 def capped(device: torch.device) -> Iterator[None]:
     """On a Linux CPU, let this process's address space grow by at most the memory available."""
-    available, used = (available_bytes(device), _virtual_bytes()) if device.type == "cpu" else (None, None)
+    available, used = (available_bytes(device), proc_bytes("/proc/self/status", "VmSize")) if device.type == "cpu" else (None, None)
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     limit = None if available is None or used is None else used + available
     if limit is None or (soft != resource.RLIM_INFINITY and soft <= limit) or (hard != resource.RLIM_INFINITY and hard < limit):
