@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--guide", help=f"a registered guide ({names('guides')}) or your own: path/to/script.py:NAME (default: {d('guide')})")
     p.add_argument("--method", help=f"inference method: {names('methods')} (default: {d('method')})")
     p.add_argument("--objective", help=f"{names('objectives')}; elbo-enum sums enumerated discrete sites (default: {d('objective')})")
+    p.add_argument("--objective-option", type=_option, action="append", metavar="KEY=VALUE", help="objective option, e.g. beta=6 (tcvae)")
     p.add_argument("--fields", help=f"the data's fields the model takes, in order (x, y, lengths, mask), e.g. x,y for model(xs, ys) (default: {d('fields')})")
     p.add_argument("--plate", help="the model's per-example plate (default: 'data', else the plate sized like the data)")
     p.add_argument("--collate", metavar="FILE.py:NAME", help="collate(args, kwargs) -> (args, kwargs): derived arguments built from each sliced batch (a packed sequence)")
@@ -109,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
                         f"default: {d('labelled_per_batch')}, uniform minibatches)")
     p.add_argument("--lr", type=float, help=f"Adam's learning rate, in (0, 1] (default: {d('lr')})")
     p.add_argument("--warmup", type=float, help=f"epochs of linear KL warm-up (default: {d('warmup')})")
+    p.add_argument("--beta", type=float, help=f"weight of the latent sites after warm-up: the beta-VAE (Higgins et al. 2017) (default: {d('beta')})")
     p.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement (default: none)")
     p.add_argument("--eval-samples", type=int, help=f"importance samples for the final log p(x); 0 skips it (default: {d('eval_samples')})")
     p.add_argument("--seed", type=int, help=f"random seed, 0 .. 2**32-1 (default: {d('seed')})")
@@ -137,6 +139,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where the run's data set is read from (default: the run's own)")
     p.add_argument("--device", help="cpu or cuda (default: the run's own)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    p = add("score", help="disentanglement metrics of a run's encoder on its data set's ground-truth factors (dsprites)", parents=[threads])
+    p.add_argument("run", help="a run directory written by fit")
+    p.add_argument("--metrics", default="beta-vae,factor-vae,mig,dci", help="comma-separated: beta-vae, factor-vae, mig, dci")
+    p.add_argument("--points", type=int, help="training points per metric, evaluation points half as many (default: Locatello et al.'s 10000 and 5000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the metrics' draws")
+    p.add_argument("--data-dir", help="where the run's data set is read from (default: the run's own)")
+    p.add_argument("--device", help="cpu or cuda (default: the run's own)")
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
 
     p = add("sample", help="a grid of samples from a trained run", parents=[threads])
     p.add_argument("run", help="a run directory written by fit")
@@ -223,7 +234,7 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
         hidden=args.hidden, activation=args.activation, layers=args.layers, prior=args.prior, decoder=args.decoder,
         free_bits=args.free_bits, model_options=_pairs(args.model_option), guide_options=_pairs(args.guide_option),
         method_options=_pairs(args.method_option), epochs=args.epochs, batch_size=args.batch_size, labelled_per_batch=args.labelled_per_batch, lr=args.lr,
-        particles=args.particles, warmup=args.warmup, patience=args.patience, seed=args.seed,
+        particles=args.particles, warmup=args.warmup, beta=args.beta, objective_options=_pairs(args.objective_option), patience=args.patience, seed=args.seed,
         eval_samples=args.eval_samples, device=args.device, capture=None if args.eager is None else not args.eager,
         fields=args.fields, plate=args.plate, collate=args.collate, logs=args.log,
     )
@@ -321,13 +332,27 @@ def _sample(args: argparse.Namespace) -> None:
     print(out)
 
 
+def _score(args: argparse.Namespace) -> None:
+    from pyrovae.experiment import load
+    from pyrovae.representations import score_run
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    experiment = load(args.run, args.data_dir, args.device)
+    result = score_run(experiment, metrics, seed=args.seed, points=args.points)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(_table([("run", args.run), *[(k, v) for k, v in result.items() if k not in ("model", "guide", "method", "objective", "dataset")]]))
+    save_printed(Path(args.run) / f"disentanglement-{args.seed}.json", result)
+
+
 def _compare(args: argparse.Namespace) -> None:
     from pyrovae.compare import run_compare
 
     run_compare(args)
 
 
-COMMANDS = {"fit": _fit, "evaluate": _evaluate, "sample": _sample, "compare": _compare}
+COMMANDS = {"fit": _fit, "evaluate": _evaluate, "score": _score, "sample": _sample, "compare": _compare}
 
 
 # Torch CPU threads when --threads is not given. pyrovae's models are small: one thread runs

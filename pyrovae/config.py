@@ -39,6 +39,7 @@ class Config:
     guide: str = "diagonal"
     method: str = "amortized"
     objective: str = "elbo"
+    objective_options: dict[str, Any] = field(default_factory=dict)
     dataset: str = "digits"
     dataset_options: dict[str, Any] = field(default_factory=dict)
     data_dir: str | None = None
@@ -59,6 +60,7 @@ class Config:
     lr: float = 1e-3
     particles: int = 1
     warmup: float = 0.0
+    beta: float = 1.0  # the latent sites' final weight: beta-VAE's beta (Higgins et al. 2017); warm-up ramps 0 -> beta
     patience: int | None = None
     seed: int = 0
     eval_samples: int = 1000
@@ -84,6 +86,7 @@ class Config:
             (self.particles >= 1, f"--particles must be at least 1, got {self.particles}"),
             (self.eval_samples >= 0, f"--eval-samples must be >= 0, got {self.eval_samples}"),
             (math.isfinite(self.warmup) and self.warmup >= 0, f"--warmup must be >= 0 epochs, got {self.warmup}"),
+            (math.isfinite(self.beta) and self.beta > 0, f"--beta must be a positive number, got {self.beta}"),
             (self.patience is None or self.patience >= 1, f"--patience must be at least 1 epoch, got {self.patience}"),
             (0 <= self.seed < SEEDS, f"--seed must be in 0 .. {SEEDS - 1}, got {self.seed}"),
             (math.isfinite(self.free_bits) and self.free_bits >= 0, f"--free-bits must be >= 0, got {self.free_bits}"),
@@ -109,7 +112,7 @@ class Config:
 
 
 SAVED_EXTRAS = ("format", "pyrovae")  # written beside the settings in config.json
-ADDED_LATER = {"fields": "x", "plate": None, "collate": None, "logs": "csv,tensorboard", "labelled_per_batch": 0}  # settings runs saved before they existed take as their default
+ADDED_LATER: dict[str, Any] = {"fields": "x", "plate": None, "collate": None, "logs": "csv,tensorboard", "labelled_per_batch": 0, "beta": 1.0, "objective_options": {}}  # settings runs saved before they existed take as their default
 
 
 def _kind(hint: Any) -> tuple[Callable[[Any], bool], str]:

@@ -15,6 +15,7 @@ References:
     Sequences*, ICML 2012, Section 6 (JSB chorales as 88-key piano rolls).
     Eslami et al., *Attend, Infer, Repeat*, NeurIPS 2016, Section 3.1 (multi-MNIST: 50x50
     canvases of 0-2 digits, composed by `pyrovae.multi_mnist`).
+    Matthey et al., *dSprites*, 2017 (the factor grid, rendered by `pyrovae.dsprites`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pyrovae import dsprites
 from pyrovae.batch import Batch
 from pyrovae.errors import PyrovaeError
 from pyrovae.multi_mnist import compose
@@ -61,12 +63,14 @@ _CUSTOM_SUFFIXES = (".npy", ".npz", ".pt", ".pth")
 class Split:
     """One split: ``x`` of shape ``(N, *event_shape)``, optional labels ``y`` and ``lengths``, and
     for scenes of objects optional ``boxes`` ``(N, max_objects, 4)``: each object's ``(x0, y0,
-    width, height)`` in pixels, NaN rows beyond its count (kept on the CPU)."""
+    width, height)`` in pixels, NaN rows beyond its count (kept on the CPU); for data generated
+    from known factors of variation their indices ``factors`` ``(N, K)`` (dSprites)."""
 
     x: torch.Tensor
     y: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
     boxes: torch.Tensor | None = None
+    factors: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -84,6 +88,7 @@ class Dataset:
     dynamic_binarization: bool = False
     fields: tuple[str, ...] = ("x",)  # what `batch` gives a model, in order (see `with_fields`)
     collate: Callable[[tuple, dict], tuple[tuple, dict]] | None = None  # derived arguments (`pyrovae.batch.Batch`)
+    ground_truth: Any = None  # observations rendered from known factors (`pyrovae.disentanglement.FactorData`): dSprites
 
     def split(self, name: str) -> Split:
         """Returns the split ``name``, or raises naming the splits this data set has."""
@@ -567,6 +572,53 @@ def _load_multi_mnist(data_dir: Path, base_url: str | None = None, canvases: int
         images, counts, boxes = compose(part.x.numpy(), canvases or len(part), 3 * seed + SPLITS.index(name))
         splits[name] = Split(torch.from_numpy(images), y=torch.from_numpy(counts), boxes=torch.from_numpy(boxes))
     return Dataset("multi-mnist", splits, (2500,), "binary", (50, 50))
+
+
+# dSprites
+
+_DSPRITES_VALID = 0.1  # the share of the chosen grid rows held out as the valid split
+
+
+def _dsprites_entry() -> tuple[Path, np.dtype, tuple[int, int]]:
+    return cache_dir() / "dsprites" / f"grid-{_CACHE_FORMAT}.npy", np.dtype(np.uint8), (dsprites.GRID_SIZE, dsprites.SIDE**2 // 8)
+
+
+def _dsprites_grid() -> tuple[np.ndarray, np.ndarray]:
+    """The full grid's images ``uint8 (737280, 4096)`` and their bit-packed rows (377 MB): from
+    the cache, else rendered (about 80 s) and cached; validated either way."""
+    path, dtype, shape = _dsprites_entry()
+    packed = _load_cache(path, dtype, shape)
+    fresh = packed is None
+    if packed is None:
+        packed = np.packbits(dsprites.render(dsprites.grid_factors()), axis=1)
+    images = np.unpackbits(packed, axis=1)
+    dsprites.validate(images)
+    if fresh:
+        _save_cache(path, packed)
+    return images, packed
+
+
+@DATASETS.register("dsprites", "737,280 64x64 binary sprites on dSprites' factor grid (shape, scale, orientation, x, y), rendered by pyrovae")
+def _load_dsprites(data_dir: Path, examples: int | None = None, seed: int = 0) -> Dataset:
+    """The grid rows, or ``examples`` of them drawn without replacement with ``seed`` (rendered
+    directly, no cache); a seeded tenth of them is the valid split, the rest train. Each split
+    carries the rows' factor indices (`pyrovae.dsprites.FACTOR_NAMES`). The ground truth the
+    disentanglement metrics draw from is the whole grid: looked up in the cached grid where a
+    full load has built it, else rendered (the same images, more slowly)."""
+    _require(examples is None or (isinstance(examples, int) and not isinstance(examples, bool) and 10 <= examples <= dsprites.GRID_SIZE),
+             f"dsprites option examples must be a whole number from 10 to {dsprites.GRID_SIZE}, got {examples!r}")
+    _require(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, f"dsprites option seed must be a non-negative integer, got {seed!r}")
+    if examples is None:
+        rows, (images, packed) = np.arange(dsprites.GRID_SIZE), _dsprites_grid()
+        truth = dsprites.DSprites(packed)
+    else:
+        rows = np.sort(np.random.RandomState(seed).choice(dsprites.GRID_SIZE, examples, replace=False))
+        images, truth = dsprites.render(dsprites.grid_factors(rows)), dsprites.DSprites(_load_cache(*_dsprites_entry()))
+    valid = int(round(_DSPRITES_VALID * len(rows)))
+    parts = _fixed_split(len(rows), (len(rows) - valid, valid, 0), seed)
+    factors = dsprites.grid_factors(rows)
+    splits = {k: Split(torch.from_numpy(images[np.sort(i)]), factors=torch.from_numpy(factors[np.sort(i)])) for k, i in parts.items()}
+    return Dataset("dsprites", splits, (dsprites.SIDE**2,), "binary", (dsprites.SIDE, dsprites.SIDE), ground_truth=truth)
 
 
 # MNIST (IDX)

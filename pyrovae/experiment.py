@@ -217,7 +217,7 @@ def build(config: Config) -> Experiment:
                                 num_examples=num_train, **config.guide_options).to(device)
         sites = inspect_model(model, example, plate=config.plate)
         settings = TrainSettings(config.objective, config.particles, config.lr, config.batch_size, sites.max_plate_nesting, config.free_bits,
-                                 config.capture, config.plate, config.labelled_per_batch)
+                                 config.capture, config.plate, config.labelled_per_batch, config.objective_options)
         if config.labelled_per_batch:
             _check_stratified(config, data, sites)
         common = dict(model=model, guide=guide, settings=settings, num_examples=num_train, sites=sites)
@@ -280,7 +280,8 @@ def _peak_memory_mb() -> float:
 # live logs (saved as the run's new settings), and where the run is and its data are (not saved).
 RESUMABLE = ("epochs", "eval_samples", "device", "data_dir", "logs")
 SAVED_ON_RESUME = ("epochs", "eval_samples", "logs")
-FLAGS = {"logs": "--log", "dataset_options": "--data-option", "model_options": "--model-option", "guide_options": "--guide-option", "method_options": "--method-option", "capture": "--eager"}
+FLAGS = {"logs": "--log", "dataset_options": "--data-option", "model_options": "--model-option", "guide_options": "--guide-option", "method_options": "--method-option",
+         "objective_options": "--objective-option", "capture": "--eager"}
 
 
 def _flag(name: str, value: Any) -> str:
@@ -389,7 +390,7 @@ def _fit(experiment: Experiment, run: RunDir | None, resume: bool, checkpoint: d
     epoch_log = EpochLog(run.path, logs, len(checkpoint["history"]) if checkpoint else 0) if run is not None and logs else None
     try:
         history = train(
-            experiment.method, experiment.data, config.epochs, seed=config.seed, warmup_epochs=config.warmup,
+            experiment.method, experiment.data, config.epochs, seed=config.seed, warmup_epochs=config.warmup, beta=config.beta,
             patience=config.patience, run=run, resume=checkpoint is not None, checkpoint=checkpoint, validate=validate if has_valid else None,
             device=experiment.device, progress=progress, log=log if progress else None,
             on_epoch=None if epoch_log is None else lambda history: epoch_log.write(*_epoch_metrics(experiment, history, epoch_log.writer is not None)),

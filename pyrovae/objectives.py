@@ -1,5 +1,5 @@
 """Training objectives: the ELBO (sec. 2.2), its analytic-KL, enumerated and graph (baselined
-score-function) forms, and the IWAE bound.
+score-function) forms, the IWAE bound, and the beta-TCVAE objective.
 
 Every objective offers ``differentiable_loss(model, guide, *args, **kwargs)``: a scalar
 estimate of minus the bound for the whole data set (minibatches scaled up exactly).
@@ -7,6 +7,7 @@ estimate of minus the bound for the whole data set (minibatches scaled up exactl
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from pyrovae.importance import PARTICLES, VECTORIZE_ERRORS, _per_example, apply_
 from pyrovae.registry import OBJECTIVES
 from pyrovae.sites import DATA_PLATE
 
-__all__ = ["FreeBitsELBO", "IWAE", "MaskedGraphELBO", "make_objective"]
+__all__ = ["FreeBitsELBO", "IWAE", "MaskedGraphELBO", "TCVAE", "make_objective", "total_correlation"]
 
 
 class IWAE:
@@ -230,26 +231,115 @@ class FreeBitsELBO:
             return self.differentiable_loss(model, guide, *args, **kwargs).item()
 
 
+def total_correlation(pairs: torch.Tensor) -> torch.Tensor:
+    """Per-example minibatch estimate of log q(z_i) - sum_d log q(z_id), the total correlation
+    of the aggregate posterior q(z) = (1/N) sum_n q(z|x_n) at each sample z_i.
+
+    `pairs[i, j, d]` is log q(z_id | x_j) for the B samples z_i of a minibatch of B examples;
+    q(z_i) ~ (1/B) sum_j q(z_i | x_j), and likewise each marginal: exact for the whole data
+    set as one batch, consistent as B grows (biased up by the sample's own term). Chen et al.'s
+    code divides by N B instead of B, which moves the TC by the constant (D - 1) log N (the
+    same gradients, but a TC of a factorized q(z) no longer 0): here the value is the TC's.
+
+    References:
+        Chen, Li, Grosse & Duvenaud (2018), Isolating Sources of Disentanglement in VAEs, sec. 3
+        and appendix C.1 (minibatch-weighted sampling).
+    """
+    log_b = math.log(pairs.shape[1])
+    joint = torch.logsumexp(pairs.sum(-1), dim=1) - log_b
+    marginals = (torch.logsumexp(pairs, dim=1) - log_b).sum(-1)
+    return joint - marginals
+
+
+@OBJECTIVES.register("tcvae", "beta-TCVAE: the ELBO less (beta - 1) times the total correlation of q(z) (Chen et al. 2018); "
+                     "--objective-option beta=6")
+class TCVAE:
+    """The ELBO with the total-correlation term of its KL decomposition weighted by `beta`:
+    E[log p(x|z)] - I(x; z) - beta TC(z) - sum_d KL(q(z_d) || p(z_d)) = ELBO - (beta - 1) TC,
+    with TC estimated by minibatch-weighted sampling (`total_correlation`) at the ELBO's own
+    sample. beta = 1 is the ELBO exactly. Every latent site must be per-example, continuous and
+    factorized in the guide (an ``Independent`` of univariate distributions, as the diagonal
+    guide's), since the estimator needs each dimension's density under every example's q.
+
+    References:
+        Chen, Li, Grosse & Duvenaud (2018), Isolating Sources of Disentanglement in Variational
+        Autoencoders, NeurIPS, sec. 3 (the decomposition, beta-TCVAE).
+    """
+
+    def __init__(self, num_particles: int = 1, max_plate_nesting: int = 1, plate: str = DATA_PLATE, beta: float = 6.0) -> None:
+        if num_particles != 1:
+            raise PyrovaeError(f"--objective tcvae takes one sample per example (its estimator pairs the minibatch's samples), got --particles {num_particles}")
+        if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta) and beta >= 0):
+            raise PyrovaeError(f"tcvae option beta must be a number >= 0, got {beta!r}")
+        self.beta = float(beta)
+        self.max_plate_nesting = max_plate_nesting
+        self.plate = plate
+        self.elbo = MaskedTraceELBO(num_particles=1, max_plate_nesting=max_plate_nesting)
+
+    def pairs(self, guide_trace: Any) -> tuple[torch.Tensor, float]:
+        """log q(z_id | x_j) ``(B, B, D)`` over the guide's latent sites, and the plate's N / B."""
+        columns, scale = [], 1.0
+        for name, site in guide_trace.nodes.items():
+            if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+                continue
+            frame = next((f for f in site["cond_indep_stack"] if f.name == self.plate), None)
+            fn = site["fn"]
+            base = fn.base_dist if isinstance(fn, torch.distributions.Independent) else fn
+            if frame is None or base.event_shape != () or not fn.has_rsample or site.get("mask") is not None:
+                raise PyrovaeError(f"--objective tcvae needs every latent site per-example, unmasked and factorized in the guide "
+                                   f"(an Independent of univariate, reparameterized distributions); {name!r} is {type(fn).__name__}")
+            batch = site["value"].shape[: site["value"].dim() - fn.event_dim]
+            if batch != (frame.size,):
+                raise PyrovaeError(f"--objective tcvae: site {name!r} has batch shape {tuple(batch)}, not the plate's ({frame.size},)")
+            value = site["value"].reshape(frame.size, 1, *site["value"].shape[1:])
+            columns.append(base.log_prob(value).reshape(frame.size, frame.size, -1))
+            scale = frame.full_size / frame.size
+        if not columns:
+            raise PyrovaeError("--objective tcvae: the guide samples no latent site")
+        return torch.cat(columns, -1), scale
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        loss = self.elbo.differentiable_loss(model, poutine.replay(guide, trace=guide_trace), *args, **kwargs)
+        if self.beta == 1.0:
+            return loss
+        pairs, scale = self.pairs(guide_trace)
+        return loss + (self.beta - 1.0) * scale * total_correlation(pairs).sum()
+
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+
+
 def _masked(site: dict, value: torch.Tensor) -> torch.Tensor:
     """`value` with the model site's masked positions zeroed: they add nothing to any bound."""
     mask = site.get("mask")
     return value if mask is None or mask is True else torch.where(mask, value, torch.zeros_like(value))
 
 
-def make_objective(name: str, num_particles: int = 1, max_plate_nesting: int = 1, free_bits: float = 0.0, plate: str = DATA_PLATE) -> Any:
+def make_objective(name: str, num_particles: int = 1, max_plate_nesting: int = 1, free_bits: float = 0.0, plate: str = DATA_PLATE,
+                   options: dict[str, Any] | None = None) -> Any:
     """The objective registered as `name`, ready for `differentiable_loss`.
 
     With `free_bits` > 0 the ELBO objectives become `FreeBitsELBO` (the analytic KL per site
     where known for ``elbo-analytic``); the IWAE bound has no KL term to clamp and refuses.
+    `options` are the objective's own (``--objective-option``: tcvae's ``beta``).
     """
     if num_particles < 1:
         raise PyrovaeError(f"--particles must be at least 1, got {num_particles}")
     if free_bits < 0:
         raise PyrovaeError(f"--free-bits must be >= 0, got {free_bits}")
+    options = options or {}
+    if options:
+        factory = OBJECTIVES.get(name)
+        own = [p for p in inspect.signature(factory).parameters if p not in ("num_particles", "max_plate_nesting", "plate")]
+        unknown = [k for k in options if k not in own]
+        if unknown:
+            raise PyrovaeError(f"unknown --objective-option {unknown[0]!r} for {name!r}; it takes: {', '.join(own) or 'no options'}")
     if free_bits > 0:
         OBJECTIVES.get(name)  # unknown names fail as usual
         if name not in ("elbo", "elbo-analytic"):
             raise PyrovaeError(f"--free-bits clamps the KL terms of the ELBO: use --objective elbo or elbo-analytic, not {name!r}")
         return FreeBitsELBO(free_bits, num_particles, max_plate_nesting, analytic=name == "elbo-analytic", plate=plate)
-    return OBJECTIVES.get(name)(num_particles=num_particles, max_plate_nesting=max_plate_nesting, plate=plate)
+    return OBJECTIVES.get(name)(num_particles=num_particles, max_plate_nesting=max_plate_nesting, plate=plate, **options)
 

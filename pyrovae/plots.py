@@ -20,7 +20,7 @@ from pyrovae.batch import as_batch  # noqa: E402
 from pyrovae.data import Dataset  # noqa: E402
 from pyrovae.files import atomic_write  # noqa: E402
 from pyrovae.infer.loop import History  # noqa: E402
-from pyrovae.sampling import encode, interpolate, reconstruct, sample, sample_sequences, why_no_images  # noqa: E402
+from pyrovae.sampling import encode, interpolate, reconstruct, sample, sample_sequences, traverse, why_no_images  # noqa: E402
 
 
 class Run(Protocol):
@@ -37,7 +37,7 @@ class Run(Protocol):
 
     def predictions(self, split: str) -> tuple[torch.Tensor, torch.Tensor] | None: ...
 
-__all__ = ["canvas_plots", "classifier_plots", "completion_plots", "confusion", "grid_canvas", "image_grid", "latent_map", "piano_rolls", "scene_plots", "training_curve", "write_run_plots"]
+__all__ = ["canvas_plots", "classifier_plots", "completion_plots", "confusion", "grid_canvas", "image_grid", "latent_map", "piano_rolls", "scene_plots", "training_curve", "traversal_plots", "write_run_plots"]
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -68,7 +68,8 @@ def image_grid(images: torch.Tensor, image_shape: tuple[int, int], path: Path, t
     canvas = grid_canvas(images, image_shape, columns)
     rows, columns = (canvas.shape[0] + 1) // (image_shape[0] + 1), (canvas.shape[1] + 1) // (image_shape[1] + 1)
     h, w = image_shape
-    fig, ax = plt.subplots(figsize=(columns * w / 14 + 1, rows * h / 14 + 1))
+    inches = min(1 / 14, 24 / (columns * w))  # a pixel a 14th of an inch, the figure at most 24 inches wide
+    fig, ax = plt.subplots(figsize=(columns * w * inches + 1, rows * h * inches + 1))
     ax.imshow(canvas.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
     ax.set_title(title), ax.axis("off")
     _save(fig, path)
@@ -224,7 +225,8 @@ def scene_plots(experiment: Run, out: Path, examples: int = 16, columns: int = 8
 
 def write_run_plots(experiment: Run, history: History, out: Path) -> None:
     """training.png; for image data samples.png; with a trained guide reconstructions.png,
-    latents.png (the held-out posterior means) and, for image data, interpolations.png; for a
+    latents.png (the held-out posterior means) and, for image data, interpolations.png and
+    traversals.png (`traversal_plots`, one flat latent site); for a
     model with a classifier confusion.png and classes.png (`classifier_plots`); for a completion
     model completions.png (`completion_plots`); for a model of sequence steps piano_rolls.png; for
     a model that draws in steps canvases.png; for a guide of scenes of objects scenes.png."""
@@ -268,3 +270,16 @@ def write_run_plots(experiment: Run, history: History, out: Path) -> None:
         lines = [interpolate(experiment.model, guide, sites, x.primary[2 * i], x.primary[2 * i + 1], steps=10) for i in range(min(4, len(x) // 2))]
         if lines:
             image_grid(torch.cat(lines), shape, out / "interpolations.png", "decodings along the line between two encodings", columns=10)
+        if len(sites.latents) == 1 and len(next(iter(sites.latents.values()))) == 1:
+            traversal_plots(experiment, x.primary[:3], shape, out / "traversals.png")
+
+
+def traversal_plots(experiment: Run, examples: torch.Tensor, shape: tuple[int, int], path: Path, steps: int = 9, dims: int = 16) -> None:
+    """Latent traversals (`pyrovae.sampling.traverse`) of a few examples side by side: a row per
+    latent coordinate (the first `dims`), `steps` decodings from -2.5 to 2.5 per example."""
+    sites = experiment.method.sites
+    grids = [traverse(experiment.model, experiment.guide, sites, x, steps, dims=dims) for x in examples]
+    gap = torch.zeros(grids[0].shape[0], 1, grids[0].shape[-1])  # a blank column between examples
+    rows = torch.cat([part for g in grids for part in (g, gap)][:-1], dim=1)
+    image_grid(rows.reshape(-1, rows.shape[-1]), shape, path,
+               f"latent traversals: coordinate d of {next(iter(sites.latents))} from -2.5 to 2.5, a row per d", columns=rows.shape[1])

@@ -13,7 +13,7 @@ from pyrovae.batch import Batch, Data, as_batch
 from pyrovae.errors import PyrovaeError
 from pyrovae.sites import ModelSites, inspect_model
 
-__all__ = ["data_site", "decode", "encode", "interpolate", "reconstruct", "sample", "sample_sequences", "why_no_images"]
+__all__ = ["data_site", "decode", "encode", "interpolate", "reconstruct", "sample", "sample_sequences", "traverse", "why_no_images"]
 
 Latents = dict[str, torch.Tensor]  # site name -> (B, *event shape)
 
@@ -122,3 +122,22 @@ def interpolate(model: Callable, guide: Callable, sites: ModelSites, x1: torch.T
         return z[0] * (1 - w) + z[1] * w
 
     return decode(model, sites, {name: line(v) for name, v in ends.items()}, like=x1[None].expand(steps, *x1.shape))
+
+
+def traverse(model: Callable, guide: Callable, sites: ModelSites, x: torch.Tensor, steps: int = 9, span: float = 2.5,
+             dims: int | None = None) -> torch.Tensor:
+    """Latent traversals of one example (Higgins et al. 2017, fig. 1): its encoding with one
+    coordinate of the (one, flat) latent site at a time moved over ``[-span, span]`` (the
+    standard prior's bulk), the others kept; the decodings ``(dims, steps, *x.shape)`` of the
+    first `dims` coordinates (all by default)."""
+    (name,) = sites.latents
+    if len(sites.latents[name]) != 1 or steps < 2:
+        raise PyrovaeError(f"a traversal needs one flat latent site and at least 2 steps, got {sites.describe()} and {steps}")
+    (size,) = sites.latents[name]
+    dims = size if dims is None else min(dims, size)
+    centre = encode(guide, sites, x[None])[name][0]
+    z = centre.repeat(dims, steps, 1)
+    values = torch.linspace(-span, span, steps, device=centre.device)
+    for d in range(dims):
+        z[d, :, d] = values
+    return decode(model, sites, {name: z.reshape(dims * steps, size)}, like=x[None].expand(dims * steps, *x.shape)).reshape(dims, steps, *x.shape)

@@ -57,7 +57,8 @@ class AmortizedVI(InferenceMethod):
                 f"--objective elbo-analytic is not valid with the {type(guide).__name__}: it samples a site's model "
                 "parents after and dependent on the site, so per-site analytic KLs are biased; use --objective elbo or iwae"
             )
-        self.objective = make_objective(settings.objective, settings.particles, settings.max_plate_nesting, settings.free_bits, self.plate)
+        self.objective = make_objective(settings.objective, settings.particles, settings.max_plate_nesting, settings.free_bits, self.plate,
+                                        settings.objective_options)
         baseline = getattr(guide, "baseline", None)
         baselines = list(baseline.parameters()) if isinstance(baseline, nn.Module) else []
         held = {id(p) for p in baselines}
@@ -76,12 +77,14 @@ class AmortizedVI(InferenceMethod):
         self.optimizer.add_param_group({"params": model + guide})
         self.captured = None  # the store's tensors are not module state a graph could take as inputs
 
-    def loss(self, x: Data, index: torch.Tensor | None = None, beta: float = 1.0, weights: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, x: Data, index: torch.Tensor | None = None, beta: float = 1.0, weights: torch.Tensor | None = None,
+             guide: Callable | None = None) -> torch.Tensor:
         """Minus the bound on the whole data set, divided by its size: nats per example. `weights`
-        (one per example, from `stratified_minibatches`) scale each example's terms."""
+        (one per example, from `stratified_minibatches`) scale each example's terms; `guide`
+        stands in for the method's (the same guide under a handler that records its draw)."""
         batch = as_batch(x)
         kwargs, factor = self.minibatch_kwargs(batch, index)
-        model, guide = scale_latents(self.model, beta), scale_latents(self.guide, beta)
+        model, guide = scale_latents(self.model, beta), scale_latents(guide or self.guide, beta)
         if weights is not None:
             assert self.sites is not None and not self.sites.global_latents  # refused when the run is built
             weights = weights.reshape(self.sites.example_shape(len(weights)))

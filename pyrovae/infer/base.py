@@ -36,6 +36,7 @@ class TrainSettings:
     capture: bool = True  # replay the loss from a captured graph where it can (pyrovae.capture)
     plate: str | None = None  # the per-example plate; None: "data", else the one sized like the data
     labelled_per_batch: int = 0  # > 0: stratified minibatches of that many labelled examples (`pyrovae.data.stratified_minibatches`)
+    objective_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the objective's own (tcvae's beta)
 
 
 class InferenceMethod:
@@ -54,6 +55,9 @@ class InferenceMethod:
     trains_baselines: ClassVar[bool] = False  # fits the guide's score-function baselines (amortized VI's elbo-graph)
     objective: Any = None  # the bound it ascends, where it has one (`pyrovae.objectives`)
     checks_guide: ClassVar[bool] = True  # the guide given is the one trained and scored: it must serve the model
+    own_objectives: ClassVar[bool] = False  # trains on objectives of its own (MAP, wake-sleep, MCMC-EM), not the settings' bound
+    # objectives that reshape the bound (not a bound on log p(x)): a method of its own objectives would drop that silently
+    SHAPED_OBJECTIVES: ClassVar[tuple[str, ...]] = ("tcvae",)
 
     def __init__(self, model: Callable, guide: Callable, settings: TrainSettings, num_examples: int, *, sites: ModelSites | None = None) -> None:
         """`sites`: the model's sites (`pyrovae.sites.inspect_model`), where the guide does not carry them."""
@@ -68,6 +72,14 @@ class InferenceMethod:
         self.prepared = False
         self.sites = sites or guide_traits(guide).sites
         self.plate = settings.plate or (self.sites.plate if self.sites else DATA_PLATE)
+        self.refuse_objective(settings)
+
+    @classmethod
+    def refuse_objective(cls, settings: TrainSettings) -> None:
+        """Refuse, in one line, an objective a method of its own objectives would not train on."""
+        if cls.own_objectives and (settings.objective in cls.SHAPED_OBJECTIVES or settings.objective_options):
+            raise PyrovaeError(f"the {cls.name} method trains on objectives of its own: --objective {settings.objective} "
+                               f"{'and --objective-option need' if settings.objective_options else 'needs'} --method amortized or local")
 
     def step(self, x: Data, index: torch.Tensor, beta: float = 1.0) -> float | torch.Tensor:
         """One update on a minibatch; returns the minibatch loss in nats per example, as a float

@@ -198,7 +198,8 @@ class LocalVI(InferenceMethod):
         if backprop_refinement and semi_amortized_steps < 1:
             raise PyrovaeError("backprop_refinement needs semi_amortized_steps >= 1 (the refinement it backpropagates through)")
         self.backprop_refinement = backprop_refinement
-        self.objective = make_objective(settings.objective, settings.particles, settings.max_plate_nesting, plate=self.plate)
+        self.objective = make_objective(settings.objective, settings.particles, settings.max_plate_nesting, plate=self.plate,
+                                        options=settings.objective_options)
         self.semi_amortized_steps = semi_amortized_steps
         self.local_lr = local_lr
         if isinstance(guide, LocalGaussian) and covariance in (None, guide.covariance):

@@ -92,6 +92,7 @@ def train(
     *,
     seed: int = 0,
     warmup_epochs: float = 0.0,
+    beta: float = 1.0,
     patience: int | None = None,
     run: RunDir | None = None,
     resume: bool = False,
@@ -106,7 +107,9 @@ def train(
 
     Args:
         seed: seeds the minibatch order and every random draw; a run is reproducible.
-        warmup_epochs: epochs over which latent sites' weight ramps from 0 to 1.
+        warmup_epochs: epochs over which latent sites' weight ramps from 0 to `beta`.
+        beta: the latent sites' weight after warm-up: the beta-VAE objective
+            E[log p(x|z)] - beta KL(q || p) (Higgins et al. 2017, eq. 4); 1 is the ELBO.
         patience: stop when the validation ELBO has not improved for this many epochs, and
             keep the best state (needs `validate`).
         run: where the checkpoint goes after every epoch (atomically).
@@ -182,8 +185,8 @@ def train(
                    else ((index, None) for index in minibatches(num, batch_size, generator, device=train_data.device)))
         for index, weights in batches:
             x = train_data.batch("train", index, generator)
-            beta = warmup_beta(step, int(warmup_epochs * steps_per_epoch))
-            loss = method.step(x, index, beta) if weights is None else method.step(x, index, beta, weights=weights)
+            weight = beta * warmup_beta(step, int(warmup_epochs * steps_per_epoch))
+            loss = method.step(x, index, weight) if weights is None else method.step(x, index, weight, weights=weights)
             pending.append((loss, len(index)))
             step += 1
             bar.update()

@@ -81,10 +81,12 @@ class MAP(LocalVI):
 
     name = "map"
     gives_elbo = False
+    own_objectives = True
     covariance_default = "point"
 
     def __init__(self, model: Callable, guide: Callable, settings: TrainSettings, num_examples: int, *, local_lr: float = 1e-2,
                  sites: ModelSites | None = None) -> None:
+        self.refuse_objective(settings)
         settings = dataclasses.replace(settings, objective="elbo", particles=1)
         super().__init__(model, guide, settings, num_examples, covariance="point", local_lr=local_lr, sites=sites)
 

@@ -105,6 +105,7 @@ class MCMCEM(InferenceMethod):
     """
 
     name = "mcmc-em"
+    own_objectives = True
     gives_elbo = False
     trains_guide = False
 

@@ -100,6 +100,7 @@ class WakeSleep(InferenceMethod):
     """
 
     name = "wake-sleep"
+    own_objectives = True
     trains_guide = True
 
     def __init__(
