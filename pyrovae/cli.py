@@ -149,6 +149,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: the run's own)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
 
+    p = add("unlearn", help="fine-tune a run's decoder to stop drawing a feature, into a new run (Moon et al. 2024)", parents=[threads])
+    p.add_argument("run", help="a run directory written by fit")
+    p.add_argument("--feature", required=True, help="thick (the top tenth of mean ink) or digit=K (a class, for data sets with labels)")
+    p.add_argument("--out", required=True, help="the new run directory (must not exist)")
+    p.add_argument("--steps", type=int, default=1000, help="fine-tuning steps")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam's learning rate")
+    p.add_argument("--batch-size", type=int, default=100, help="prior draws per step")
+    p.add_argument("--examples", type=int, default=1000, help="the user's examples: the first N of the valid split, positive where they show the feature")
+    p.add_argument("--samples", type=int, default=2000, help="prior draws the feature rate is measured on")
+    p.add_argument("--is-samples", type=int, default=100, help="importance samples per held-out example for log p(x)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--data-dir", help="where the run's data set is read from (default: the run's own)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
     p = add("sample", help="a grid of samples from a trained run", parents=[threads])
     p.add_argument("run", help="a run directory written by fit")
     p.add_argument("--num", type=int, default=64, help="samples to draw")
@@ -346,13 +360,32 @@ def _score(args: argparse.Namespace) -> None:
     save_printed(Path(args.run) / f"disentanglement-{args.seed}.json", result)
 
 
+def _unlearn(args: argparse.Namespace) -> None:
+    from pyrovae.unlearning import unlearn_run
+
+    check_writable(Path(args.out).resolve().parent)
+    result = unlearn_run(args.run, args.feature, args.out, steps=args.steps, lr=args.lr, batch_size=args.batch_size, examples=args.examples,
+                         samples=args.samples, is_samples=args.is_samples, seed=args.seed, data_dir=args.data_dir)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    rows = [("run / unlearned run", f"{args.run} / {args.out}"), ("feature", result["feature"]),
+            ("feature rate in samples: before / after", f"{100 * result['feature_rate_before']:.2f}% / {100 * result['feature_rate_after']:.2f}%")]
+    for part in ("without", "with"):
+        if result[f"log_likelihood_{part}_feature_before"] is not None:
+            rows.append((f"log p(x), {result[f'held_out_{part}_feature']} held out {part} it: before / after",
+                         f"{result[f'log_likelihood_{part}_feature_before']:.2f} / {result[f'log_likelihood_{part}_feature_after']:.2f}"))
+    rows += [("mean |change| of feature-free draws", result["mean_abs_change_feature_free_draws"]), ("seconds", result["unlearn_seconds"])]
+    print(_table(rows))
+
+
 def _compare(args: argparse.Namespace) -> None:
     from pyrovae.compare import run_compare
 
     run_compare(args)
 
 
-COMMANDS = {"fit": _fit, "evaluate": _evaluate, "score": _score, "sample": _sample, "compare": _compare}
+COMMANDS = {"fit": _fit, "evaluate": _evaluate, "score": _score, "unlearn": _unlearn, "sample": _sample, "compare": _compare}
 
 
 # Torch CPU threads when --threads is not given. pyrovae's models are small: one thread runs

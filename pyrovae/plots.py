@@ -257,7 +257,7 @@ def write_run_plots(experiment: Run, history: History, out: Path) -> None:
     if guide is None or sites is None or not sites.latents or not x.is_tensor:
         return  # no trained encoder (or its data is more than one tensor)
     if shape is not None:
-        pairs = torch.stack([x[:32].primary, reconstruct(experiment.model, guide, x[:32])], 1).reshape(64, -1)
+        pairs = torch.stack([x[:32].primary, reconstruct(experiment.model, guide, x[:32])], 1).reshape(2 * len(x[:32]), -1)
         image_grid(pairs, shape, out / "reconstructions.png", "data | reconstruction", columns=16)
     if len(sites.latents) == 1:
         (name,) = sites.latents

@@ -13,7 +13,7 @@ from pyrovae.batch import Batch, Data, as_batch
 from pyrovae.errors import PyrovaeError
 from pyrovae.sites import ModelSites, inspect_model
 
-__all__ = ["data_site", "decode", "encode", "interpolate", "reconstruct", "sample", "sample_sequences", "traverse", "why_no_images"]
+__all__ = ["data_site", "decode", "decode_mean", "encode", "interpolate", "prior_latents", "reconstruct", "sample", "sample_sequences", "traverse", "why_no_images"]
 
 Latents = dict[str, torch.Tensor]  # site name -> (B, *event shape)
 
@@ -73,6 +73,14 @@ def sample_sequences(model: Callable, like: Data, num: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def prior_latents(model: Callable, sites: ModelSites, like: Data, num: int) -> Latents:
+    """`num` draws of every latent site from the model's prior, (num, *shape) each; `like` as for `sample`."""
+    template = as_batch(like)[:1].map(lambda v: v.expand(num, *v.shape[1:]).clone())
+    trace = template.call(poutine.trace(poutine.uncondition(model)).get_trace)
+    return {name: trace.nodes[name]["value"].reshape((num,) + shape) for name, shape in sites.latents.items()}
+
+
+@torch.no_grad()
 def reconstruct(model: Callable, guide: Callable, x: Data) -> torch.Tensor:
     """Means of p(x|z) with z ~ q(z|x): the autoencoder's reconstruction of `x`."""
     batch = as_batch(x)
@@ -100,6 +108,11 @@ def encode(guide: Callable, sites: ModelSites, x: Data, samples: int = 100) -> L
 def decode(model: Callable, sites: ModelSites, z: Latents, like: Data) -> torch.Tensor:
     """The mean of p(x | z) for each row of `z`; a model's other arguments (a label, a condition)
     come from the rows of `like`, repeated where `z` has more rows."""
+    return decode_mean(model, sites, z, like)
+
+
+def decode_mean(model: Callable, sites: ModelSites, z: Latents, like: Data) -> torch.Tensor:
+    """`decode`, differentiable in the model's parameters and in `z` (for fine-tuning a decoder)."""
     rows = len(next(iter(z.values())))
     template = as_batch(like)
     if len(template) < rows:
