@@ -140,10 +140,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: the run's own)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
-    p = add("score", help="disentanglement metrics of a run's encoder on its data set's ground-truth factors (dsprites)", parents=[threads])
+    p = add("score", help="disentanglement metrics of a run's encoder (dsprites), or the quality of its samples (binary images)", parents=[threads])
     p.add_argument("run", help="a run directory written by fit")
-    p.add_argument("--metrics", default="beta-vae,factor-vae,mig,dci", help="comma-separated: beta-vae, factor-vae, mig, dci")
-    p.add_argument("--points", type=int, help="training points per metric, evaluation points half as many (default: Locatello et al.'s 10000 and 5000)")
+    p.add_argument("--metrics", help="comma-separated: beta-vae, factor-vae, mig, dci (data with ground-truth factors), samples: the Fréchet "
+                   "distance, precision and recall on a project classifier's features (default: all that apply)")
+    p.add_argument("--points", type=int, help="training points per disentanglement metric, evaluation points half as many (default: Locatello et al.'s 10000 and 5000)")
+    p.add_argument("--samples", type=int, default=5000, help="model draws and held-out images the sample metrics compare")
     p.add_argument("--seed", type=int, default=0, help="random seed of the metrics' draws")
     p.add_argument("--data-dir", help="where the run's data set is read from (default: the run's own)")
     p.add_argument("--device", help="cpu or cuda (default: the run's own)")
@@ -348,16 +350,23 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _score(args: argparse.Namespace) -> None:
     from pyrovae.experiment import load
-    from pyrovae.representations import score_run
+    from pyrovae.representations import METRICS, score_run
+    from pyrovae.sample_quality import score_samples
 
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     experiment = load(args.run, args.data_dir, args.device)
-    result = score_run(experiment, metrics, seed=args.seed, points=args.points)
+    default = [*METRICS] if experiment.data.ground_truth is not None else ["samples"]
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else default
+    unknown = [m for m in metrics if m not in (*METRICS, "samples")]
+    if unknown:
+        raise PyrovaeError(f"unknown metric {unknown[0]!r}; known: {', '.join((*METRICS, 'samples'))}")
+    chosen = [m for m in metrics if m != "samples"]
+    result = {**(score_run(experiment, chosen, seed=args.seed, points=args.points) if chosen else {}),
+              **(score_samples(experiment, args.samples, args.seed) if "samples" in metrics else {})}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(_table([("run", args.run), *[(k, v) for k, v in result.items() if k not in ("model", "guide", "method", "objective", "dataset")]]))
-    save_printed(Path(args.run) / f"disentanglement-{args.seed}.json", result)
+    save_printed(Path(args.run) / f"scores-{args.seed}.json", result)
 
 
 def _unlearn(args: argparse.Namespace) -> None:

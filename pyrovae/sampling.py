@@ -13,7 +13,7 @@ from pyrovae.batch import Batch, Data, as_batch
 from pyrovae.errors import PyrovaeError
 from pyrovae.sites import ModelSites, inspect_model
 
-__all__ = ["data_site", "decode", "decode_mean", "encode", "interpolate", "prior_latents", "reconstruct", "sample", "sample_sequences", "traverse", "why_no_images"]
+__all__ = ["data_site", "decode", "decode_mean", "draw", "encode", "interpolate", "prior_latents", "reconstruct", "sample", "sample_sequences", "traverse", "why_no_images"]
 
 Latents = dict[str, torch.Tensor]  # site name -> (B, *event shape)
 
@@ -59,6 +59,15 @@ def sample(model: Callable, like: Data, num: int, given: dict[str, torch.Tensor]
     sites in `given` take those values (one per draw: M2's class y) instead of being drawn."""
     template = as_batch(like)[:1].map(lambda v: v.expand(num, *v.shape[1:]).clone())
     return _observed_mean(model, template, given=given)
+
+
+@torch.no_grad()
+def draw(model: Callable, like: Data, num: int) -> torch.Tensor:
+    """`num` draws of x itself (not its mean) from the model, z ~ p(z) then x ~ p(x|z); `like` as for `sample`."""
+    template = as_batch(like)[:1].map(lambda v: v.expand(num, *v.shape[1:]).clone())
+    observed = data_site(model, template)
+    trace = template.call(poutine.trace(poutine.uncondition(model)).get_trace)
+    return trace.nodes[observed]["value"].reshape(template.primary.shape)
 
 
 @torch.no_grad()
