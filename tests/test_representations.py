@@ -194,39 +194,40 @@ FACTOR = dict(dataset="digits", method="factor-vae", latent=3, hidden=(16,), bat
               method_options={"hidden": 32, "layers": 2, "gamma": 10.0})
 
 
+
 def test_factor_vae_steps_move_only_their_own_parameters():
     experiment = build(Config(**FACTOR))
     method = experiment.method
     vae = {id(p) for group in method.optimizer.param_groups for p in group["params"]}
-    critic = {id(p) for p in method.discriminator.parameters()}
+    critic = {id(p) for p in method.critic.parameters()}
     assert not vae & critic and {id(p) for p in method.parameters()} == vae | critic
     x = experiment.data.batch("train", torch.arange(100))
     snapshot = lambda ps: [p.detach().clone() for p in ps]  # noqa: E731
-    vae_params, critic_params = [p for p in method.parameters() if id(p) in vae], list(method.discriminator.parameters())
+    vae_params, critic_params = [p for p in method.parameters() if id(p) in vae], method.critic.parameters()
     before_vae, before_critic = snapshot(vae_params), snapshot(critic_params)
-    method.discriminator_step = lambda codes: None  # the generator step alone
+    method.critic_step = lambda codes: None  # the generator step alone
     method.step(x, torch.arange(100))
     assert all(torch.equal(a, b) for a, b in zip(before_critic, critic_params))
     assert all(not torch.equal(a, b) for a, b in zip(before_vae, vae_params) if b.numel())
-    del method.discriminator_step
+    del method.critic_step
     before_vae = snapshot(vae_params)
     codes = torch.randn(100, 3)
-    method.discriminator_step(codes)  # the discriminator step alone
+    method.critic_step(codes)  # the critic step alone
     assert all(torch.equal(a, b) for a, b in zip(before_vae, vae_params))
     assert all(not torch.equal(a, b) for a, b in zip(before_critic, critic_params))
 
 
 def test_factor_vae_discriminator_learns_to_tell_correlated_codes_from_shuffled():
-    method = build(Config(**{**FACTOR, "method_options": {**FACTOR["method_options"], "discriminator_lr": 1e-3}})).method
+    method = build(Config(**{**FACTOR, "method_options": {**FACTOR["method_options"], "critic_lr": 1e-3}})).method
     shared = torch.randn(512, 1)
     codes = torch.cat([shared, shared + 0.05 * torch.randn(512, 1), torch.randn(512, 1)], 1)  # z1 ~ z2: a TC of 3.0 nats
     independent = torch.randn(512, 3)
-    estimate = lambda z: (lambda logits: (logits[:, 0] - logits[:, 1]).mean().item())(method.discriminator(z))  # noqa: E731
+    estimate = lambda z: (lambda logits: (logits[:, 0] - logits[:, 1]).mean().item())(method.critic.network(z))  # noqa: E731
     for _ in range(500):
-        method.discriminator_step(codes)
+        method.critic_step(codes)
     assert estimate(codes) > 1.0  # its TC estimate sees the dependence
     for _ in range(500):
-        method.discriminator_step(independent)
+        method.critic_step(independent)
     assert abs(estimate(independent)) < 0.3  # and none where there is none
 
 
@@ -236,7 +237,7 @@ def test_factor_vae_resumes_exactly(tmp_path):
     fit(Config(**FACTOR), stopped, progress=False)
     assert main(["fit", "--resume", "--out", str(stopped), "--epochs", "2", "--quiet"]) == 0
     a, b = RunDir(straight).load_checkpoint(), RunDir(stopped).load_checkpoint()
-    assert "discriminator" in a["method"] and "discriminator_optimizer" in a["method"]
+    assert set(a["method"]["critic"]) == {"network", "optimizer"}
     _same_training(a, b)
 
 
