@@ -384,7 +384,8 @@ def _unlearn(args: argparse.Namespace) -> None:
         if result[f"log_likelihood_{part}_feature_before"] is not None:
             rows.append((f"log p(x), {result[f'held_out_{part}_feature']} held out {part} it: before / after",
                          f"{result[f'log_likelihood_{part}_feature_before']:.2f} / {result[f'log_likelihood_{part}_feature_after']:.2f}"))
-    rows += [("mean |change| of feature-free draws", result["mean_abs_change_feature_free_draws"]), ("seconds", result["unlearn_seconds"])]
+    rows += [("mean |change| of feature-free draws", result["mean_abs_change_feature_free_draws"]),
+             ("mean |change| of feature-free reconstructions", result["mean_abs_change_feature_free_reconstructions"]), ("seconds", result["unlearn_seconds"])]
     print(_table(rows))
 
 

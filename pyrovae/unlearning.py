@@ -159,6 +159,10 @@ def _report(before: Callable, after: Callable, guide: Callable, sites: ModelSite
     report["mean_abs_change_feature_free_draws"] = (decoded["after"] - decoded["before"])[free].abs().mean().item()
     report["mean_abs_change_feature_draws"] = (decoded["after"] - decoded["before"])[~free].abs().mean().item() if bool((~free).any()) else None
     report["draws_carrying_the_direction"] = (~free).float().mean().item()
+    free_x = held_out[~present][:500]
+    codes = encode(guide, sites, free_x)[name]
+    change = decode_mean(after, sites, {name: codes}, like) - decode_mean(before, sites, {name: codes}, like)
+    report["mean_abs_change_feature_free_reconstructions"] = change.abs().mean().item()
     for part, mask in (("without", ~present), ("with", present)):
         x = held_out[mask]
         report[f"held_out_{part}_feature"] = len(x)
