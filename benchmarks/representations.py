@@ -1,5 +1,5 @@
 """Disentangled representations on dSprites (rendered by pyrovae): the plain VAE, beta-VAE,
-beta-TCVAE and FactorVAE, several seeds each, scored by the beta-VAE score, the FactorVAE score,
+beta-TCVAE, FactorVAE and DIP-VAE-I, several seeds each, scored by the beta-VAE score, the FactorVAE score,
 MIG and DCI (`pyrovae score`), as distributions over seeds in the manner of Locatello et al.
 (2019), and a latent traversal plot per objective.
 
@@ -26,14 +26,17 @@ from pyrovae.experiment import Config, fit, load
 from pyrovae.representations import score_run
 
 # name -> the settings that make the objective (Locatello et al.'s grids: beta-VAE beta in
-# {1, 2, 4, 6, 8, 16}, beta-TCVAE beta in {1, ..., 10}, FactorVAE gamma in {10, ..., 100})
+# {1, 2, 4, 6, 8, 16}, beta-TCVAE beta in {1, ..., 10}, FactorVAE gamma in {10, ..., 100}, DIP-VAE-I
+# lambda_od in {1, 2, 5, 10, 20, 50} with lambda_d = 10 lambda_od)
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "VAE (beta = 1)": {},
     "beta-VAE, beta = 4": {"beta": 4.0},
     "beta-TCVAE, beta = 6": {"objective": "tcvae", "objective_options": {"beta": 6.0}},
     "FactorVAE, gamma = 40": {"method": "factor-vae", "method_options": {"gamma": 40.0}},
+    "DIP-VAE-I, lambda_od = 10": {"objective": "dip-vae", "objective_options": {"lambda_od": 10.0}},
 }
-SLUG = {"VAE (beta = 1)": "vae", "beta-VAE, beta = 4": "beta-vae", "beta-TCVAE, beta = 6": "beta-tcvae", "FactorVAE, gamma = 40": "factor-vae"}
+SLUG = {"VAE (beta = 1)": "vae", "beta-VAE, beta = 4": "beta-vae", "beta-TCVAE, beta = 6": "beta-tcvae", "FactorVAE, gamma = 40": "factor-vae",
+        "DIP-VAE-I, lambda_od = 10": "dip-vae"}
 METRICS = ("beta-vae", "factor-vae", "mig", "dci_disentanglement", "dci_completeness", "dci_informativeness_test")
 ANCHOR = ("Locatello et al. (2019), sec. 5 and their figures of per-seed distributions (no single figure to quote): on dSprites, after "
           "300,000 steps of convolutional networks (10-d z, batch 64, Adam 1e-4), no objective beats the others consistently, and "

@@ -1,5 +1,5 @@
 """Training objectives: the ELBO (sec. 2.2), its analytic-KL, enumerated and graph (baselined
-score-function) forms, the IWAE bound, and the beta-TCVAE objective.
+score-function) forms, the IWAE bound, and the beta-TCVAE and DIP-VAE objectives.
 
 Every objective offers ``differentiable_loss(model, guide, *args, **kwargs)``: a scalar
 estimate of minus the bound for the whole data set (minibatches scaled up exactly).
@@ -26,7 +26,7 @@ from pyrovae.importance import PARTICLES, VECTORIZE_ERRORS, _per_example, apply_
 from pyrovae.registry import OBJECTIVES
 from pyrovae.sites import DATA_PLATE
 
-__all__ = ["FreeBitsELBO", "IWAE", "MaskedGraphELBO", "TCVAE", "make_objective", "total_correlation"]
+__all__ = ["DIPVAE", "FreeBitsELBO", "IWAE", "MaskedGraphELBO", "TCVAE", "make_objective", "total_correlation"]
 
 
 class IWAE:
@@ -251,9 +251,53 @@ def total_correlation(pairs: torch.Tensor) -> torch.Tensor:
     return joint - marginals
 
 
+class _ShapedELBO:
+    """The ELBO (one draw per example) plus a term read off the guide's trace at the ELBO's own
+    draw: `term(guide_trace)` returns it for the minibatch and the plate's N / B."""
+
+    name = ""
+
+    def __init__(self, num_particles: int, max_plate_nesting: int, plate: str) -> None:
+        if num_particles != 1:
+            raise PyrovaeError(f"--objective {self.name} takes one sample per example (its term is a minibatch statistic of the draws), "
+                               f"got --particles {num_particles}")
+        self.plate = plate
+        self.elbo = MaskedTraceELBO(num_particles=1, max_plate_nesting=max_plate_nesting)
+
+    @property
+    def max_plate_nesting(self) -> int:
+        return self.elbo.max_plate_nesting
+
+    @max_plate_nesting.setter
+    def max_plate_nesting(self, value: int) -> None:
+        self.elbo.max_plate_nesting = value
+
+    def term(self, guide_trace: Any) -> tuple[torch.Tensor, float]:
+        raise NotImplementedError
+
+    def latent_sites(self, guide_trace: Any) -> list[tuple[str, dict, Any]]:
+        """(name, site, its frame of the per-example plate) of every latent site of the guide."""
+        sites = [(name, site, next((f for f in site["cond_indep_stack"] if f.name == self.plate), None))
+                 for name, site in guide_trace.nodes.items()
+                 if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)]
+        if not sites:
+            raise PyrovaeError(f"--objective {self.name}: the guide samples no latent site")
+        return sites
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        loss = self.elbo.differentiable_loss(model, poutine.replay(guide, trace=guide_trace), *args, **kwargs)
+        term, scale = self.term(guide_trace)
+        return loss + scale * term
+
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+
+
 @OBJECTIVES.register("tcvae", "beta-TCVAE: the ELBO less (beta - 1) times the total correlation of q(z) (Chen et al. 2018); "
                      "--objective-option beta=6")
-class TCVAE:
+class TCVAE(_ShapedELBO):
     """The ELBO with the total-correlation term of its KL decomposition weighted by `beta`:
     E[log p(x|z)] - I(x; z) - beta TC(z) - sum_d KL(q(z_d) || p(z_d)) = ELBO - (beta - 1) TC,
     with TC estimated by minibatch-weighted sampling (`total_correlation`) at the ELBO's own
@@ -266,23 +310,18 @@ class TCVAE:
         Autoencoders, NeurIPS, sec. 3 (the decomposition, beta-TCVAE).
     """
 
+    name = "tcvae"
+
     def __init__(self, num_particles: int = 1, max_plate_nesting: int = 1, plate: str = DATA_PLATE, beta: float = 6.0) -> None:
-        if num_particles != 1:
-            raise PyrovaeError(f"--objective tcvae takes one sample per example (its estimator pairs the minibatch's samples), got --particles {num_particles}")
+        super().__init__(num_particles, max_plate_nesting, plate)
         if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta) and beta >= 0):
             raise PyrovaeError(f"tcvae option beta must be a number >= 0, got {beta!r}")
         self.beta = float(beta)
-        self.max_plate_nesting = max_plate_nesting
-        self.plate = plate
-        self.elbo = MaskedTraceELBO(num_particles=1, max_plate_nesting=max_plate_nesting)
 
     def pairs(self, guide_trace: Any) -> tuple[torch.Tensor, float]:
         """log q(z_id | x_j) ``(B, B, D)`` over the guide's latent sites, and the plate's N / B."""
         columns, scale = [], 1.0
-        for name, site in guide_trace.nodes.items():
-            if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
-                continue
-            frame = next((f for f in site["cond_indep_stack"] if f.name == self.plate), None)
+        for name, site, frame in self.latent_sites(guide_trace):
             fn = site["fn"]
             base = fn.base_dist if isinstance(fn, torch.distributions.Independent) else fn
             if frame is None or base.event_shape != () or not fn.has_rsample or site.get("mask") is not None:
@@ -294,21 +333,60 @@ class TCVAE:
             value = site["value"].reshape(frame.size, 1, *site["value"].shape[1:])
             columns.append(base.log_prob(value).reshape(frame.size, frame.size, -1))
             scale = frame.full_size / frame.size
-        if not columns:
-            raise PyrovaeError("--objective tcvae: the guide samples no latent site")
         return torch.cat(columns, -1), scale
 
-    def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        loss = self.elbo.differentiable_loss(model, poutine.replay(guide, trace=guide_trace), *args, **kwargs)
+    def term(self, guide_trace: Any) -> tuple[torch.Tensor, float]:
         if self.beta == 1.0:
-            return loss
+            return torch.zeros(()), 1.0
         pairs, scale = self.pairs(guide_trace)
-        return loss + (self.beta - 1.0) * scale * total_correlation(pairs).sum()
+        return (self.beta - 1.0) * total_correlation(pairs).sum(), scale
 
-    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
-        with torch.no_grad():
-            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+
+@OBJECTIVES.register("dip-vae", "DIP-VAE-I: the ELBO less a penalty pulling the covariance of the encoder's means to the identity "
+                     "(Kumar et al. 2018); --objective-option lambda_od=10")
+class DIPVAE(_ShapedELBO):
+    """The ELBO less lambda_od sum_{i != j} C_ij^2 + lambda_d sum_i (C_ii - 1)^2 for every
+    example, C the covariance over the minibatch of the guide's means E_q[z|x] (all latent
+    sites, flattened): the aggregate posterior's moments are matched to the standard prior's.
+    The penalty is a minibatch statistic, so its gradient is that of a minibatch estimate.
+
+    References:
+        Kumar, Sattigeri & Balakrishnan (2018), Variational Inference of Disentangled Latent
+        Concepts from Unlabeled Observations, ICLR, sec. 3 (DIP-VAE-I, lambda_d = 10 lambda_od).
+    """
+
+    name = "dip-vae"
+
+    def __init__(self, num_particles: int = 1, max_plate_nesting: int = 1, plate: str = DATA_PLATE, lambda_od: float = 10.0,
+                 lambda_d: float | None = None) -> None:
+        super().__init__(num_particles, max_plate_nesting, plate)
+        for option, value in (("lambda_od", lambda_od), ("lambda_d", lambda_d)):
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
+                raise PyrovaeError(f"dip-vae option {option} must be a number >= 0, got {value!r}")
+        self.lambda_od = float(lambda_od)
+        self.lambda_d = 10.0 * self.lambda_od if lambda_d is None else float(lambda_d)
+
+    def penalty(self, guide_trace: Any) -> tuple[torch.Tensor, float, int]:
+        """The penalty, the plate's N / B and B, from the means of the guide's latent sites."""
+        means, scale, batch = [], 1.0, 0
+        for name, site, frame in self.latent_sites(guide_trace):
+            try:
+                mean = site["fn"].mean
+            except NotImplementedError:
+                mean = None
+            if frame is None or mean is None or mean.shape[: mean.dim() - site["fn"].event_dim] != (frame.size,):
+                raise PyrovaeError(f"--objective dip-vae needs a per-example latent site with a mean in the guide; {name!r} has none")
+            means.append(mean.reshape(frame.size, -1))
+            scale, batch = frame.full_size / frame.size, frame.size
+        centred = torch.cat(means, -1)
+        centred = centred - centred.mean(0)
+        cov = centred.T @ centred / batch
+        off = cov - torch.diag_embed(cov.diagonal())
+        return self.lambda_od * off.pow(2).sum() + self.lambda_d * (cov.diagonal() - 1).pow(2).sum(), scale, batch
+
+    def term(self, guide_trace: Any) -> tuple[torch.Tensor, float]:
+        penalty, scale, batch = self.penalty(guide_trace)
+        return batch * penalty, scale  # the penalty counts once per example
 
 
 def _masked(site: dict, value: torch.Tensor) -> torch.Tensor:

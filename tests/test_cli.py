@@ -116,7 +116,7 @@ def test_list_json_names_everything():
     kinds = ("models", "guides", "objectives", "methods", "datasets", "priors", "decoders", "likelihoods")
     names = {kind: {e["name"] for e in listing[kind]} for kind in kinds}
     assert {"vae", "linear-gaussian"} <= names["models"] and {"diagonal", "exact"} <= names["guides"]
-    assert names["objectives"] == {"elbo", "elbo-analytic", "elbo-enum", "elbo-graph", "iwae", "tcvae"}
+    assert names["objectives"] == {"elbo", "elbo-analytic", "elbo-enum", "elbo-graph", "iwae", "tcvae", "dip-vae"}
     assert names["methods"] == {"amortized", "local", "map", "mcmc-em", "wake-sleep", "factor-vae", "aae", "vae-gan"}
     assert {"digits", "binarized-mnist", "mnist", "jsb-chorales", "dsprites"} <= names["datasets"]
     assert names["priors"] == {"standard", "vampprior", "flow"}

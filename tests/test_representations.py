@@ -160,6 +160,23 @@ def test_tcvae_refuses_what_its_estimator_cannot_serve():
         TCVAE(beta=2).differentiable_loss(_model, full_guide, torch.randn(8, 6))
 
 
+def test_dip_vae_adds_the_covariance_penalty_of_the_guides_means_for_every_example():
+    x = torch.randn(50, 6)
+    losses = {}
+    for lambda_od in (0.0, 3.0):
+        pyro.set_rng_seed(7)
+        losses[lambda_od] = make_objective("dip-vae", options={"lambda_od": lambda_od, "lambda_d": 2 * lambda_od}).differentiable_loss(_model, _guide, x)
+    pyro.set_rng_seed(7)
+    assert torch.allclose(losses[0.0], make_objective("elbo").differentiable_loss(_model, _guide, x))  # no penalty: the ELBO exactly
+    means = x @ pyro.param("a")
+    cov = torch.cov(means.T, correction=0)
+    off = cov - torch.diag(cov.diagonal())
+    penalty = 3.0 * off.pow(2).sum() + 6.0 * (cov.diagonal() - 1).pow(2).sum()
+    assert torch.allclose(losses[3.0] - losses[0.0], 50 * penalty, rtol=1e-4)
+    with pytest.raises(PyrovaeError, match="lambda_od must be"):
+        make_objective("dip-vae", options={"lambda_od": -1})
+
+
 # --- beta-VAE: the latent sites' weight -----------------------------------------------------
 
 
@@ -184,6 +201,8 @@ def test_beta_trains_from_the_command_line_and_is_refused_out_of_range(tmp_path,
     assert RunDir(tmp_path / "b").config()["beta"] == 4.0
     assert main(["fit", *flags, "--beta", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "--beta must be a positive number" in capsys.readouterr().err
+    assert main(["fit", *flags, "--objective", "dip-vae", "--objective-option", "lambda_od=2", "--out", str(tmp_path / "dip")]) == 0
+    assert RunDir(tmp_path / "dip").config()["objective_options"] == {"lambda_od": 2}
     assert main(["fit", *flags, "--method", "wake-sleep", "--objective", "tcvae", "--out", str(tmp_path / "ws")]) == 2
     assert "trains on objectives of its own" in capsys.readouterr().err
 

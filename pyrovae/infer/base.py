@@ -57,7 +57,7 @@ class InferenceMethod:
     checks_guide: ClassVar[bool] = True  # the guide given is the one trained and scored: it must serve the model
     own_objectives: ClassVar[bool] = False  # trains on objectives of its own (MAP, wake-sleep, MCMC-EM), not the settings' bound
     # objectives that reshape the bound (not a bound on log p(x)): a method of its own objectives would drop that silently
-    SHAPED_OBJECTIVES: ClassVar[tuple[str, ...]] = ("tcvae",)
+    SHAPED_OBJECTIVES: ClassVar[tuple[str, ...]] = ("tcvae", "dip-vae")
 
     def __init__(self, model: Callable, guide: Callable, settings: TrainSettings, num_examples: int, *, sites: ModelSites | None = None) -> None:
         """`sites`: the model's sites (`pyrovae.sites.inspect_model`), where the guide does not carry them."""
