@@ -112,6 +112,14 @@ class Adversarial(AmortizedVI):
     def parameters(self) -> list[torch.Tensor]:
         return [*super().parameters(), *(self.critic.parameters() if self.critic is not None else [])]
 
+    def begin(self, x: Data, weights: torch.Tensor | None) -> bool:
+        """Prepare on the first step (returned True then); stratified weights are refused."""
+        if weights is not None:
+            raise PyrovaeError(f"{self.name} trains on uniform minibatches: drop --labelled-per-batch")
+        first = not self.prepared
+        self.prepare(x)
+        return first
+
     def traces(self, x: Data, index: torch.Tensor | None) -> tuple[Any, Any, Any, int]:
         """The guide's trace, the model's replayed on it, the model's own (z ~ p(z)), and B."""
         batch = as_batch(x)
@@ -176,10 +184,7 @@ class AdversarialAE(Adversarial):
         self.weight = check_number(self.name, "weight", weight, positive=False)
 
     def step(self, x: Data, index: torch.Tensor, beta: float = 1.0, weights: torch.Tensor | None = None) -> torch.Tensor:
-        if weights is not None:
-            raise PyrovaeError(f"{self.name} trains on uniform minibatches: drop --labelled-per-batch")
-        first = not self.prepared
-        self.prepare(x)
+        first = self.begin(x, weights)
         assert self.critic is not None and self.sites is not None
         guide_trace, model_trace, prior_trace, batch = self.traces(x, index)
         codes = flat_codes(guide_trace, self.sites, batch, self.name)
@@ -246,10 +251,7 @@ class VAEGAN(Adversarial):
         return hidden, self.critic.network[-1](hidden)
 
     def step(self, x: Data, index: torch.Tensor, beta: float = 1.0, weights: torch.Tensor | None = None) -> torch.Tensor:
-        if weights is not None:
-            raise PyrovaeError(f"{self.name} trains on uniform minibatches: drop --labelled-per-batch")
-        first = not self.prepared
-        self.prepare(x)
+        first = self.begin(x, weights)
         assert self.critic is not None and self.sites is not None and self.observed is not None
         guide_trace, model_trace, prior_trace, batch = self.traces(x, index)
         real = as_batch(x).primary.reshape(batch, -1)

@@ -10,7 +10,6 @@ from pyro import poutine
 from torch.nn import functional as F
 
 from pyrovae.batch import Data, as_batch
-from pyrovae.errors import PyrovaeError
 from pyrovae.infer.adversarial import Adversarial, check_number, flat_codes
 from pyrovae.infer.base import TrainSettings
 from pyrovae.registry import METHODS
@@ -54,10 +53,7 @@ class FactorVAE(Adversarial):
 
     def step(self, x: Data, index: torch.Tensor, beta: float = 1.0, weights: torch.Tensor | None = None) -> torch.Tensor:
         """One Adam step of model and guide on -ELBO + gamma TC (nats per example), then one of the critic."""
-        if weights is not None:
-            raise PyrovaeError(f"{self.name} trains on uniform minibatches: drop --labelled-per-batch")
-        first = not self.prepared
-        self.prepare(x)
+        first = self.begin(x, weights)
         assert self.critic is not None and self.sites is not None
         recorder = poutine.trace(self.guide)
         self.optimizer.zero_grad(set_to_none=True)
