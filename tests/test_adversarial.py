@@ -86,5 +86,7 @@ def test_adversarial_methods_refuse_what_they_cannot_train():
         build(Config(**{**TINY, "method": "aae", "particles": 2}))
     with pytest.raises(PyrovaeError, match="weight must be"):
         build(Config(**{**TINY, "method": "aae", "method_options": {"weight": -1}}))
+    with pytest.raises(PyrovaeError, match="a loss of its own, not --objective iwae"):
+        build(Config(**{**TINY, "method": "vae-gan", "objective": "iwae"}))
     with pytest.raises(PyrovaeError, match="critic_lr must be"):
         build(Config(**{**TINY, "method": "vae-gan", "method_options": {"critic_lr": 0}}))

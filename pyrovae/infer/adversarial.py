@@ -82,6 +82,7 @@ class Adversarial(AmortizedVI):
     gives_elbo = False
     trains_baselines = False
     critic_outputs = 1  # logits
+    uses_objective = False  # its loss is its own (AAE, VAE-GAN), or the objective's plus a critic's term (FactorVAE)
 
     def __init__(self, model: Callable, guide: Callable, settings: TrainSettings, num_examples: int, *, sites: ModelSites | None = None,
                  critic_lr: float = 1e-4, hidden: int = 512, layers: int = 2, clip_norm: float | None = None) -> None:
@@ -94,6 +95,8 @@ class Adversarial(AmortizedVI):
         self.hidden, self.layers = hidden, layers
         self.captured = None  # every step also trains the critic on the step's own draws
         self.critic: Critic | None = None
+        if not self.uses_objective and (settings.objective != "elbo" or settings.objective_options):
+            raise PyrovaeError(f"the {self.name} method trains on a loss of its own, not --objective {settings.objective}: drop --objective")
 
     def critic_input(self, sites: ModelSites, batch: Any) -> int:
         """The width of what the critic reads: codes, or images."""

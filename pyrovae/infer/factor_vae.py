@@ -45,6 +45,7 @@ class FactorVAE(Adversarial):
 
     name = "factor-vae"
     critic_outputs = 2
+    uses_objective = True
 
     def __init__(self, model: Callable, guide: Callable, settings: TrainSettings, num_examples: int, *, gamma: float = 40.0,
                  hidden: int = 1000, layers: int = 6, **options: Any) -> None:
