@@ -33,6 +33,8 @@ def encoder(experiment: Experiment) -> Representation:
     sites = experiment.method.sites
     if experiment.amortized_guide is None or sites is None:
         raise PyrovaeError(f"the disentanglement metrics score an encoder; this run ({experiment.config.method}) trained none")
+    if experiment.config.fields != "x":
+        raise PyrovaeError(f"the disentanglement metrics encode observations alone; this model takes --fields {experiment.config.fields}")
     if sites.discrete or sites.global_latents:
         raise PyrovaeError("the disentanglement metrics score continuous per-example codes; this model has discrete or global latents")
     guide = experiment.guide
