@@ -50,9 +50,10 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, epochs: int = 30, batch_s
         torch.manual_seed(seed)
         model = Classifier(x.shape[1], int(y.max()) + 1, hidden)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(epochs):
-        for index in torch.randperm(len(x), generator=generator).split(batch_size):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[index]), y[index]).backward()
-            optimizer.step()
+    with torch.enable_grad():  # also when called from scoring code under no_grad
+        for _ in range(epochs):
+            for index in torch.randperm(len(x), generator=generator).split(batch_size):
+                optimizer.zero_grad()
+                F.cross_entropy(model(x[index]), y[index]).backward()
+                optimizer.step()
     return model.eval()

@@ -39,6 +39,9 @@ def test_the_project_classifier_learns_the_digits():
     x, y = run["x_train"], run["y_train"]
     classifier = train_classifier(x, y, epochs=20)
     assert (classifier.predict(run["x_valid"]) == run["y_valid"]).float().mean() > 0.9
+    with torch.no_grad():  # trained all the same inside scoring code
+        again = train_classifier(x, y, epochs=1)
+    assert not torch.equal(again.head.weight, train_classifier(x, y, epochs=0).head.weight)
     with pytest.raises(PyrovaeError, match="at least 10 labelled"):
         train_classifier(x[:5], y[:5])
 
