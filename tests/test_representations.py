@@ -280,6 +280,15 @@ def test_the_ground_truth_looks_rows_up_in_the_packed_grid_as_render_draws_them(
         dsprites.DSprites(packed).observe(np.array([[3, 0, 0, 0, 0]]))
 
 
+def test_a_cached_grid_that_is_not_what_the_renderer_draws_is_not_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYROVAE_CACHE", str(tmp_path))
+    assert load_dataset("dsprites", examples=20).ground_truth.packed is None  # no cache: rendered
+    path = tmp_path / "dsprites" / "grid-1.npy"
+    path.parent.mkdir()
+    np.save(path, np.zeros((dsprites.GRID_SIZE, 512), np.uint8))  # the right shape, the wrong images
+    assert load_dataset("dsprites", examples=20).ground_truth.packed is None
+
+
 def test_traversals_move_one_coordinate_of_the_encoding_at_a_time():
     experiment = build(Config(dataset="dsprites", dataset_options={"examples": 200}, latent=3, hidden=(16,), epochs=0, eval_samples=0))
     experiment.train_mode(False)
