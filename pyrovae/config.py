@@ -15,7 +15,7 @@ from typing import Any
 import pyrovae
 from pyrovae.errors import PyrovaeError
 
-__all__ = ["Config", "check_types", "is_integer", "is_number"]
+__all__ = ["Config", "check_number", "check_types", "is_integer", "is_number"]
 
 SEEDS = 2**32  # numpy's seeds are 0 .. 2**32 - 1
 MAX_LR = 1.0  # Adam's step size: above 1 every model here diverges (an --lr 1e6 run "finished" with an ELBO of -3e16)
@@ -29,6 +29,14 @@ def is_integer(value: Any) -> bool:
 def is_number(value: Any) -> bool:
     """An int or a float, not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_number(owner: str, option: str, value: Any, positive: bool = True) -> float:
+    """`value` as a float, refused in one line (``OWNER option OPTION must be ...``) unless a
+    finite number > 0 (or >= 0 where not `positive`)."""
+    if not is_number(value) or not math.isfinite(value) or (value <= 0 if positive else value < 0):
+        raise PyrovaeError(f"{owner} option {option} must be a {'positive number' if positive else 'number >= 0'}, got {value!r}")
+    return float(value)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
+from pyrovae.config import check_number
 from pyrovae.errors import PyrovaeError
 from pyrovae.files import first_line
 from pyrovae.importance import PARTICLES, VECTORIZE_ERRORS, _per_example, apply_model_masks, log_weights
@@ -52,15 +53,11 @@ class IWAE:
             return self.differentiable_loss(model, guide, *args, **kwargs).item()
 
 
-class ParticlesOrLoop:
-    """Pyro's ELBO over K particles in one vectorized pass; for a program whose code cannot
-    broadcast over the extra particle dimension, Pyro's own loop over the K particles from then
-    on (the same estimator, K passes), said once through the logger ``"pyrovae"``."""
+class _WrapsELBO:
+    """An objective around a Pyro ELBO ``self.elbo``: its plate nesting is the ELBO's (a method's
+    `prepare` may raise it), and `loss` is the value of `differentiable_loss`."""
 
-    def __init__(self, cls: type, num_particles: int, max_plate_nesting: int) -> None:
-        self.cls, self.num_particles = cls, num_particles
-        self.elbo = cls(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=max_plate_nesting)
-        self.looped = False
+    elbo: Any
 
     @property
     def max_plate_nesting(self) -> int:
@@ -69,6 +66,24 @@ class ParticlesOrLoop:
     @max_plate_nesting.setter
     def max_plate_nesting(self, value: int) -> None:
         self.elbo.max_plate_nesting = value
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+
+
+class ParticlesOrLoop(_WrapsELBO):
+    """Pyro's ELBO over K particles in one vectorized pass; for a program whose code cannot
+    broadcast over the extra particle dimension, Pyro's own loop over the K particles from then
+    on (the same estimator, K passes), said once through the logger ``"pyrovae"``."""
+
+    def __init__(self, cls: type, num_particles: int, max_plate_nesting: int) -> None:
+        self.cls, self.num_particles = cls, num_particles
+        self.elbo = cls(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=max_plate_nesting)
+        self.looped = False
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.looped:
@@ -83,10 +98,6 @@ class ParticlesOrLoop:
             self.elbo = self.cls(num_particles=self.num_particles, vectorize_particles=False, max_plate_nesting=self.elbo.max_plate_nesting)
             self.looped = True
             return self.elbo.differentiable_loss(model, guide, *args, **kwargs)
-
-    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
-        with torch.no_grad():
-            return self.differentiable_loss(model, guide, *args, **kwargs).item()
 
 
 def _elbo(cls: type) -> Callable[..., Any]:
@@ -251,7 +262,7 @@ def total_correlation(pairs: torch.Tensor) -> torch.Tensor:
     return joint - marginals
 
 
-class _ShapedELBO:
+class _ShapedELBO(_WrapsELBO):
     """The ELBO (one draw per example) plus a term read off the guide's trace at the ELBO's own
     draw: `term(guide_trace)` returns it for the minibatch and the plate's N / B."""
 
@@ -263,14 +274,6 @@ class _ShapedELBO:
                                f"got --particles {num_particles}")
         self.plate = plate
         self.elbo = MaskedTraceELBO(num_particles=1, max_plate_nesting=max_plate_nesting)
-
-    @property
-    def max_plate_nesting(self) -> int:
-        return self.elbo.max_plate_nesting
-
-    @max_plate_nesting.setter
-    def max_plate_nesting(self, value: int) -> None:
-        self.elbo.max_plate_nesting = value
 
     def term(self, guide_trace: Any) -> tuple[torch.Tensor, float]:
         raise NotImplementedError
@@ -289,10 +292,6 @@ class _ShapedELBO:
         loss = self.elbo.differentiable_loss(model, poutine.replay(guide, trace=guide_trace), *args, **kwargs)
         term, scale = self.term(guide_trace)
         return loss + scale * term
-
-    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
-        with torch.no_grad():
-            return self.differentiable_loss(model, guide, *args, **kwargs).item()
 
 
 @OBJECTIVES.register("tcvae", "beta-TCVAE: the ELBO less (beta - 1) times the total correlation of q(z) (Chen et al. 2018); "
@@ -314,9 +313,7 @@ class TCVAE(_ShapedELBO):
 
     def __init__(self, num_particles: int = 1, max_plate_nesting: int = 1, plate: str = DATA_PLATE, beta: float = 6.0) -> None:
         super().__init__(num_particles, max_plate_nesting, plate)
-        if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta) and beta >= 0):
-            raise PyrovaeError(f"tcvae option beta must be a number >= 0, got {beta!r}")
-        self.beta = float(beta)
+        self.beta = check_number("tcvae", "beta", beta, positive=False)
 
     def pairs(self, guide_trace: Any) -> tuple[torch.Tensor, float]:
         """log q(z_id | x_j) ``(B, B, D)`` over the guide's latent sites, and the plate's N / B."""
@@ -360,11 +357,8 @@ class DIPVAE(_ShapedELBO):
     def __init__(self, num_particles: int = 1, max_plate_nesting: int = 1, plate: str = DATA_PLATE, lambda_od: float = 10.0,
                  lambda_d: float | None = None) -> None:
         super().__init__(num_particles, max_plate_nesting, plate)
-        for option, value in (("lambda_od", lambda_od), ("lambda_d", lambda_d)):
-            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
-                raise PyrovaeError(f"dip-vae option {option} must be a number >= 0, got {value!r}")
-        self.lambda_od = float(lambda_od)
-        self.lambda_d = 10.0 * self.lambda_od if lambda_d is None else float(lambda_d)
+        self.lambda_od = check_number("dip-vae", "lambda_od", lambda_od, positive=False)
+        self.lambda_d = 10.0 * self.lambda_od if lambda_d is None else check_number("dip-vae", "lambda_d", lambda_d, positive=False)
 
     def penalty(self, guide_trace: Any) -> tuple[torch.Tensor, float, int]:
         """The penalty, the plate's N / B and B, from the means of the guide's latent sites."""

@@ -26,6 +26,11 @@ def _observed_mean(model: Callable, x: Batch, trace_guide=None, given: dict[str,
     return trace.nodes[observed]["fn"].mean.reshape(x.primary.shape)
 
 
+def _repeated(like: Data, num: int) -> Batch:
+    """The first example of `like`, repeated `num` times: shapes and a model's other arguments for draws."""
+    return as_batch(like)[:1].map(lambda v: v.expand(num, *v.shape[1:]).clone())
+
+
 def data_site(model: Callable, x: Batch) -> str:
     """The observed site that scores the data tensor (not a label or a condition observed beside it)."""
     with torch.no_grad():
@@ -57,14 +62,14 @@ def sample(model: Callable, like: Data, num: int, given: dict[str, torch.Tensor]
     """Means of p(x|z) for `num` draws z ~ p(z); `like` is one batch of data (for shapes, and the
     other arguments: a conditional model's condition is the first example's, repeated). Latent
     sites in `given` take those values (one per draw: M2's class y) instead of being drawn."""
-    template = as_batch(like)[:1].map(lambda v: v.expand(num, *v.shape[1:]).clone())
+    template = _repeated(like, num)
     return _observed_mean(model, template, given=given)
 
 
 @torch.no_grad()
 def draw(model: Callable, like: Data, num: int) -> torch.Tensor:
     """`num` draws of x itself (not its mean) from the model, z ~ p(z) then x ~ p(x|z); `like` as for `sample`."""
-    template = as_batch(like)[:1].map(lambda v: v.expand(num, *v.shape[1:]).clone())
+    template = _repeated(like, num)
     observed = data_site(model, template)
     trace = template.call(poutine.trace(poutine.uncondition(model)).get_trace)
     return trace.nodes[observed]["value"].reshape(template.primary.shape)
@@ -75,7 +80,7 @@ def sample_sequences(model: Callable, like: Data, num: int) -> torch.Tensor:
     """`num` draws of a sequence model's observed steps x_1, x_2, ... from the prior, stacked on
     dim 1, (num, T, *step shape); `like` gives the shapes and the other arguments (the first
     example's, repeated: its length)."""
-    template = as_batch(like)[:1].map(lambda v: v.expand(num, *v.shape[1:]).clone())
+    template = _repeated(like, num)
     observed = inspect_model(model, template).observed
     trace = template.call(poutine.trace(poutine.uncondition(model)).get_trace)
     return torch.stack([trace.nodes[name]["value"].reshape(num, -1) for name in observed], 1)
@@ -84,7 +89,7 @@ def sample_sequences(model: Callable, like: Data, num: int) -> torch.Tensor:
 @torch.no_grad()
 def prior_latents(model: Callable, sites: ModelSites, like: Data, num: int) -> Latents:
     """`num` draws of every latent site from the model's prior, (num, *shape) each; `like` as for `sample`."""
-    template = as_batch(like)[:1].map(lambda v: v.expand(num, *v.shape[1:]).clone())
+    template = _repeated(like, num)
     trace = template.call(poutine.trace(poutine.uncondition(model)).get_trace)
     return {name: trace.nodes[name]["value"].reshape((num,) + shape) for name, shape in sites.latents.items()}
 

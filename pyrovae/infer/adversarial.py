@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pyrovae.batch import Data, as_batch
+from pyrovae.config import check_number, is_integer
 from pyrovae.errors import PyrovaeError
 from pyrovae.infer.amortized import AmortizedVI
 from pyrovae.infer.base import TrainSettings, unique_parameters
@@ -26,7 +27,7 @@ from pyrovae.registry import METHODS
 from pyrovae.sampling import data_site
 from pyrovae.sites import ModelSites
 
-__all__ = ["Adversarial", "AdversarialAE", "Critic", "VAEGAN", "check_number", "flat_codes", "mlp"]
+__all__ = ["Adversarial", "AdversarialAE", "Critic", "VAEGAN", "flat_codes", "mlp"]
 
 
 def mlp(sizes: Sequence[int], outputs: int) -> nn.Sequential:
@@ -68,13 +69,6 @@ def flat_codes(trace: Any, sites: ModelSites, batch: int, what: str) -> torch.Te
         raise PyrovaeError(f"{what} could not read one code per example from the draw: {error}") from None
 
 
-def check_number(method: str, option: str, value: Any, positive: bool = True) -> float:
-    """`value` as a float, refused in one line unless a finite number (> 0, or >= 0)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (value <= 0 if positive else value < 0):
-        raise PyrovaeError(f"{method} option {option} must be a {'positive number' if positive else 'number >= 0'}, got {value!r}")
-    return float(value)
-
-
 class Adversarial(AmortizedVI):
     """Amortized VI's optimizer and checkpoints, with a critic that `prepare` builds (it reads
     the model's sites and the data's shape)."""
@@ -88,7 +82,7 @@ class Adversarial(AmortizedVI):
                  critic_lr: float = 1e-4, hidden: int = 512, layers: int = 2, clip_norm: float | None = None) -> None:
         super().__init__(model, guide, settings, num_examples, sites=sites, clip_norm=clip_norm)
         self.critic_lr = check_number(self.name, "critic_lr", critic_lr)
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1 or isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        if not (is_integer(hidden) and hidden >= 1 and is_integer(layers) and layers >= 1):
             raise PyrovaeError(f"{self.name} options hidden and layers must be positive whole numbers, got {hidden!r} and {layers!r}")
         if settings.particles != 1:
             raise PyrovaeError(f"{self.name} trains on one draw per example, got --particles {settings.particles}")
@@ -240,10 +234,11 @@ class VAEGAN(Adversarial):
         super().add_parameters(model, guide)
 
     def critic_input(self, sites: ModelSites, batch: Any) -> int:
-        self.observed = data_site(self.model, batch[:2])  # the critic reads the images this site scores
-        return math.prod(batch.primary.shape[1:])
+        return math.prod(batch.primary.shape[1:])  # the critic reads images
 
     def prepare(self, data: Data) -> None:
+        if self.observed is None:
+            self.observed = data_site(self.model, as_batch(data)[:2])  # the site that scores the images
         super().prepare(data)
         if not self.decoder_parameters or not self.encoder_parameters:
             raise PyrovaeError("vae-gan updates a decoder and an encoder apart: model and guide must each hold parameters")

@@ -10,7 +10,8 @@ from pyro import poutine
 from torch.nn import functional as F
 
 from pyrovae.batch import Data, as_batch
-from pyrovae.infer.adversarial import Adversarial, check_number, flat_codes
+from pyrovae.config import check_number
+from pyrovae.infer.adversarial import Adversarial, flat_codes
 from pyrovae.infer.base import TrainSettings
 from pyrovae.registry import METHODS
 
