@@ -109,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="K labelled examples in every minibatch, the rest unlabelled, weighted to stay unbiased (M2 as Kingma et al. train it; "
                         f"default: {d('labelled_per_batch')}, uniform minibatches)")
     p.add_argument("--lr", type=float, help=f"Adam's learning rate, in (0, 1] (default: {d('lr')})")
+    p.add_argument("--schedule", help=f"learning rate over epochs: constant, or burda (Burda et al. 2016: 3^i epochs at --lr * 10^(-i/7), "
+                   f"i = 0..7, 3280 in all, Adam's epsilon 1e-4) (default: {d('schedule')})")
     p.add_argument("--warmup", type=float, help=f"epochs of linear KL warm-up (default: {d('warmup')})")
     p.add_argument("--beta", type=float, help=f"weight of the latent sites after warm-up: the beta-VAE (Higgins et al. 2017) (default: {d('beta')})")
     p.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement (default: none)")
@@ -250,6 +252,7 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
         hidden=args.hidden, activation=args.activation, layers=args.layers, prior=args.prior, decoder=args.decoder,
         free_bits=args.free_bits, model_options=_pairs(args.model_option), guide_options=_pairs(args.guide_option),
         method_options=_pairs(args.method_option), epochs=args.epochs, batch_size=args.batch_size, labelled_per_batch=args.labelled_per_batch, lr=args.lr,
+        schedule=args.schedule,
         particles=args.particles, warmup=args.warmup, beta=args.beta, objective_options=_pairs(args.objective_option), patience=args.patience, seed=args.seed,
         eval_samples=args.eval_samples, device=args.device, capture=None if args.eager is None else not args.eager,
         fields=args.fields, plate=args.plate, collate=args.collate, logs=args.log,

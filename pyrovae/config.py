@@ -17,6 +17,7 @@ from pyrovae.errors import PyrovaeError
 
 __all__ = ["Config", "check_number", "check_types", "is_integer", "is_number"]
 
+SCHEDULES = ("constant", "burda")  # `pyrovae.schedules` (torch-free here)
 SEEDS = 2**32  # numpy's seeds are 0 .. 2**32 - 1
 MAX_LR = 1.0  # Adam's step size: above 1 every model here diverges (an --lr 1e6 run "finished" with an ELBO of -3e16)
 
@@ -66,6 +67,7 @@ class Config:
     batch_size: int = 100
     labelled_per_batch: int = 0  # > 0: that many labelled examples in every minibatch, the rest unlabelled (M2's training)
     lr: float = 1e-3
+    schedule: str = "constant"  # the learning rate over epochs (`pyrovae.schedules`): constant, or burda
     particles: int = 1
     warmup: float = 0.0
     beta: float = 1.0  # the latent sites' final weight: beta-VAE's beta (Higgins et al. 2017); warm-up ramps 0 -> beta
@@ -91,6 +93,7 @@ class Config:
             (self.batch_size >= 1, f"--batch-size must be positive, got {self.batch_size}"),
             (is_integer(self.labelled_per_batch) and 0 <= self.labelled_per_batch < max(self.batch_size, 1),
              f"--labelled-per-batch must be in 0..{self.batch_size - 1} (less than --batch-size), got {self.labelled_per_batch}"),
+            (self.schedule in SCHEDULES, f"unknown --schedule {self.schedule!r}: choose from {', '.join(SCHEDULES)}"),
             (self.particles >= 1, f"--particles must be at least 1, got {self.particles}"),
             (self.eval_samples >= 0, f"--eval-samples must be >= 0, got {self.eval_samples}"),
             (math.isfinite(self.warmup) and self.warmup >= 0, f"--warmup must be >= 0 epochs, got {self.warmup}"),
@@ -120,7 +123,8 @@ class Config:
 
 
 SAVED_EXTRAS = ("format", "pyrovae")  # written beside the settings in config.json
-ADDED_LATER: dict[str, Any] = {"fields": "x", "plate": None, "collate": None, "logs": "csv,tensorboard", "labelled_per_batch": 0, "beta": 1.0, "objective_options": {}}  # settings runs saved before they existed take as their default
+ADDED_LATER: dict[str, Any] = {"fields": "x", "plate": None, "collate": None, "logs": "csv,tensorboard", "labelled_per_batch": 0, "beta": 1.0, "objective_options": {},
+                               "schedule": "constant"}  # settings runs saved before they existed take as their default
 
 
 def _kind(hint: Any) -> tuple[Callable[[Any], bool], str]:

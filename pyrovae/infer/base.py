@@ -131,6 +131,18 @@ class InferenceMethod:
         """Every parameter of model and guide that this method knows (after `prepare`)."""
         return unique([*self.model_parameters.all(), *self.guide_parameters.all()])
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Every torch optimizer this method steps: its attributes', and those of its own helper
+        objects one level down (a critic's, the local method's pair); for schedules and
+        gradient averaging across processes."""
+        found: list[torch.optim.Optimizer] = []
+        for value in vars(self).values():
+            inner = vars(value).values() if type(value).__module__.startswith("pyrovae.") and not isinstance(value, nn.Module) else ()
+            for candidate in (value, *inner):
+                if isinstance(candidate, torch.optim.Optimizer) and all(candidate is not f for f in found):
+                    found.append(candidate)
+        return found
+
     def check_complete(self, loss: torch.Tensor) -> None:
         """Refuse a loss that reaches a tensor this method neither optimizes nor checkpoints."""
         check_complete(loss, self.parameters())

@@ -18,6 +18,7 @@ from pyrovae.errors import PyrovaeError
 from pyrovae.files import one_line
 from pyrovae.infer.base import InferenceMethod
 from pyrovae.run import RunDir
+from pyrovae.schedules import apply_schedule
 
 __all__ = ["History", "restore", "train"]
 
@@ -93,6 +94,7 @@ def train(
     seed: int = 0,
     warmup_epochs: float = 0.0,
     beta: float = 1.0,
+    schedule: str = "constant",
     patience: int | None = None,
     run: RunDir | None = None,
     resume: bool = False,
@@ -110,6 +112,7 @@ def train(
         warmup_epochs: epochs over which latent sites' weight ramps from 0 to `beta`.
         beta: the latent sites' weight after warm-up: the beta-VAE objective
             E[log p(x|z)] - beta KL(q || p) (Higgins et al. 2017, eq. 4); 1 is the ELBO.
+        schedule: the learning rate over epochs (`pyrovae.schedules`), set at each epoch's start.
         patience: stop when the validation ELBO has not improved for this many epochs, and
             keep the best state (needs `validate`).
         run: where the checkpoint goes after every epoch (atomically).
@@ -164,6 +167,7 @@ def train(
     shown: dict[str, str] = {}  # the last validation bound, on the bar
     while history.epochs < epochs and not history.stopped_early:
         epoch = history.epochs
+        apply_schedule(method.optimizers(), schedule, epoch)
         start, total, seen = time.perf_counter(), 0.0, 0
         pending: list[tuple[Any, int]] = []  # losses not read yet: reading one waits for the device
 
