@@ -119,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help=f"cpu or cuda (default: {d('device')})")
     p.add_argument("--eager", action="store_true", default=None, help="run the Pyro program every step (no captured graph; for debugging)")
     p.add_argument("--out", help="run directory (default: runs/MODEL-GUIDE-DATASET-TIME)")
+    p.add_argument("--nproc", type=int, help="data-parallel processes on this machine (torch.distributed: gloo on CPUs, NCCL on GPUs), each at "
+                   "--batch-size, one torch thread each; the same run as torchrun --nproc-per-node N -m pyrovae fit ... (default: 1)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped, with its saved settings (only --epochs, --eval-samples, --device and --data-dir may differ)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no log lines; the final table only")
     p.add_argument("--log", help="live metrics per epoch in the run directory: csv (log.csv), tensorboard (tensorboard/, with the tensorboard "
@@ -260,16 +262,42 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
     return {name: value for name, value in fields.items() if value is not None}
 
 
-def _fit(args: argparse.Namespace) -> None:
-    from pyrovae.experiment import fit
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """The command line less its --nproc flag, for the ranks to run."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
 
+
+def _fit(args: argparse.Namespace) -> int:
     given = _given(args)
     config = Config(**given)
     if args.resume and not args.out:
         raise PyrovaeError("--resume needs --out RUN, the run directory to continue")
+    if args.nproc is not None and args.nproc < 1:
+        raise PyrovaeError(f"--nproc must be positive, got {args.nproc}")
+    if (args.nproc or 1) > 1 and "WORLD_SIZE" not in os.environ:
+        from pyrovae.launch import launch
+
+        config.check()  # bad settings are refused once, here, not by every rank
+        if not args.out:
+            raise PyrovaeError("--nproc needs --out RUN: every rank must know the run directory")
+        return launch(_without_nproc(args.argv), args.nproc, args.threads or DEFAULT_THREADS)
+    from pyrovae import distributed
+    from pyrovae.experiment import fit
+
     name = lambda spec: spec.rpartition(":")[2] or spec  # noqa: E731  (a user's script.py:NAME is named by NAME)
     out = args.out or f"runs/{name(config.model)}-{name(config.guide)}-{Path(config.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     _, metrics = fit(config, out, resume=args.resume, progress=not args.quiet, given=given)
+    group = distributed.current()
+    if group is not None and not group.main:
+        return 0
     rows = [
         ("run", out), ("model / guide", f"{metrics['model']} / {metrics['guide']}"), ("method / objective", f"{metrics['method']} / {metrics['objective']}"),
         ("epochs", metrics["epochs"]), ("train seconds", metrics["train_seconds"]), ("examples / second", metrics["examples_per_second"]),
@@ -285,6 +313,7 @@ def _fit(args: argparse.Namespace) -> None:
     if "count_accuracy" in metrics:
         rows.append((f"{metrics['count_split']} count accuracy (one guide draw)", f"{100 * metrics['count_accuracy']:.2f}%"))
     print(_table(rows))
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -428,12 +457,15 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "list":  # no torch: the catalog is all it reads
             _list(args)
         else:
             with torch_threads(args.threads):
-                COMMANDS[args.command](args)
+                code = COMMANDS[args.command](args)
+            if code:
+                return int(code)
     except PyrovaeError as error:
         print(f"pyrovae: error: {error}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 import pyrovae.models  # noqa: F401  (registers the built-in models)
-from pyrovae import plots, usercode
+from pyrovae import distributed, plots, usercode
 from pyrovae.ais import AISResult, AISSettings, BDMCResult, ais, bdmc
 from pyrovae.batch import Batch, as_batch
 from pyrovae.config import Config
@@ -104,10 +104,17 @@ class Experiment:
             raise PyrovaeError(f"a {self.config.method} run has no trained guide to propose with: use --proposal fitted")
         x = as_batch(self.split(split))[:examples]
         self.train_mode(False)
+        group = distributed.current()  # in a data-parallel run each rank scores its slice of the examples
+        mine = x if group is None else x[distributed.split_examples(len(x), group)]
         if proposal == "guide" or (proposal == "auto" and self.amortized_guide is not None):
-            return evaluate(self.model, self.guide, x.chunks(500), num_samples=num_samples, plate=self.method.plate, progress=progress)
-        sites = self.method.sites or model_sites(self.model, self.guide, x)
-        return heldout_scores(self.model, x, sites, ProposalSettings(steps=proposal_steps, samples=num_samples))
+            result = evaluate(self.model, self.guide, mine.chunks(500), num_samples=num_samples, plate=self.method.plate, progress=progress)
+        else:
+            sites = self.method.sites or model_sites(self.model, self.guide, x)
+            result = heldout_scores(self.model, mine, sites, ProposalSettings(steps=proposal_steps, samples=num_samples))
+        if group is None:
+            return result
+        return Evaluation(elbo=distributed.gather_examples(result.elbo, group), log_likelihood=distributed.gather_examples(result.log_likelihood, group),
+                          iwae=None, num_samples=result.num_samples, iwae_k=None)
 
 
     def lengths(self, split: str) -> torch.Tensor | None:
@@ -339,6 +346,9 @@ def fit(
     and reported through `log`, any other must equal the saved value. Temporary files a killed
     process left in the run directory are removed.
     """
+    group = distributed.from_environment(_device(config.device))  # torchrun's, or `pyrovae fit --nproc`'s, process group
+    main = group is None or group.main  # rank 0 alone writes the run directory and logs
+    progress = progress and main
     run = RunDir(out) if out is not None else None
     checkpoint, rewrite = None, False
     config = dataclasses.replace(config, model=usercode.describe(config.model), guide=usercode.describe(config.guide),
@@ -348,7 +358,7 @@ def fit(
             raise PyrovaeError("--resume needs the run directory (--out)")
         config, rewrite = _resumed(run, config, given, log)
         checkpoint = run.load_checkpoint() if run.checkpoint.exists() else None
-    if run is not None:
+    if run is not None and main:
         if not resume:
             run.check_new()
         check_writable(run.path)
@@ -360,23 +370,25 @@ def fit(
     if progress:
         parameters = sum(p.numel() for p in experiment.method.parameters())
         log(f"ready in {time.perf_counter() - start:.1f} s: {len(experiment.data.split('train'))} training examples, {parameters:,} parameters")
-    with locked(run.path) if run is not None else contextlib.nullcontext():
-        return _fit(experiment, run, resume, checkpoint, rewrite, progress, log, logs)
+    with locked(run.path) if run is not None and main else contextlib.nullcontext():
+        return _fit(experiment, run, resume, checkpoint, rewrite, progress, log, logs, main)
 
 
 def _fit(experiment: Experiment, run: RunDir | None, resume: bool, checkpoint: dict[str, Any] | None, rewrite: bool, progress: bool,
-         log: Callable[[str], None], logs: tuple[str, ...]) -> tuple[Experiment, dict[str, Any]]:
-    """`fit` once everything is checked, holding the run directory's lock."""
+         log: Callable[[str], None], logs: tuple[str, ...], main: bool = True) -> tuple[Experiment, dict[str, Any]]:
+    """`fit` once everything is checked, holding the run directory's lock (rank 0 of a
+    data-parallel run alone writes: `main`)."""
     config = experiment.config
-    if run is not None and not resume:
+    if run is not None and not resume and main:
         run.create(config.to_dict())
-    elif run is not None:
+    elif run is not None and resume:
         if checkpoint is not None:
             restore(experiment.method, checkpoint["method"], run)  # a mismatch is refused before anything is written
-        run.remove_temporary()
-        if rewrite:
+        if main:
+            run.remove_temporary()
+        if rewrite and main:
             run.save_config(config.to_dict())
-        if checkpoint is None:
+        if checkpoint is None and main:
             log(f"{run.path} has no checkpoint yet (it was stopped before its first one): training it from the start")
     has_valid = "valid" in experiment.data.splits and scorable(experiment)
 
@@ -387,7 +399,7 @@ def _fit(experiment: Experiment, run: RunDir | None, resume: bool, checkpoint: d
         experiment.train_mode(True)
         return score
 
-    epoch_log = EpochLog(run.path, logs, len(checkpoint["history"]) if checkpoint else 0) if run is not None and logs else None
+    epoch_log = EpochLog(run.path, logs, len(checkpoint["history"]) if checkpoint else 0) if run is not None and logs and main else None
     try:
         history = train(
             experiment.method, experiment.data, config.epochs, seed=config.seed, warmup_epochs=config.warmup, beta=config.beta, schedule=config.schedule,
@@ -401,7 +413,7 @@ def _fit(experiment: Experiment, run: RunDir | None, resume: bool, checkpoint: d
     if config.eval_samples > 0 and progress and scorable(experiment):
         log(f"scoring the {'valid' if 'valid' in experiment.data.splits else 'train'} split (IS-{config.eval_samples})")
     metrics = _metrics(experiment, history, progress)
-    if run is not None:
+    if run is not None and main:
         run.write_json("metrics.json", metrics)
         plots.write_run_plots(experiment, history, run.path)
     return experiment, metrics

@@ -48,6 +48,8 @@ CHECKPOINT_ENTRIES: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
     "cuda_rng": (lambda v: torch.is_tensor(v) and v.dtype == torch.uint8, "a random generator's state", False),
     "stopped_early": (lambda v: isinstance(v, bool), "true or false", False),
     "best_state": (lambda v: v is None or isinstance(v, dict), "a dict of state dicts or None", False),
+    "ranks": (lambda v: is_integer(v) and v >= 2, "a count of processes (2 or more)", False),
+    "rank_rng": (lambda v: isinstance(v, list) and all(map(_is_rng_state, v)), "a list of random generators' states", False),
 }
 
 

@@ -18,6 +18,7 @@ from pyro import poutine
 from torch import nn
 from torch.nn import functional as F
 
+from pyrovae import distributed
 from pyrovae.batch import Data, as_batch
 from pyrovae.config import check_number, is_integer
 from pyrovae.errors import PyrovaeError
@@ -133,6 +134,7 @@ class Adversarial(AmortizedVI):
         if first:
             self.check_complete(loss)
         if self.clip_norm is not None:
+            distributed.average_now(self.optimizer)  # across data-parallel ranks: the norm is the whole minibatch's
             torch.nn.utils.clip_grad_norm_([p for group in self.optimizer.param_groups for p in group["params"]], self.clip_norm)
         self.optimizer.step()
 

@@ -10,6 +10,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from pyrovae import distributed
 from pyrovae.batch import Data, as_batch
 from pyrovae.capture import CapturedLoss
 from pyrovae.errors import PyrovaeError
@@ -112,6 +113,7 @@ class AmortizedVI(InferenceMethod):
             self.check_complete(loss)
         loss.backward()
         if self.clip_norm is not None:
+            distributed.average_now(self.optimizer)  # across data-parallel ranks: the norm is the whole minibatch's
             torch.nn.utils.clip_grad_norm_([p for group in self.optimizer.param_groups for p in group["params"]], self.clip_norm)
         self.optimizer.step()
         return loss.detach()

@@ -143,6 +143,11 @@ class InferenceMethod:
                     found.append(candidate)
         return found
 
+    def per_example_state(self) -> list[torch.Tensor]:
+        """Tensors with one row per training example that a step changes at its minibatch's rows
+        without a gradient (MCMC-EM's chains); data-parallel ranks exchange those rows."""
+        return []
+
     def check_complete(self, loss: torch.Tensor) -> None:
         """Refuse a loss that reaches a tensor this method neither optimizes nor checkpoints."""
         check_complete(loss, self.parameters())

@@ -278,6 +278,9 @@ class MCMCEM(InferenceMethod):
             self.optimizer.step()
         return loss.item()
 
+    def per_example_state(self) -> list[torch.Tensor]:
+        return [*([self.chains] if self.chains is not None else []), *(getattr(self, name) for name in self.BUFFERS)]
+
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(), "optimizer": self.optimizer.state_dict(), "chains": self.chains,
