@@ -173,3 +173,42 @@ def test_bad_nproc_and_stratified_batches_are_refused(tmp_path):
     assert bad.returncode == 2 and "--nproc must be positive" in bad.stderr
     assert not (tmp_path / "z").exists()
     assert distributed.current() is None
+
+
+LIGHTNING_SCRIPT = os.path.join(os.path.dirname(__file__), "programs", "lightning_ddp.py")
+
+
+def test_lightning_ddp_on_two_devices_trains_what_pyrovae_fit_nproc_2_trains(map_runs, tmp_path):
+    pytest.importorskip("lightning")
+    root, _ = map_runs
+    out = tmp_path / "lightning.pt"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, LIGHTNING_SCRIPT, str(out), "2", "50", "map", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = torch.load(out)
+    assert saved["world_size"] == 2 and saved["steps"] == 24
+    state = saved["method"]
+    lightning = {f"{part}.{k}": v for part in ("model", "guide", "local") for k, v in state.get(part, {}).items() if torch.is_tensor(v)}
+    ranked, single = _weights(root / "two"), _weights(root / "one")
+    for name in ranked:
+        assert torch.equal(lightning[name], ranked[name]), name  # the same shares, order and averaging as pyrovae fit --nproc 2
+        assert torch.allclose(lightning[name], single[name], atol=2e-5), name
+
+
+def test_the_lightning_checkpoint_carries_the_method_state_and_the_data_order():
+    pytest.importorskip("lightning")
+    from pyrovae.experiment import Config, build
+    from pyrovae.lightning_adapter import PyrovaeModule
+
+    config = Config(dataset="digits", hidden=(16,), latent=3, eval_samples=0, logs="none", method="mcmc-em", epochs=1)
+    trained = PyrovaeModule(build(config))
+    x = trained.experiment.split("train")[:40]
+    trained.method.step(x, torch.arange(40))
+    torch.randperm(5, generator=trained.generator)
+    checkpoint: dict = {}
+    trained.on_save_checkpoint(checkpoint)
+    fresh = PyrovaeModule(build(config))
+    fresh.on_load_checkpoint(checkpoint)
+    assert torch.equal(fresh.method.chains, trained.method.chains) and torch.equal(fresh.generator.get_state(), trained.generator.get_state())
+    with pytest.raises(Exception, match="not written by a PyrovaeModule"):
+        fresh.on_load_checkpoint({})

@@ -24,7 +24,7 @@ from pyrovae.programs import program_modules, unique
 from pyrovae.run import RunDir
 from pyrovae.schedules import apply_schedule
 
-__all__ = ["History", "restore", "train"]
+__all__ = ["History", "ranked_step", "rank_seed", "restore", "synced_state", "train", "warmup_beta"]
 
 
 @dataclass
@@ -219,7 +219,7 @@ def train(
                     loss = method.step(x, index, weight) if weights is None else method.step(x, index, weight, weights=weights)
                     pending.append((loss, len(index), 1.0))
                 else:
-                    loss, share = _ranked_step(method, x, index, weight, group, averager)
+                    loss, share = ranked_step(method, x, index, weight, group, averager)
                     pending.append((loss, len(index), share))
                 step += 1
                 bar.update()
@@ -271,7 +271,7 @@ def _buffers(method: InferenceMethod) -> list[torch.Tensor]:
     return [b for module in (*program_modules(method.model), *program_modules(method.guide)) for b in module.buffers()]
 
 
-def _ranked_step(method: InferenceMethod, x: Any, index: torch.Tensor, beta: float, group: distributed.Group,
+def ranked_step(method: InferenceMethod, x: Any, index: torch.Tensor, beta: float, group: distributed.Group,
                  averager: distributed.GradientAverager | None) -> tuple[Any, float]:
     """One step of this rank on its share of the global minibatch (`x`, `index`); then the rows of
     per-example state every rank changed are exchanged and module buffers follow rank 0's."""
