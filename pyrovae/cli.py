@@ -296,6 +296,7 @@ def _fit(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{name(config.model)}-{name(config.guide)}-{Path(config.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     _, metrics = fit(config, out, resume=args.resume, progress=not args.quiet, given=given)
     group = distributed.current()
+    distributed.leave()
     if group is not None and not group.main:
         return 0
     rows = [

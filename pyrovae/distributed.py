@@ -18,6 +18,7 @@ those of rank 0's share rather than of the whole minibatch.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import functools
 import os
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Group", "Share", "current", "from_environment", "GradientAverager", "average_now", "broadcast_tensors", "exchange_rows",
-           "gather_examples", "gather_states", "reduce_sum", "shard", "split_examples"]
+           "gather_examples", "gather_states", "leave", "reduce_sum", "shard", "split_examples"]
 
 TIMEOUT = datetime.timedelta(minutes=10)  # a rank that stops answering fails the others after this long
 
@@ -64,7 +65,21 @@ def from_environment(device: torch.device) -> Group | None:
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+        atexit.register(_leave)  # a process that exits holding a gloo group aborts in its threads' destructors
     return current()
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def leave() -> None:
+    """After a run every rank finished: wait for the others, then leave the group (rank 0 hosts
+    its store, and a rank still talking to it when rank 0 exits aborts)."""
+    if current() is not None:
+        dist.barrier()
+    _leave()
 
 
 @dataclass(frozen=True)

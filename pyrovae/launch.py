@@ -102,10 +102,12 @@ def launch(argv: Sequence[str], nproc: int, threads: int = 1) -> int:
         return 0
     rank = _cause(failed, codes, tails)
     code = codes[rank]
+    assert code is not None
     last = next((line for line in reversed(tails[rank]) if ERROR_LINE.match(line)), tails[rank][-1] if tails[rank] else "(no message)")
     if code == 2 and last.startswith("pyrovae: error: "):  # refused input: the line one process would print
         print(last if rank == 0 else f"{last} (rank {rank} of {nproc}; the other ranks were stopped)", file=sys.stderr)
     else:
-        print(f"pyrovae: error: rank {rank} of {nproc} failed (exit status {code}): {last.removeprefix('pyrovae: error: ')}; "
+        status = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        print(f"pyrovae: error: rank {rank} of {nproc} failed ({status}): {last.removeprefix('pyrovae: error: ')}; "
               "the other ranks were stopped", file=sys.stderr)
     return 2 if code == 2 else 1

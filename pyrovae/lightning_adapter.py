@@ -5,6 +5,7 @@ them, on one device or under ``Trainer(strategy="ddp", devices=N)``::
 
     module = PyrovaeModule(build(Config(dataset="binarized-mnist", method="amortized")))
     Trainer(max_epochs=10, strategy="ddp", devices=2).fit(module)
+    pyrovae.distributed.leave()  # gloo: every rank waits for the others before rank 0 exits
 
 The method's own `step` is the training step (manual optimization: several methods keep two
 or three optimizers, sparse per-example tables, or gradients from `autograd.grad`). Its data
@@ -12,7 +13,7 @@ order, shares and gradient averaging are those of ``pyrovae fit --nproc`` (`pyro
 so N Lightning devices at batch B train as one process at batch N * B; Lightning's DDP wrapper
 is kept from reducing gradients a second time. The method's state (optimizers, param store,
 chains) and the minibatch order travel in Lightning's checkpoint. Limits: validation, early
-stopping and logging are Lightning's (the loss is logged as ``train_loss``); a resumed Lightning
+stopping and logging are Lightning's (the epoch's mean loss is logged as ``train_loss``); a resumed Lightning
 run continues from its checkpoint, but the noise of each rank is not restored bit for bit.
 """
 
@@ -126,7 +127,9 @@ class PyrovaeModule(pl.LightningModule):
             loss, share = ranked_step(self.method, x, index, beta, group, self._averager)
         self.steps += 1
         value = torch.as_tensor(loss, dtype=torch.float32, device=self.device).detach() * share * self.ranks
-        self.log("train_loss", value, prog_bar=True, sync_dist=group is not None, batch_size=len(index))  # the mean over ranks: the whole minibatch's loss
+        # averaged over the epoch, then over ranks (each rank's value is its share's loss times share * ranks): one
+        # reduction an epoch, not a step (a gloo all-reduce costs about 2 ms here, a step 5 ms)
+        self.log("train_loss", value, on_step=False, on_epoch=True, prog_bar=True, sync_dist=group is not None, batch_size=len(index))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["pyrovae"] = {"method": self.method.state_dict(), "generator": self.generator.get_state(), "steps": self.steps,

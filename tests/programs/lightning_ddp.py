@@ -8,6 +8,7 @@ import warnings
 import lightning.pytorch as pl
 import torch
 
+from pyrovae.distributed import leave
 from pyrovae.experiment import Config, build
 from pyrovae.lightning_adapter import PyrovaeModule
 
@@ -20,3 +21,4 @@ trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=devices, stra
 trainer.fit(module)
 if trainer.global_rank == 0:
     torch.save({"method": module.method.state_dict(), "steps": module.steps, "world_size": trainer.world_size}, out)
+leave()  # every rank done before rank 0, which hosts the group's store, exits
