@@ -275,6 +275,11 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
     return kept
 
 
+def _default_out(config: Config) -> str:
+    name = lambda spec: spec.rpartition(":")[2] or spec  # noqa: E731  (a user's script.py:NAME is named by NAME)
+    return f"runs/{name(config.model)}-{name(config.guide)}-{Path(config.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def _fit(args: argparse.Namespace) -> int:
     given = _given(args)
     config = Config(**given)
@@ -286,14 +291,12 @@ def _fit(args: argparse.Namespace) -> int:
         from pyrovae.launch import launch
 
         config.check()  # bad settings are refused once, here, not by every rank
-        if not args.out:
-            raise PyrovaeError("--nproc needs --out RUN: every rank must know the run directory")
-        return launch(_without_nproc(args.argv), args.nproc, args.threads or DEFAULT_THREADS)
+        named = [] if args.out else ["--out", _default_out(config)]  # every rank writes (rank 0) or reads the same directory
+        return launch([*_without_nproc(args.argv), *named], args.nproc, args.threads or DEFAULT_THREADS)
     from pyrovae import distributed
     from pyrovae.experiment import fit
 
-    name = lambda spec: spec.rpartition(":")[2] or spec  # noqa: E731  (a user's script.py:NAME is named by NAME)
-    out = args.out or f"runs/{name(config.model)}-{name(config.guide)}-{Path(config.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out or _default_out(config)
     _, metrics = fit(config, out, resume=args.resume, progress=not args.quiet, given=given)
     group = distributed.current()
     distributed.leave()

@@ -215,3 +215,36 @@ def test_the_lightning_checkpoint_carries_the_method_state_and_the_data_order():
     assert torch.equal(fresh.method.chains, trained.method.chains) and torch.equal(fresh.generator.get_state(), trained.generator.get_state())
     with pytest.raises(Exception, match="not written by a PyrovaeModule"):
         fresh.on_load_checkpoint({})
+
+
+STARTS_APART = textwrap.dedent(
+    """
+    import os
+    import pyro, pyro.distributions as dist, torch
+    from torch.distributions import constraints
+
+    def model(x):
+        start = float(os.environ.get("RANK", "0"))  # each rank would start elsewhere, were rank 0's values not broadcast
+        loc = pyro.param("loc", torch.full((x.shape[1],), start))
+        scale = pyro.param("noise", torch.ones(()), constraint=constraints.positive)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(loc, scale).to_event(1), obs=x)
+
+    def guide(x):
+        pass
+    """
+)
+
+
+def test_every_rank_starts_from_rank_0s_parameters_param_store_included(tmp_path):
+    script = tmp_path / "apart.py"
+    script.write_text(STARTS_APART)
+    flags = dict(model=f"{script}:model", guide=f"{script}:guide", dataset="digits", dataset_options={"binarize": False}, epochs=1, eval_samples=0,
+                 logs="none", lr=0.01)
+    run = run_cli("fit", "--model", flags["model"], "--guide", flags["guide"], "--dataset", "digits", "--data-option", "binarize=false", "--epochs", "1",
+                  "--eval-samples", "0", "--log", "none", "--lr", "0.01", "--batch-size", "50", "--nproc", "2", "--out", str(tmp_path / "two"))
+    assert run.returncode == 0, run.stderr
+    fit(Config(batch_size=100, **flags), tmp_path / "one", progress=False)
+    two, one = (RunDir(tmp_path / name).load_checkpoint()["method"]["param_store"] for name in ("two", "one"))
+    for name in ("loc", "noise"):
+        assert torch.allclose(two[name], one[name], atol=1e-6), name
