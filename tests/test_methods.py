@@ -20,6 +20,7 @@ from pyrovae.ais import AISSettings
 from pyrovae.batch import as_batch
 from pyrovae.compare import ProposalSettings, compare, gap_decomposition
 from pyrovae.data import load_dataset
+from pyrovae.errors import PyrovaeError
 from pyrovae.guides import build_guide
 from pyrovae.infer import MAP, MCMCEM, AmortizedVI, LocalVI, TrainSettings
 from pyrovae.models import LinearGaussian
@@ -69,6 +70,27 @@ def test_mcmc_em_e_step_samples_the_exact_posterior(frozen_setup):
     cov = torch.einsum("tbi,tbj->ij", centred, centred) / (draws.shape[0] * draws.shape[1])
     assert torch.allclose(cov, posterior.covariance_matrix[0], atol=0.02)
     assert 0.5 < method.accept_rate < 1.0
+
+
+def test_mcmc_em_diagonal_mass_adapts_to_the_posterior_variances_and_still_samples_the_posterior(frozen_setup):
+    model, x = frozen_setup
+    guide = build_guide("diagonal", model, x, hidden=(8,))
+    method = MCMCEM(model, guide, TrainSettings(), len(x), leapfrog_steps=4, step_size=0.3, adapt_until=40, mass="diagonal")
+    for _ in range(42):  # the first visit (burn-in) and the mass window of 40 transitions
+        method.e_step(x, torch.arange(len(x)))
+    posterior = model.posterior(x)
+    variances = posterior.covariance_matrix[0].diagonal()
+    assert bool((method.mass_state["count"] == -1).all())
+    learned = method.mass_state["inverse_mass"]  # per example; their average estimates the (shared) posterior variances
+    assert torch.allclose(learned.mean(0), variances, rtol=0.2), (learned.mean(0), variances)
+    draws = torch.stack([method.e_step(x, torch.arange(len(x))).clone() for _ in range(100)])[30:]
+    assert (draws.mean(0) - posterior.mean).abs().mean() < 0.06
+    centred = draws - draws.mean(0)
+    cov = torch.einsum("tbi,tbj->ij", centred, centred) / (draws.shape[0] * draws.shape[1])
+    assert torch.allclose(cov, posterior.covariance_matrix[0], atol=0.02)
+    assert 0.5 < method.accept_rate < 1.0
+    with pytest.raises(PyrovaeError, match="mass must be 'identity' or 'diagonal'"):
+        MCMCEM(model, guide, TrainSettings(), len(x), mass="dense")
 
 
 def test_map_points_reach_the_posterior_mode(frozen_setup):

@@ -40,12 +40,15 @@ from pyrovae.sites import ModelSites
 __all__ = ["MCMCEM", "hmc_transition"]
 
 
-def hmc_transition(potential: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, step_size: torch.Tensor, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One HMC transition per row of z (B, D), identity mass matrix.
+def hmc_transition(potential: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, step_size: torch.Tensor, num_steps: int,
+                   inverse_mass: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One HMC transition per row of z (B, D), with a diagonal mass matrix per row.
 
     Args:
         potential: z (B, D) -> per-example potential energies (B,).
         step_size: (B,) leapfrog step sizes.
+        inverse_mass: (B, D) diagonal of each row's inverse mass matrix M^-1 (the posterior
+            variances it is adapted to); None: the identity. Momenta are drawn from N(0, M).
 
     Returns:
         The new states and each row's acceptance probability min(1, exp(-dH)).
@@ -58,10 +61,12 @@ def hmc_transition(potential: Callable[[torch.Tensor], torch.Tensor], z: torch.T
 
     grads, _ = potential_grad(summed, {"z": z.detach().clone()})
     u0 = energies["u"].detach()
-    r0 = torch.randn_like(z)
-    z1, r1, _, _ = velocity_verlet({"z": z.detach()}, {"z": r0}, summed, lambda r: r, step_size[:, None], num_steps, grads)
+    inverse = torch.ones_like(z) if inverse_mass is None else inverse_mass
+    r0 = torch.randn_like(z) / inverse.sqrt()
+    kinetic_grad = lambda r: {"z": r["z"] * inverse}  # noqa: E731  (d/dr of r^T M^-1 r / 2)
+    z1, r1, _, _ = velocity_verlet({"z": z.detach()}, {"z": r0}, summed, kinetic_grad, step_size[:, None], num_steps, grads)
     u1 = energies["u"].detach()
-    delta = (u1 + 0.5 * r1["z"].pow(2).sum(-1)) - (u0 + 0.5 * r0.pow(2).sum(-1))
+    delta = (u1 + 0.5 * (r1["z"].pow(2) * inverse).sum(-1)) - (u0 + 0.5 * (r0.pow(2) * inverse).sum(-1))
     delta = torch.where(torch.isfinite(delta), delta, torch.full_like(delta, math.inf))
     accept_prob = torch.exp(-delta.clamp_min(0))
     accept = torch.rand_like(accept_prob) < accept_prob
@@ -88,6 +93,11 @@ class MCMCEM(InferenceMethod):
             acceptance (an exponential average over its recent transitions) leaves the band,
             its window reopens, centred on ten times its current step size.
         burn_in: extra transitions on an example's first visit (default 5).
+        mass: ``"identity"`` (default) or ``"diagonal"``: each example's diagonal mass matrix is
+            adapted to the variances of its chain's first `adapt_until` states after its first
+            visit (Welford, with Stan's regularization, as Pyro's `WelfordCovariance`), after
+            which that example's step-size window opens again under the new mass (Stan's
+            windowed adaptation, with one slow window).
         init: where an example's chain starts on its first visit: ``"prior"`` (default), a
             draw from p(z); or ``"encoder"``, a draw from the guide, trained alongside on its
             own ELBO with the decoder held fixed for it (Hoffman 2017, sec. 3): the chains start
@@ -125,6 +135,7 @@ class MCMCEM(InferenceMethod):
         band: tuple[float, float] = (0.6, 0.9),
         burn_in: int = 5,
         init: str = "prior",
+        mass: str = "identity",
         sites: ModelSites | None = None,
     ) -> None:
         super().__init__(model, guide, settings, num_examples, sites=sites)
@@ -139,6 +150,10 @@ class MCMCEM(InferenceMethod):
         if init not in ("prior", "encoder") or (init == "encoder" and guide is None):
             raise PyrovaeError(f"init must be 'prior' or 'encoder' (which needs a guide), got {init!r}")
         self.init = init
+        if mass not in ("identity", "diagonal"):
+            raise PyrovaeError(f"mass must be 'identity' or 'diagonal', got {mass!r}")
+        self.mass = mass
+        self.mass_state: dict[str, torch.Tensor] | None = None  # per example: inverse mass, Welford count, mean, M2 (built with the chains)
         self.optimizer = torch.optim.Adam(unique_parameters(model) or [nn.Parameter(torch.empty(0))], lr=settings.lr)  # see base.adam
         theta = {id(p) for p in unique_parameters(model)}
         self.phi = [p for p in unique_parameters(guide) if id(p) not in theta] if init == "encoder" else []
@@ -174,12 +189,37 @@ class MCMCEM(InferenceMethod):
         running = 0.9 * self.accept_avg[index] + 0.1 * prob
         low, high = self.band
         reopen = ~active & ((running < low) | (running > high))
-        self.window[index] = torch.where(reopen, torch.zeros_like(window), self.window[index])
-        self.g_avg[index] = torch.where(reopen, torch.zeros_like(window), self.g_avg[index])
-        self.x_avg[index] = torch.where(reopen, torch.zeros_like(window), self.x_avg[index])
-        self.centre[index] = torch.where(reopen, log_step + math.log(10), self.centre[index])
+        if reopen.any():
+            self._reopen(index[reopen], log_step[reopen])
         self.accept_avg[index] = torch.where(reopen, torch.full_like(running, self.target_accept), running)
         return log_step
+
+    def _reopen(self, index: torch.Tensor, log_step: torch.Tensor) -> None:
+        """A fresh step-size window for the examples of `index`, centred on ten times their step size."""
+        zero = torch.zeros_like(log_step)
+        self.window[index], self.g_avg[index], self.x_avg[index] = zero, zero, zero
+        self.centre[index] = log_step + math.log(10)
+
+    def _adapt_mass(self, index: torch.Tensor, z: torch.Tensor, log_step: torch.Tensor, fresh: torch.Tensor) -> None:
+        """Welford's update of each example's variance estimate over its first `adapt_until`
+        transitions after its first visit (whose burn-in is left out); then the regularized
+        variance becomes its inverse mass and its step-size window opens again. Pyro's
+        `WelfordCovariance` keeps one sample count for all; here each example has its own."""
+        state = self.mass_state
+        assert state is not None
+        learning = (state["count"][index] >= 0) & ~fresh  # count -1: this example's mass is set
+        count = state["count"][index] + learning.to(z.dtype)
+        mean, m2 = state["mean"][index], state["m2"][index]
+        delta = z - mean
+        new_mean = torch.where(learning[:, None], mean + delta / count.clamp_min(1)[:, None], mean)
+        new_m2 = torch.where(learning[:, None], m2 + delta * (z - new_mean), m2)
+        done = learning & (count >= max(self.adapt_until, 2))
+        n = count[:, None]
+        variance = (n / (n + 5)) * new_m2 / (n - 1).clamp_min(1) + 1e-3 * 5 / (n + 5)
+        state["inverse_mass"][index] = torch.where(done[:, None], variance, state["inverse_mass"][index])
+        state["count"][index], state["mean"][index], state["m2"][index] = torch.where(done, torch.full_like(count, -1), count), new_mean, new_m2
+        if done.any():
+            self._reopen(index[done], log_step[done])
 
     @property
     def checks_guide(self) -> bool:  # type: ignore[override]
@@ -217,6 +257,10 @@ class MCMCEM(InferenceMethod):
         if self.chains is None:
             width = sum(math.prod(s) for s in self.sites.latents.values())
             self.chains = torch.zeros(self.num_examples, width, device=batch.device)
+            if self.mass == "diagonal" and self.mass_state is None:
+                table = lambda: torch.zeros(self.num_examples, width, device=batch.device)  # noqa: E731
+                self.mass_state = {"inverse_mass": torch.ones(self.num_examples, width, device=batch.device),
+                                   "count": torch.zeros(self.num_examples, device=batch.device), "mean": table(), "m2": table()}
             for name in ("log_step", "transitions", "window", "g_avg", "x_avg", "centre", "accept_avg"):
                 setattr(self, name, getattr(self, name).to(batch.device))
 
@@ -255,9 +299,13 @@ class MCMCEM(InferenceMethod):
         steps = self.hmc_steps + (self.burn_in if fresh.any() else 0)
         log_step = self.log_step[index]
         accepted = []
+        inverse_mass = self.mass_state["inverse_mass"][index] if self.mass_state is not None else None
         for _i in range(steps):
-            z, prob = hmc_transition(lambda v: -log_joint(model, self.sites, v, x, **kwargs), z, log_step.exp(), self.leapfrog_steps)
+            z, prob = hmc_transition(lambda v: -log_joint(model, self.sites, v, x, **kwargs), z, log_step.exp(), self.leapfrog_steps, inverse_mass)
             log_step = self._adapt(index, log_step, prob)
+            if self.mass_state is not None:
+                self._adapt_mass(index, z, log_step, fresh)
+                inverse_mass = self.mass_state["inverse_mass"][index]
             accepted.append(prob.mean().item())
         self.chains[index], self.log_step[index], self.transitions[index] = z, log_step, self.transitions[index] + steps
         self.accept_rate = sum(accepted) / len(accepted)
@@ -279,11 +327,13 @@ class MCMCEM(InferenceMethod):
         return loss.item()
 
     def per_example_state(self) -> list[torch.Tensor]:
-        return [*([self.chains] if self.chains is not None else []), *(getattr(self, name) for name in self.BUFFERS)]
+        return [*([self.chains] if self.chains is not None else []), *(getattr(self, name) for name in self.BUFFERS),
+                *(self.mass_state.values() if self.mass_state is not None else ())]
 
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(), "optimizer": self.optimizer.state_dict(), "chains": self.chains,
+            **({"mass_state": self.mass_state} if self.mass_state is not None else {}),
             **{name: getattr(self, name) for name in self.BUFFERS},
             **({"encoder_optimizer": self.encoder_optimizer.state_dict()} if self.encoder_optimizer is not None else {}),
         }
@@ -294,6 +344,11 @@ class MCMCEM(InferenceMethod):
         if self.encoder_optimizer is not None and "encoder_optimizer" in state:
             self.encoder_optimizer.load_state_dict(state["encoder_optimizer"])
         self.chains = None if state["chains"] is None else state["chains"].clone()
+        if self.mass == "diagonal":
+            saved = state.get("mass_state")
+            if saved is None and self.chains is not None:
+                raise KeyError("mass_state")
+            self.mass_state = None if saved is None else {k: v.clone() for k, v in saved.items()}
         for name in self.BUFFERS:
             if name in state:  # a checkpoint from before dual averaging keeps the fresh adaptation state
                 setattr(self, name, state[name].clone())
