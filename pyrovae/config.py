@@ -76,6 +76,7 @@ class Config:
     eval_samples: int = 1000
     device: str = "cpu"
     capture: bool = True
+    features: str | None = None  # a trained run whose encoder's posterior means replace x (M1+M2: M2 on M1's latents)
     fields: str = "x"  # the data's fields a model takes, in order: x, y, lengths, mask
     collate: str | None = None  # FILE.py:NAME of collate(args, kwargs) -> (args, kwargs), run on every batch
     plate: str | None = None  # the model's per-example plate (None: "data", else found by size)
@@ -124,7 +125,7 @@ class Config:
 
 SAVED_EXTRAS = ("format", "pyrovae")  # written beside the settings in config.json
 ADDED_LATER: dict[str, Any] = {"fields": "x", "plate": None, "collate": None, "logs": "csv,tensorboard", "labelled_per_batch": 0, "beta": 1.0, "objective_options": {},
-                               "schedule": "constant"}  # settings runs saved before they existed take as their default
+                               "schedule": "constant", "features": None}  # settings runs saved before they existed take as their default
 
 
 def _kind(hint: Any) -> tuple[Callable[[Any], bool], str]:

@@ -40,12 +40,12 @@ from pyrovae.programs import program_modules
 from pyrovae.protocols import guide_traits
 from pyrovae.registry import METHODS, MODELS
 from pyrovae.run import RunDir
-from pyrovae.sampling import sample, why_no_images
+from pyrovae.sampling import encode, sample, why_no_images
 from pyrovae.sites import ModelSites, call_kwargs, inspect_model
 
 __all__ = ["Config", "Experiment", "build", "fit", "load", "evaluate_run"]
 
-DEFAULT_LIKELIHOOD = {"binary": "bernoulli", "grayscale": "continuous-bernoulli", "sequence": "bernoulli"}
+DEFAULT_LIKELIHOOD = {"binary": "bernoulli", "grayscale": "continuous-bernoulli", "sequence": "bernoulli", "real": "gaussian"}
 
 
 @dataclass
@@ -192,6 +192,8 @@ def build(config: Config) -> Experiment:
     device = _device(config.device)
     torch.manual_seed(config.seed)
     data = load_dataset(config.dataset, config.data_dir, **config.dataset_options)
+    if config.features is not None:
+        data = encoded(data, config.features, config.data_dir, config.device)
     if config.fields != "x":
         data = data.with_fields(config.fields)
     if config.collate is not None:
@@ -234,6 +236,32 @@ def build(config: Config) -> Experiment:
     first = as_batch(data.batch("train", torch.arange(min(num_train, config.batch_size)), torch.Generator().manual_seed(0))).to(device)
     method.prepare(first)  # param-store parameters exist, and the program is checked, before any checkpoint is read
     return Experiment(config, data, model, guide, method, device)
+
+
+@torch.no_grad()
+def encoded(data: Dataset, run: str, data_dir: str | None = None, device: str | None = None, chunk: int = 5000) -> Dataset:
+    """`data` with each example's x replaced by the posterior means of the trained run `run`'s
+    encoder (labels and splits kept): M1+M2 trains M2 on the latents of a VAE, M1, trained
+    first (Kingma et al. 2014, sec. 3.1.3). Means, not a fresh draw per epoch: the data set is
+    fixed, so runs resume exactly and are scored on the same features."""
+    source = load(run, data_dir, device)
+    if source.amortized_guide is None:
+        raise PyrovaeError(f"--features {run}: a {source.config.method} run has no trained encoder whose latents could be the data")
+    if data.kind == "sequence" or tuple(source.data.event_shape) != tuple(data.event_shape):
+        raise PyrovaeError(f"--features {run}: its encoder reads examples of shape {tuple(source.data.event_shape)}, "
+                           f"but {data.name} holds {data.kind} examples of shape {tuple(data.event_shape)}")
+    source.train_mode(False)
+    sites = source.method.sites
+    splits = {}
+    for name, part in data.splits.items():
+        rows = []
+        for start in range(0, len(part), chunk):
+            x = data.batch(name, torch.arange(start, min(start + chunk, len(part))), torch.Generator().manual_seed(0)).to(source.device)
+            means = encode(source.guide, sites, x if not isinstance(x, Batch) else x.primary)
+            rows.append(torch.cat([v.reshape(len(v), -1) for v in means.values()], -1).cpu() if isinstance(means, dict) else means.reshape(len(means), -1).cpu())
+        splits[name] = dataclasses.replace(part, x=torch.cat(rows))
+    width = splits[next(iter(splits))].x.shape[1]
+    return Dataset(f"{data.name} as the latents of {run}", splits, (width,), "real")
 
 
 def _check_stratified(config: Config, data: Dataset, sites: ModelSites) -> None:

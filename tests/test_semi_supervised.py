@@ -5,6 +5,7 @@ accuracy from unlabelled data beyond what the labels alone give."""
 import json
 import math
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -190,3 +191,43 @@ def test_stratified_training_resumes_exactly_and_is_refused_where_it_cannot_hold
                        (labelled_all, "both labelled and unlabelled")]:
         done = run_cli("fit", *args, "--epochs", "1", "--out", str(tmp_path / "bad"))
         assert done.returncode == 2 and says in done.stderr and not (tmp_path / "bad").exists(), done.stderr
+
+
+def test_m1_plus_m2_trains_m2_on_the_posterior_means_of_a_trained_vae(tmp_path):
+    """--features RUN: x becomes RUN's encoder means (checked against `TrainedRun.encode`),
+    labels and splits stay; M2 on them trains with a Gaussian likelihood and evaluates again."""
+    from pyrovae.experiment import Config, encoded, fit, load
+    from pyrovae.trained import load as load_trained
+
+    m1 = tmp_path / "m1"
+    fit(Config(dataset="digits", latent=4, hidden=(32,), epochs=3, eval_samples=0, logs="none"), m1, progress=False)
+    raw = load_dataset("digits", None, labels=50)
+    features = encoded(raw, str(m1))
+    trained = load_trained(m1)
+    for name in ("train", "valid", "test"):
+        expected = trained.encode(raw.batch(name, torch.arange(len(raw.split(name)))))
+        assert torch.allclose(features.split(name).x, expected, atol=1e-6)
+        assert torch.equal(features.split(name).y, raw.split(name).y)
+    assert features.event_shape == (4,) and features.kind == "real"
+    m12 = tmp_path / "m12"
+    config = Config(model="m2", guide="m2", objective="elbo-enum", fields="x,y", dataset="digits", dataset_options={"labels": 50},
+                    features=str(m1), latent=2, hidden=(16,), epochs=30, eval_samples=5, logs="none", model_options={"alpha": 20.0})
+    experiment, metrics = fit(config, m12, progress=False)
+    assert experiment.config.likelihood is None and type(experiment.model.likelihood).__name__ == "Gaussian"
+    assert 0 <= metrics["classification_error"] < 0.85 and math.isfinite(metrics["log_likelihood"])
+    again = load(m12)  # config.json records --features: the run is rebuilt on the same features
+    assert torch.equal(again.data.split("test").x, experiment.data.split("test").x)
+
+
+def test_features_of_a_run_without_an_encoder_or_of_other_examples_are_refused(tmp_path):
+    from pyrovae.errors import PyrovaeError
+    from pyrovae.experiment import Config, encoded, fit
+
+    fit(Config(dataset="digits", method="map", latent=2, hidden=(8,), epochs=1, eval_samples=0, logs="none"), tmp_path / "map", progress=False)
+    with pytest.raises(PyrovaeError, match="no trained encoder"):
+        encoded(load_dataset("digits", None), str(tmp_path / "map"))
+    fit(Config(dataset="digits", latent=2, hidden=(8,), epochs=1, eval_samples=0, logs="none"), tmp_path / "vae", progress=False)
+    other = tmp_path / "other.npy"
+    np.save(other, (np.random.default_rng(0).random((200, 10)) > 0.5).astype(np.uint8))
+    with pytest.raises(PyrovaeError, match=r"reads examples of shape \(64,\), but .* shape \(10,\)"):
+        encoded(load_dataset(str(other), None), str(tmp_path / "vae"))
