@@ -149,14 +149,15 @@ def primary(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
     raise PyrovaeError("the program was called without a data tensor")
 
 
-def call_kwargs(fn: Callable, **kwargs: Any) -> dict[str, Any]:
-    """The keyword arguments among `kwargs` that `fn` accepts."""
+def call_kwargs(fn: Callable, named: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """The keyword arguments among `kwargs` that `fn` accepts; with `named`, only those its
+    signature names (a ``**kwargs`` catch-all does not ask for them)."""
     target = fn.forward if isinstance(fn, torch.nn.Module) else fn
     try:
         params = inspect.signature(target).parameters
     except (TypeError, ValueError):
         return {}
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    if not named and any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return kwargs
     return {k: v for k, v in kwargs.items() if k in params}
 

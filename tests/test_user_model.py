@@ -118,3 +118,30 @@ def test_minibatch_of_a_user_program_is_scaled_to_the_data_set():
     pyro.set_rng_seed(1)
     direct = method.loss(x[index], None)  # per example of these 20
     assert torch.allclose(minibatch, direct, rtol=1e-5)
+
+
+class ForwardsItsKeywords(nn.Module):
+    """Written as Pyro's AIR example writes its model: ``**kwargs`` passed on to a helper that
+    takes none of pyrovae's minibatch keywords."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(3, 10)
+
+    def prior(self, n):
+        return pyro.sample("code", dist.Normal(torch.zeros(n, 3), 1.0).to_event(1))
+
+    def forward(self, x, **kwargs):
+        pyro.module("forwards", self)
+        with pyro.plate("data", len(x)):
+            code = self.prior(len(x), **kwargs)
+            pyro.sample("pixels", dist.Bernoulli(logits=self.net(code)).to_event(1), obs=x)
+
+
+def test_a_program_whose_kwargs_catch_all_passes_them_on_is_scaled_by_the_factor_not_sent_index():
+    x = _data()
+    model = ForwardsItsKeywords()
+    method = AmortizedVI(model, build_guide("diagonal", model, x), TrainSettings(), num_examples=len(x))
+    index = torch.arange(20)
+    assert method.minibatch_kwargs(x[index], index) == ({}, 3.0)  # N / B, and no index= or size= for its prior
+    assert torch.isfinite(method.step(x[index], index))

@@ -163,7 +163,8 @@ class InferenceMethod:
             return {}, 1.0
         x = as_batch(x)
         if self._index_keys is None:  # read the signature once, not every step
-            self._index_keys = tuple(call_kwargs(self.model, index=index, size=self.num_examples))
+            # only a program that names them subsamples itself: Pyro's AIR passes its **kwargs on to its prior
+            self._index_keys = tuple(call_kwargs(self.model, named=True, index=index, size=self.num_examples))
         if self._index_keys:
             return {k: v for k, v in (("index", index), ("size", self.num_examples)) if k in self._index_keys}, 1.0
         return {}, self.num_examples / len(x)
