@@ -14,7 +14,7 @@ from pyrovae.guides.full import FullGaussian
 from pyrovae.guides.hierarchical import BottomUpGuide, TopDownGuide
 from pyrovae.guides.iaf import InverseAutoregressiveFlow
 from pyrovae.guides.local import LocalGaussian
-from pyrovae.guides.m2 import M2Guide
+from pyrovae.guides.m2 import ADGMGuide, M2Guide
 from pyrovae.guides.none import NoGuide
 from pyrovae.guides.sequential import DMMGuide, VRNNGuide
 
@@ -31,6 +31,7 @@ __all__ = [
     "FullGaussian",
     "InverseAutoregressiveFlow",
     "LocalGaussian",
+    "ADGMGuide",
     "M2Guide",
     "NoGuide",
     "PlanarFlow",

@@ -10,8 +10,8 @@ from pyrovae.models.fully_observed import MADEModel, RealNVPModel
 from pyrovae.models.hierarchical import Hierarchical
 from pyrovae.models.linear_gaussian import LinearGaussian
 from pyrovae.models.priors import FlowPrior, StandardPrior, VampPrior
-from pyrovae.models.semi_supervised import M2
+from pyrovae.models.semi_supervised import ADGM, M2
 from pyrovae.models.sequential import DMM, VRNN
 from pyrovae.models.vae import VAE
 
-__all__ = ["AIR", "CVAE", "DMM", "DRAW", "CompletionNet", "FlowPrior", "Hierarchical", "LinearGaussian", "M2", "MADEModel", "RealNVPModel", "StandardPrior", "VAE", "VRNN", "VampPrior"]
+__all__ = ["ADGM", "AIR", "CVAE", "DMM", "DRAW", "CompletionNet", "FlowPrior", "Hierarchical", "LinearGaussian", "M2", "MADEModel", "RealNVPModel", "StandardPrior", "VAE", "VRNN", "VampPrior"]

@@ -33,7 +33,7 @@ from pyrovae.nets import MLP, broadcast_cat
 from pyrovae.registry import MODELS
 from pyrovae.sites import data_plate, register
 
-__all__ = ["M2", "UNLABELLED"]
+__all__ = ["ADGM", "M2", "UNLABELLED"]
 
 @MODELS.register("m2", "semi-supervised VAE p(x|y,z) p(y) p(z), y given or summed out, with a classifier q(y|x) (Kingma et al. 2014)")
 class M2(DecoderMixin, nn.Module):
@@ -96,3 +96,64 @@ class M2(DecoderMixin, nn.Module):
             if self.training and self.alpha:
                 labelled = y >= 0
                 pyro.factor("classification", self.alpha * self.classify(x).log_prob(y.clamp(min=0)) * labelled)
+
+
+@MODELS.register("adgm", "M2 with an auxiliary a: p(x|y,z) p(y) p(z) p(a|x,y,z), classifier q(y|a,x) (Maaloe et al. 2016)")
+class ADGM(M2):
+    """The auxiliary deep generative model: M2 extended by an auxiliary latent a, generated last
+    by p(a|x,y,z) and inferred first by q(a|x), so that q(y,z|x) = E_q(a|x)[q(y|a,x) q(z|a,y,x)]
+    is a mixture richer than M2's (its guide: `pyrovae.guides.m2.ADGMGuide`).
+
+    The model holds q(a|x) and q(y|a,x) as M2 holds its classifier: ``classify(x)`` predicts
+    with q(y| a = the mean of q(a|x), x), a deterministic classifier. In training mode the
+    classification term is alpha log q(y|a,x) at the guide's draw of a, on labelled examples.
+
+    Args:
+        auxiliary: size of a (default: `latent`); the others as `M2`.
+
+    References:
+        Maaloe, Sonderby, Sonderby & Winther (2016), Auxiliary Deep Generative Models, sec. 2-3 (eq. 9-10).
+    """
+
+    min_scale = 1e-4
+
+    def __init__(self, data_shape: Sequence[int], latent: int = 100, hidden: Sequence[int] = (500, 500), activation: str = "relu",
+                 likelihood: str = "bernoulli", classes: int = 10, alpha: float | None = None, auxiliary: int | None = None) -> None:
+        super().__init__(data_shape, latent, hidden, activation, likelihood, classes, alpha)
+        self.auxiliary = auxiliary or latent
+        if self.auxiliary < 1:
+            raise PyrovaeError(f"adgm's auxiliary size must be positive, got {self.auxiliary}")
+        pixels = math.prod(self.data_shape)
+        self.aux_decoder = MLP(pixels + latent + classes, list(hidden), 2 * self.auxiliary, activation)  # p(a|x,y,z)
+        self.aux_encoder = MLP(pixels, list(hidden), 2 * self.auxiliary, activation)  # q(a|x)
+        self.classifier = MLP(pixels + self.auxiliary, list(hidden), classes, activation)  # q(y|a,x)
+
+    def _gaussian(self, net: nn.Module, inputs: torch.Tensor) -> dist.Distribution:
+        loc, raw = net(inputs).chunk(2, -1)
+        return dist.Normal(loc, torch.nn.functional.softplus(raw) + self.min_scale).to_event(1)
+
+    def auxiliary_posterior(self, x: torch.Tensor) -> dist.Distribution:
+        """q(a|x)."""
+        return self._gaussian(self.aux_encoder, x.reshape(len(x), -1).float())
+
+    def classify_given(self, x: torch.Tensor, a: torch.Tensor) -> dist.Categorical:
+        """q(y|a,x)."""
+        return dist.Categorical(logits=self.classifier(broadcast_cat(x.reshape(len(x), -1).float(), a)))
+
+    def classify(self, x: torch.Tensor) -> dist.Categorical:
+        return self.classify_given(x, self.auxiliary_posterior(x).mean)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None, size: int | None = None) -> None:
+        register("adgm", self)
+        if y.shape != x.shape[:1] or (y >= self.classes).any() or (y < UNLABELLED).any():
+            raise PyrovaeError(f"adgm's labels must be one per example in 0..{self.classes - 1}, or {UNLABELLED} for none")
+        flat = x.reshape(len(x), -1)
+        with data_plate(x, index, size):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(self.latent), 1.0).to_event(1))
+            label = pyro.sample("y", dist.Categorical(logits=x.new_zeros(self.classes)))
+            features = broadcast_cat(z, one_hot(label, self.classes).to(z))
+            pyro.sample("x", self.decode(features), obs=flat)
+            a = pyro.sample("a", self._gaussian(self.aux_decoder, broadcast_cat(flat.float(), features)))
+            if self.training and self.alpha:
+                labelled = y >= 0
+                pyro.factor("classification", self.alpha * self.classify_given(x, a).log_prob(y.clamp(min=0)) * labelled)

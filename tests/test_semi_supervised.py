@@ -231,3 +231,67 @@ def test_features_of_a_run_without_an_encoder_or_of_other_examples_are_refused(t
     np.save(other, (np.random.default_rng(0).random((200, 10)) > 0.5).astype(np.uint8))
     with pytest.raises(PyrovaeError, match=r"reads examples of shape \(64,\), but .* shape \(10,\)"):
         encoded(load_dataset(str(other), None), str(tmp_path / "vae"))
+
+
+def tiny_adgm(alpha=None):
+    from pyrovae.guides.m2 import ADGMGuide
+    from pyrovae.models.semi_supervised import ADGM
+
+    pyro.set_rng_seed(0)
+    model = ADGM((6,), latent=2, hidden=(5,), classes=3, alpha=alpha, auxiliary=2)
+    x, y = torch.bernoulli(torch.full((2, 6), 0.5)), torch.tensor([1, UNLABELLED])
+    guide = ADGMGuide(inspect_model(model, (x, y)), (6,), model, hidden=(5,))
+    return model, guide, x, y
+
+
+@torch.no_grad()
+def hand_adgm_bound(model, guide, x, y, draws=200_000):
+    """E_q(a|x) [sum_y q(y|a,x) (E_q(z|a,x,y) log p(x|y,z) p(z) p(a|x,y,z) / q(z|a,x,y) + log p(y) - log q(y|a,x))
+    - log q(a|x)] per example, by direct Monte Carlo over a and z for each class in turn."""
+    total = 0.0
+    for i in range(len(x)):
+        xi = x[i : i + 1].expand(draws, -1)
+        qa = model.auxiliary_posterior(xi)
+        a = qa.sample()
+        q = one_hot(y[i], 3).float().expand(draws, 3) if y[i] >= 0 else model.classify_given(xi, a).probs
+        inner = -qa.log_prob(a)
+        for c in range(3):
+            onehot = one_hot(torch.tensor(c), 3).float().expand(draws, 3)
+            loc, raw = guide.encoder(torch.cat([xi, a, onehot], -1)).chunk(2, -1)
+            qz = dist.Normal(loc, softplus(raw) + guide.min_scale).to_event(1)
+            z = qz.sample()
+            features = torch.cat([z, onehot], -1)
+            pa = model._gaussian(model.aux_decoder, torch.cat([xi, features], -1))
+            term = (model.decode(features).log_prob(xi) + dist.Normal(0.0, 1.0).expand([2]).to_event(1).log_prob(z) + pa.log_prob(a)
+                    - qz.log_prob(z) + math.log(1 / 3) - q[:, c].clamp_min(1e-30).log())
+            inner = inner + torch.where(q[:, c] > 0, q[:, c] * term, torch.zeros_like(term))
+        total += inner.mean()
+    return float(total)
+
+
+def test_the_adgm_bound_is_the_hand_computed_expectation_over_a_and_sum_over_y():
+    model, guide, x, y = tiny_adgm()
+    with torch.no_grad():  # q(z|a,x,y) and q(y|a,x) that depend strongly on a: a guide ignoring a must fail
+        guide.encoder[0].weight[:, 6:8] *= 20
+        model.classifier[0].weight[:, 6:8] *= 20
+    model.eval()
+    elbo = TraceEnum_ELBO(max_plate_nesting=1, num_particles=20_000, vectorize_particles=True)
+    with torch.no_grad():
+        bound = -elbo.loss(model, guide, x, y)
+    assert bound == pytest.approx(hand_adgm_bound(model, guide, x, y), abs=0.08)
+
+
+def test_the_adgm_classification_term_reaches_q_a_and_q_y_given_a_and_only_in_training():
+    model, guide, x, y = tiny_adgm(alpha=5.0)
+    elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    for training, reaches in ((True, True), (False, False)):
+        model.train(training)
+        model.zero_grad()
+        elbo.differentiable_loss(model, guide, x[:1], y[:1]).backward()
+        grads = [p.grad for p in model.classifier.parameters()]
+        assert all((g is not None and g.abs().sum() > 0) == reaches for g in grads), (training, grads)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.aux_encoder.parameters())  # q(a|x) through the bound
+    with pytest.raises(Exception, match="guide of ADGM-like models"):
+        from pyrovae.guides import build_guide
+
+        build_guide("adgm", M2((6,), latent=2, hidden=(5,), classes=3), (x, y))
