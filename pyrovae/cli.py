@@ -85,8 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help=f"inference method: {names('methods')} (default: {d('method')})")
     p.add_argument("--objective", help=f"{names('objectives')}; elbo-enum sums enumerated discrete sites (default: {d('objective')})")
     p.add_argument("--objective-option", type=_option, action="append", metavar="KEY=VALUE", help="objective option, e.g. beta=6 (tcvae)")
-    p.add_argument("--features", metavar="RUN", help="train on the posterior means of RUN's encoder of the data set's examples, labels kept "
-                   "(M1+M2: --model m2 on the latents of a VAE trained first, Kingma et al. 2014)")
+    p.add_argument("--features", metavar="RUN", help="train on RUN's encoder posterior of the data set's examples (a draw per training batch, "
+                   "the means held out), labels kept (M1+M2: --model m2 on the latents of a VAE trained first, Kingma et al. 2014)")
     p.add_argument("--fields", help=f"the data's fields the model takes, in order (x, y, lengths, mask), e.g. x,y for model(xs, ys) (default: {d('fields')})")
     p.add_argument("--plate", help="the model's per-example plate (default: 'data', else the plate sized like the data)")
     p.add_argument("--collate", metavar="FILE.py:NAME", help="collate(args, kwargs) -> (args, kwargs): derived arguments built from each sliced batch (a packed sequence)")

@@ -76,7 +76,7 @@ class Config:
     eval_samples: int = 1000
     device: str = "cpu"
     capture: bool = True
-    features: str | None = None  # a trained run whose encoder's posterior means replace x (M1+M2: M2 on M1's latents)
+    features: str | None = None  # a trained run whose encoder's posterior replaces x (M1+M2: M2 on M1's latents)
     fields: str = "x"  # the data's fields a model takes, in order: x, y, lengths, mask
     collate: str | None = None  # FILE.py:NAME of collate(args, kwargs) -> (args, kwargs), run on every batch
     plate: str | None = None  # the model's per-example plate (None: "data", else found by size)

@@ -64,13 +64,15 @@ class Split:
     """One split: ``x`` of shape ``(N, *event_shape)``, optional labels ``y`` and ``lengths``, and
     for scenes of objects optional ``boxes`` ``(N, max_objects, 4)``: each object's ``(x0, y0,
     width, height)`` in pixels, NaN rows beyond its count (kept on the CPU); for data generated
-    from known factors of variation their indices ``factors`` ``(N, K)`` (dSprites)."""
+    from known factors of variation their indices ``factors`` ``(N, K)`` (dSprites); for rows that
+    are a posterior's means its standard deviations ``noise``, from which every batch draws."""
 
     x: torch.Tensor
     y: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
     boxes: torch.Tensor | None = None
     factors: torch.Tensor | None = None
+    noise: torch.Tensor | None = None  # per-example standard deviations: a batch draws x + noise * N(0, 1) (M1's posterior, for M1+M2)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -141,6 +143,9 @@ class Dataset:
             x = torch.bernoulli(x, generator=generator)
         elif self.dynamic_binarization:  # the generator is the CPU's: draw there, compare here
             x = (torch.rand(x.shape, generator=generator).to(x.device) < x).float()
+        noise = self.split(split).noise
+        if noise is not None and split == "train":  # one draw of each row's posterior, by the batch's generator (on the CPU); held-out rows: the means
+            x = x + noise[torch.as_tensor(index, dtype=torch.long).to(noise.device)].to(x.device) * torch.randn(x.shape, generator=generator).to(x.device)
         return x.to(device) if device is not None else x
 
     @property
@@ -153,7 +158,8 @@ class Dataset:
         device = torch.device(device)
         if device == self.device:
             return self
-        return replace(self, splits={name: replace(part, x=part.x.to(device)) for name, part in self.splits.items()})
+        return replace(self, splits={name: replace(part, x=part.x.to(device), noise=None if part.noise is None else part.noise.to(device))
+                                     for name, part in self.splits.items()})
 
     def mask(self, split: str, index: torch.Tensor,
              device: torch.device | str | None = None) -> torch.Tensor | None:

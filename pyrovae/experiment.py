@@ -40,7 +40,7 @@ from pyrovae.programs import program_modules
 from pyrovae.protocols import guide_traits
 from pyrovae.registry import METHODS, MODELS
 from pyrovae.run import RunDir
-from pyrovae.sampling import encode, sample, why_no_images
+from pyrovae.sampling import encode, sample, spread, why_no_images
 from pyrovae.sites import ModelSites, call_kwargs, inspect_model
 
 __all__ = ["Config", "Experiment", "build", "fit", "load", "evaluate_run"]
@@ -240,10 +240,13 @@ def build(config: Config) -> Experiment:
 
 @torch.no_grad()
 def encoded(data: Dataset, run: str, data_dir: str | None = None, device: str | None = None, chunk: int = 5000) -> Dataset:
-    """`data` with each example's x replaced by the posterior means of the trained run `run`'s
-    encoder (labels and splits kept): M1+M2 trains M2 on the latents of a VAE, M1, trained
-    first (Kingma et al. 2014, sec. 3.1.3). Means, not a fresh draw per epoch: the data set is
-    fixed, so runs resume exactly and are scored on the same features."""
+    """`data` with each example's x replaced by the posterior of the trained run `run`'s encoder,
+    labels and splits kept: M1+M2 trains M2 on the latents of a VAE, M1, trained first (Kingma
+    et al. 2014, sec. 3.1.3). Each row holds the posterior's means and standard deviations, and
+    every batch draws from it with the batch's seeded generator (as dynamic binarization
+    draws), so runs resume exactly: a diagonal Gaussian, exactly the posterior of the diagonal
+    guides. With means alone, a Gaussian p(x|y,z) learns to copy them through z at ever smaller
+    scales and y is left unused."""
     source = load(run, data_dir, device)
     if source.amortized_guide is None:
         raise PyrovaeError(f"--features {run}: a {source.config.method} run has no trained encoder whose latents could be the data")
@@ -254,12 +257,13 @@ def encoded(data: Dataset, run: str, data_dir: str | None = None, device: str | 
     sites = source.method.sites
     splits = {}
     for name, part in data.splits.items():
-        rows = []
+        means, deviations = [], []
         for start in range(0, len(part), chunk):
-            x = data.batch(name, torch.arange(start, min(start + chunk, len(part))), torch.Generator().manual_seed(0)).to(source.device)
-            means = encode(source.guide, sites, x if not isinstance(x, Batch) else x.primary)
-            rows.append(torch.cat([v.reshape(len(v), -1) for v in means.values()], -1).cpu() if isinstance(means, dict) else means.reshape(len(means), -1).cpu())
-        splits[name] = dataclasses.replace(part, x=torch.cat(rows))
+            x = as_batch(data.batch(name, torch.arange(start, min(start + chunk, len(part))), torch.Generator().manual_seed(0))).to(source.device)
+            flat = lambda latents: torch.cat([v.reshape(len(v), -1) for v in latents.values()], -1).cpu()  # noqa: E731
+            means.append(flat(encode(source.guide, sites, x.primary)))
+            deviations.append(flat(spread(source.guide, sites, x.primary)))
+        splits[name] = dataclasses.replace(part, x=torch.cat(means), noise=torch.cat(deviations))
     width = splits[next(iter(splits))].x.shape[1]
     return Dataset(f"{data.name} as the latents of {run}", splits, (width,), "real")
 

@@ -119,6 +119,24 @@ def encode(guide: Callable, sites: ModelSites, x: Data, samples: int = 100) -> L
 
 
 @torch.no_grad()
+def spread(guide: Callable, sites: ModelSites, x: Data, samples: int = 100) -> Latents:
+    """The guide's posterior standard deviation of each latent, elementwise, (B, *shape): its
+    distribution's where it has one (a full-covariance Gaussian's marginal ones), else that of
+    `samples` draws (flows)."""
+    batch = as_batch(x)
+    trace = batch.call(poutine.trace(guide).get_trace)
+    result = {}
+    for name, shape in sites.latents.items():
+        try:
+            result[name] = trace.nodes[name]["fn"].stddev
+        except NotImplementedError:
+            draws = [batch.call(poutine.trace(guide).get_trace).nodes[name]["value"] for _ in range(samples)]
+            result[name] = torch.stack(draws).std(0)
+        result[name] = result[name].reshape((-1,) + shape)
+    return result
+
+
+@torch.no_grad()
 def decode(model: Callable, sites: ModelSites, z: Latents, like: Data) -> torch.Tensor:
     """The mean of p(x | z) for each row of `z`; a model's other arguments (a label, a condition)
     come from the rows of `like`, repeated where `z` has more rows."""
