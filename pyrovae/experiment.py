@@ -106,7 +106,10 @@ class Experiment:
         self.train_mode(False)
         group = distributed.current()  # in a data-parallel run each rank scores its slice of the examples
         mine = x if group is None else x[distributed.split_examples(len(x), group)]
-        if proposal == "guide" or (proposal == "auto" and self.amortized_guide is not None):
+        if group is not None and len(mine) == 0:  # fewer examples than ranks: this one scores none
+            nothing = torch.empty(0, device=self.device)
+            result = Evaluation(elbo=nothing, log_likelihood=nothing, iwae=None, num_samples=num_samples, iwae_k=None)
+        elif proposal == "guide" or (proposal == "auto" and self.amortized_guide is not None):
             result = evaluate(self.model, self.guide, mine.chunks(500), num_samples=num_samples, plate=self.method.plate, progress=progress)
         else:
             sites = self.method.sites or model_sites(self.model, self.guide, x)

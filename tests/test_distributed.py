@@ -3,12 +3,15 @@ at twice the batch, exact resume, sharded state, and failures that stop every ra
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import socket
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -248,3 +251,17 @@ def test_every_rank_starts_from_rank_0s_parameters_param_store_included(tmp_path
     two, one = (RunDir(tmp_path / name).load_checkpoint()["method"]["param_store"] for name in ("two", "one"))
     for name in ("loc", "noise"):
         assert torch.allclose(two[name], one[name], atol=1e-6), name
+
+
+def test_more_ranks_than_examples_train_on_stand_ins_and_score_every_example_once(tmp_path):
+    rows = tmp_path / "two.npy"
+    np.save(rows, np.array([[1, 0, 1, 1, 0, 0], [0, 1, 1, 0, 1, 0]], dtype=np.uint8))
+    run = run_cli("fit", "--dataset", str(rows), "--hidden", "4", "--latent", "2", "--epochs", "2", "--eval-samples", "5", "--log", "none",
+                  "--method", "map", "--nproc", "3", "--out", str(tmp_path / "r"))
+    assert run.returncode == 0, run.stderr
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["examples"] == 2 and math.isfinite(metrics["elbo"]) and RunDir(tmp_path / "r").load_checkpoint()["step"] == 2
+    fit(Config(dataset=str(rows), hidden=(4,), latent=2, epochs=2, eval_samples=0, logs="none", method="map", batch_size=300), tmp_path / "one",
+        progress=False)
+    ranked, single = _weights(tmp_path / "r"), _weights(tmp_path / "one")
+    assert all(torch.allclose(ranked[k], single[k], atol=1e-6) for k in single)  # a stand-in's weight is 0
