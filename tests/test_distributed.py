@@ -265,3 +265,16 @@ def test_more_ranks_than_examples_train_on_stand_ins_and_score_every_example_onc
         progress=False)
     ranked, single = _weights(tmp_path / "r"), _weights(tmp_path / "one")
     assert all(torch.allclose(ranked[k], single[k], atol=1e-6) for k in single)  # a stand-in's weight is 0
+
+
+def test_torchrun_trains_the_run_pyrovae_fit_nproc_trains(map_runs, tmp_path):
+    root, _ = map_runs
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    flags = [*DIGITS, "--method", "map", "--epochs", "2", "--batch-size", "50", "--out", str(tmp_path / "torchrun")]
+    flags.remove("--log"), flags.remove("none")  # torchrun's own parser takes --log for an abbreviation of its flags
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "pyrovae",
+                           "fit", *flags], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranked, torchrun = _weights(root / "two"), _weights(tmp_path / "torchrun")
+    assert all(torch.equal(ranked[k], torchrun[k]) for k in ranked)
+    assert done.stdout.count("model / guide") == 1
