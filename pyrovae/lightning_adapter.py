@@ -12,8 +12,9 @@ or three optimizers, sparse per-example tables, or gradients from `autograd.grad
 order, shares and gradient averaging are those of ``pyrovae fit --nproc`` (`pyrovae.distributed`),
 so N Lightning devices at batch B train as one process at batch N * B; Lightning's DDP wrapper
 is kept from reducing gradients a second time. The method's state (optimizers, param store,
-chains) and the minibatch order travel in Lightning's checkpoint. Limits: validation, early
-stopping and logging are Lightning's (the epoch's mean loss is logged as ``train_loss``); a resumed Lightning
+chains) and the minibatch order travel in Lightning's checkpoint. The epoch's mean loss is
+logged as ``train_loss`` and the validation ELBO as ``valid_elbo`` (for Lightning's
+callbacks: early stopping, checkpointing on the best). Limits: a resumed Lightning
 run continues from its checkpoint, but the noise of each rank is not restored bit for bit.
 """
 
@@ -32,7 +33,7 @@ from torch import nn
 from pyrovae import distributed
 from pyrovae.data import minibatches
 from pyrovae.errors import PyrovaeError
-from pyrovae.experiment import Experiment
+from pyrovae.experiment import Experiment, scorable
 from pyrovae.infer.loop import rank_seed, ranked_step, restore, synced_state, warmup_beta
 from pyrovae.programs import program_modules, unique
 from pyrovae.run import RunDir
@@ -92,6 +93,20 @@ class PyrovaeModule(pl.LightningModule):
 
     def train_dataloader(self) -> _Minibatches:
         return _Minibatches(self)
+
+    def val_dataloader(self) -> list[torch.Tensor]:
+        """One validation step an epoch, where the data has a valid split the run can score."""
+        return [torch.zeros(1)] if "valid" in self.experiment.data.splits and scorable(self.experiment) else []
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        """The validation ELBO, as ``pyrovae fit`` computes it each epoch (sharded across ranks and
+        gathered, so every rank logs the same value): ``valid_elbo``, for callbacks such as
+        ``EarlyStopping(monitor="valid_elbo", mode="max")``."""
+        quick: dict[str, Any] = {} if self.method.trains_guide else {"examples": 500, "proposal_steps": 30}
+        with torch.inference_mode(False), torch.enable_grad():  # held-out proposals are fitted by gradient steps (methods without an encoder)
+            value = self.experiment.evaluate("valid", num_samples=1, **quick).elbo.mean().item()
+        self.experiment.train_mode(True)
+        self.log("valid_elbo", value, prog_bar=True, batch_size=1)
 
     def configure_optimizers(self) -> None:
         return None  # the method's own optimizers (`InferenceMethod.optimizers`) step in training_step

@@ -278,3 +278,24 @@ def test_torchrun_trains_the_run_pyrovae_fit_nproc_trains(map_runs, tmp_path):
     ranked, torchrun = _weights(root / "two"), _weights(tmp_path / "torchrun")
     assert all(torch.equal(ranked[k], torchrun[k]) for k in ranked)
     assert done.stdout.count("model / guide") == 1
+
+
+@pytest.mark.parametrize("method", ["amortized", "map"])
+def test_lightning_on_one_device_trains_and_validates_as_pyrovae_fit(method, tmp_path):
+    pytest.importorskip("lightning")
+    import lightning.pytorch as pl
+
+    from pyrovae.experiment import build
+    from pyrovae.lightning_adapter import PyrovaeModule
+
+    config = Config(dataset="digits", hidden=(16,), latent=3, eval_samples=0, logs="none", lr=0.01, epochs=2, method=method)
+    _, metrics = fit(config, tmp_path / "fit", progress=False)
+    module = PyrovaeModule(build(config))
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module)
+    assert trainer.callback_metrics["valid_elbo"].item() == pytest.approx(metrics["history"][-1]["valid_elbo"], abs=1e-5)
+    fitted = _weights(tmp_path / "fit")
+    state = module.method.state_dict()
+    lightning = {f"{part}.{k}": v for part in ("model", "guide", "local") for k, v in state.get(part, {}).items() if torch.is_tensor(v)}
+    assert all(torch.allclose(lightning[k], fitted[k], atol=1e-6) for k in fitted)
