@@ -39,7 +39,7 @@ def _read(stream: IO[str], lines: deque[str], relay: bool) -> None:
     error report or a traceback starts, which the launcher reports in one line instead."""
     for line in stream:
         line = RANK_PREFIX.sub("", line)  # torch.distributed marks a rank's traceback lines "[rank0]: "
-        if line.startswith(("pyrovae: error:", "Traceback")):
+        if line.startswith(("pyrovae: error:", "pyrovae: interrupted", "Traceback")):
             relay = False
         if relay:
             sys.stderr.write(line)

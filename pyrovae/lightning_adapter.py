@@ -116,6 +116,7 @@ class PyrovaeModule(pl.LightningModule):
             torch.set_num_threads(self.threads)
         group = distributed.current()
         pyro.set_rng_seed(self.experiment.config.seed if group is None else rank_seed(self.experiment.config.seed, group.rank))
+        self.experiment.device = self.device  # where Lightning put the modules: evaluation brings the data there
         self._train_data = self.experiment.data.to(self.device)
         if group is not None:
             distributed.broadcast_tensors(synced_state(self.method))
