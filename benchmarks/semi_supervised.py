@@ -88,7 +88,7 @@ def main() -> None:
     name = (f"semi_supervised_{args.dataset.replace('-', '_')}" + ("_adgm" if args.model == "adgm" else "") + (f"_m1m2_{args.m1_epochs}" if args.m1_epochs else "")
             + ("" if args.alpha is None else f"_alpha{args.alpha:g}")
             + (f"_stratified{args.labelled_per_batch}" if args.labelled_per_batch else ""))
-    what = (f"M1+M2 (M1: a VAE, latent 50, hidden 600,600 softplus, {args.m1_epochs} epochs; M2 on its posterior means, --features)"
+    what = (f"M1+M2 (M1: a VAE, latent 50, hidden 600,600 softplus, {args.m1_epochs} epochs; M2 on draws from its posterior, --features)"
             if args.m1_epochs else {"m2": "M2", "adgm": "ADGM"}[args.model])
     setting = (f"{what} (--model {args.model} --guide {args.model}, elbo-enum), latent {latent}, hidden {','.join(map(str, hidden))} softplus, batch 100, Adam 1e-3, "
                f"{args.epochs} epochs, alpha {'0.1 / labelled fraction' if args.alpha is None else args.alpha}, "
