@@ -365,7 +365,7 @@ def test_runs_killed_at_random_moments_resume_bit_identical(tmp_path):
         kinds = ["early", "next checkpoint", "after config", "checkpoint write", "between checkpoints", "anywhere", "plot write"]
         kills, states, chain = 0, set(), 0
         needed = {"no checkpoint", "mid-training", "temporary file"}
-        while (kills < 12 or not needed <= states) and chain < 12:
+        while (kills < 12 or not needed <= states) and chain < 24:  # a loaded machine may need more chains to land in the narrow states
             chain += 1
             out = tmp_path / f"chain{chain}"
             for number in range(40):
