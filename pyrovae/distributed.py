@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Group", "Share", "current", "from_environment", "GradientAverager", "average_now", "broadcast_tensors", "exchange_rows",
-           "gather_examples", "gather_states", "leave", "reduce_sum", "shard", "split_examples"]
+           "gather_examples", "gather_rows", "gather_states", "leave", "reduce_sum", "shard", "split_examples"]
 
 TIMEOUT = datetime.timedelta(minutes=10)  # a rank that stops answering fails the others after this long
 
@@ -118,17 +118,19 @@ def reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def gather_rows(rows: torch.Tensor, counts: list[int], group: Group) -> list[torch.Tensor]:
+    """Every rank's `rows` (its `counts[rank]` of them along the first dimension), in rank order:
+    all-gathered padded to the longest, as the collective needs equal shapes, and cut back."""
+    padded = torch.zeros(max(counts), *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+    padded[: len(rows)] = rows
+    return [part[:count] for part, count in zip(gather_states(padded, group), counts)]
+
+
 def gather_examples(values: torch.Tensor, group: Group) -> torch.Tensor:
     """Per-example rows of every rank's contiguous slice, concatenated in rank order (the
     original order): slices may differ in length by one."""
-    lengths = [torch.zeros(1, dtype=torch.long, device=values.device) for _ in range(group.size)]
-    dist.all_gather(lengths, torch.tensor([len(values)], device=values.device))
-    longest = int(max(n.item() for n in lengths))
-    padded = torch.zeros(longest, *values.shape[1:], dtype=values.dtype, device=values.device)
-    padded[: len(values)] = values
-    parts = [torch.empty_like(padded) for _ in range(group.size)]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[: int(n.item())] for part, n in zip(parts, lengths)])
+    counts = [int(n.item()) for n in gather_states(torch.tensor([len(values)], device=values.device), group)]
+    return torch.cat(gather_rows(values, counts, group))
 
 
 def gather_states(state: torch.Tensor, group: Group) -> list[torch.Tensor]:
@@ -149,17 +151,11 @@ def broadcast_tensors(tensors: Iterable[torch.Tensor]) -> None:
 def exchange_rows(tables: Iterable[torch.Tensor], index: torch.Tensor, shares: list[Share], group: Group) -> None:
     """After a step, write into every rank's per-example `tables` the rows each rank changed:
     rank r's rows are those of its share of the global minibatch `index`."""
-    own = index[shares[group.rank].part]
+    own, counts = index[shares[group.rank].part], [s.part.stop - s.part.start for s in shares]
     for table in tables:
-        longest = max(s.part.stop - s.part.start for s in shares)
-        padded = torch.zeros(longest, *table.shape[1:], dtype=table.dtype, device=table.device)
-        padded[: len(own)] = table[own]
-        parts = [torch.empty_like(padded) for _ in range(group.size)]
-        dist.all_gather(parts, padded)
-        for share, part in zip(shares, parts):
+        for share, part in zip(shares, gather_rows(table[own], counts, group)):
             if share.weight > 0:
-                rows = index[share.part]
-                table[rows] = part[: len(rows)]
+                table[index[share.part]] = part
 
 
 def _average_dense(params: list[torch.Tensor], weight: float) -> None:
@@ -187,17 +183,11 @@ def _sum_sparse(p: torch.Tensor, weight: float, group: Group) -> None:
     else:
         grad = p.grad.coalesce()
         indices, values = grad.indices(), grad.values() * weight
-    counts = gather_states(torch.tensor([indices.shape[1]], device=p.device), group)
-    if all(int(c.item()) == 0 for c in counts):
+    counts = [int(c.item()) for c in gather_states(torch.tensor([indices.shape[1]], device=p.device), group)]
+    if not any(counts):
         return
-    longest = int(max(c.item() for c in counts))
-    pad_i = torch.zeros(1, longest, dtype=torch.long, device=p.device)
-    pad_v = torch.zeros(longest, *width, dtype=p.dtype, device=p.device)
-    pad_i[:, : indices.shape[1]], pad_v[: len(values)] = indices, values
-    all_i, all_v = gather_states(pad_i, group), gather_states(pad_v, group)
-    keep = [int(c.item()) for c in counts]
-    merged = torch.sparse_coo_tensor(torch.cat([i[:, :n] for i, n in zip(all_i, keep)], 1), torch.cat([v[:n] for v, n in zip(all_v, keep)]), p.shape)
-    p.grad = merged.coalesce()
+    rows = torch.cat(gather_rows(indices[0], counts, group))
+    p.grad = torch.sparse_coo_tensor(rows[None], torch.cat(gather_rows(values, counts, group)), p.shape).coalesce()
 
 
 def _average(optimizer: torch.optim.Optimizer, weight: float, group: Group) -> None:

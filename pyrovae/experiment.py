@@ -40,7 +40,7 @@ from pyrovae.programs import program_modules
 from pyrovae.protocols import guide_traits
 from pyrovae.registry import METHODS, MODELS
 from pyrovae.run import RunDir
-from pyrovae.sampling import encode, sample, spread, why_no_images
+from pyrovae.sampling import moments, sample, why_no_images
 from pyrovae.sites import ModelSites, call_kwargs, inspect_model
 
 __all__ = ["Config", "Experiment", "build", "fit", "load", "evaluate_run"]
@@ -264,8 +264,9 @@ def encoded(data: Dataset, run: str, data_dir: str | None = None, device: str | 
         for start in range(0, len(part), chunk):
             x = as_batch(data.batch(name, torch.arange(start, min(start + chunk, len(part))), torch.Generator().manual_seed(0))).to(source.device)
             flat = lambda latents: torch.cat([v.reshape(len(v), -1) for v in latents.values()], -1).cpu()  # noqa: E731
-            means.append(flat(encode(source.guide, sites, x.primary)))
-            deviations.append(flat(spread(source.guide, sites, x.primary)))
+            mean, deviation = moments(source.guide, sites, x.primary)
+            means.append(flat(mean))
+            deviations.append(flat(deviation))
         splits[name] = dataclasses.replace(part, x=torch.cat(means), noise=torch.cat(deviations))
     width = splits[next(iter(splits))].x.shape[1]
     return Dataset(f"{data.name} as the latents of {run}", splits, (width,), "real")

@@ -13,7 +13,7 @@ from pyrovae.batch import Batch, Data, as_batch
 from pyrovae.errors import PyrovaeError
 from pyrovae.sites import ModelSites, inspect_model
 
-__all__ = ["data_site", "decode", "decode_mean", "draw", "encode", "interpolate", "prior_latents", "reconstruct", "sample", "sample_sequences", "traverse", "why_no_images"]
+__all__ = ["data_site", "decode", "decode_mean", "draw", "encode", "interpolate", "moments", "prior_latents", "reconstruct", "sample", "sample_sequences", "traverse", "why_no_images"]
 
 Latents = dict[str, torch.Tensor]  # site name -> (B, *event shape)
 
@@ -102,38 +102,30 @@ def reconstruct(model: Callable, guide: Callable, x: Data) -> torch.Tensor:
 
 
 @torch.no_grad()
+def moments(guide: Callable, sites: ModelSites, x: Data, samples: int = 100) -> tuple[Latents, Latents]:
+    """The guide's posterior mean and elementwise standard deviation of each latent site, each
+    (B, *shape): its distribution's where it has them (Gaussian guides; a full-covariance one's
+    marginal deviations), else those of `samples` draws (flows)."""
+    batch = as_batch(x)
+    trace = batch.call(poutine.trace(guide).get_trace)
+    means: dict[str, torch.Tensor] = {}
+    deviations: dict[str, torch.Tensor] = {}
+    for name, shape in sites.latents.items():
+        fn, drawn = trace.nodes[name]["fn"], None
+        for result, closed, empirical in ((means, "mean", torch.mean), (deviations, "stddev", torch.std)):
+            try:
+                value = getattr(fn, closed)
+            except NotImplementedError:
+                if drawn is None:
+                    drawn = torch.stack([batch.call(poutine.trace(guide).get_trace).nodes[name]["value"] for _ in range(samples)])
+                value = empirical(drawn, 0)
+            result[name] = value.reshape((-1,) + shape)
+    return means, deviations
+
+
 def encode(guide: Callable, sites: ModelSites, x: Data, samples: int = 100) -> Latents:
-    """The guide's posterior mean of each latent site, (B, *shape): its distribution's mean where
-    it has one (Gaussian guides), else the average of `samples` draws (flows)."""
-    batch = as_batch(x)
-    trace = batch.call(poutine.trace(guide).get_trace)
-    means = {}
-    for name, shape in sites.latents.items():
-        try:
-            means[name] = trace.nodes[name]["fn"].mean
-        except NotImplementedError:
-            draws = [batch.call(poutine.trace(guide).get_trace).nodes[name]["value"] for _ in range(samples)]
-            means[name] = torch.stack(draws).mean(0)
-        means[name] = means[name].reshape((-1,) + shape)
-    return means
-
-
-@torch.no_grad()
-def spread(guide: Callable, sites: ModelSites, x: Data, samples: int = 100) -> Latents:
-    """The guide's posterior standard deviation of each latent, elementwise, (B, *shape): its
-    distribution's where it has one (a full-covariance Gaussian's marginal ones), else that of
-    `samples` draws (flows)."""
-    batch = as_batch(x)
-    trace = batch.call(poutine.trace(guide).get_trace)
-    result = {}
-    for name, shape in sites.latents.items():
-        try:
-            result[name] = trace.nodes[name]["fn"].stddev
-        except NotImplementedError:
-            draws = [batch.call(poutine.trace(guide).get_trace).nodes[name]["value"] for _ in range(samples)]
-            result[name] = torch.stack(draws).std(0)
-        result[name] = result[name].reshape((-1,) + shape)
-    return result
+    """The guide's posterior mean of each latent site, (B, *shape) (`moments`)."""
+    return moments(guide, sites, x, samples)[0]
 
 
 @torch.no_grad()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,7 @@ from pyrovae import distributed
 from pyrovae.distributed import GradientAverager, Group, shard, split_examples
 from pyrovae.errors import PyrovaeError
 from pyrovae.experiment import Config, fit
+from pyrovae.launch import _free_port
 from pyrovae.run import RunDir
 
 DIGITS = ["--dataset", "digits", "--hidden", "16", "--latent", "3", "--eval-samples", "0", "--log", "none", "--lr", "0.01"]
@@ -42,12 +42,6 @@ def test_shares_are_contiguous_disjoint_cover_the_batch_and_weigh_its_examples()
             assert max(s.part.stop - s.part.start for s in real) - min(s.part.stop - s.part.start for s in real) <= 1
             assert all(s.part == slice(0, 1) for s in shares if s.weight == 0)  # a stand-in example, weighted 0
     assert [split_examples(5, Group(r, 2)) for r in range(2)] == [slice(0, 3), slice(3, 5)]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _averaging_worker(rank: int, port: int) -> None:
