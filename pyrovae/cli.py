@@ -114,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", help=f"learning rate over epochs: constant, or burda (Burda et al. 2016: 3^i epochs at --lr * 10^(-i/7), "
                    f"i = 0..7, 3280 in all, Adam's epsilon 1e-4) (default: {d('schedule')})")
     p.add_argument("--warmup", type=float, help=f"epochs of linear KL warm-up (default: {d('warmup')})")
+    p.add_argument("--warmup-from", type=float, metavar="W",
+                   help=f"the warm-up's first weight, a fraction of --beta in [0, 1] (Pyro's dmm.py: 0.2) (default: {d('warmup_from')})")
     p.add_argument("--beta", type=float, help=f"weight of the latent sites after warm-up: the beta-VAE (Higgins et al. 2017) (default: {d('beta')})")
     p.add_argument("--patience", type=int, help="early stopping: epochs without validation improvement (default: none)")
     p.add_argument("--eval-samples", type=int, help=f"importance samples for the final log p(x); 0 skips it (default: {d('eval_samples')})")
@@ -257,7 +259,7 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
         free_bits=args.free_bits, model_options=_pairs(args.model_option), guide_options=_pairs(args.guide_option),
         method_options=_pairs(args.method_option), epochs=args.epochs, batch_size=args.batch_size, labelled_per_batch=args.labelled_per_batch, lr=args.lr,
         schedule=args.schedule,
-        particles=args.particles, warmup=args.warmup, beta=args.beta, objective_options=_pairs(args.objective_option), patience=args.patience, seed=args.seed,
+        particles=args.particles, warmup=args.warmup, warmup_from=args.warmup_from, beta=args.beta, objective_options=_pairs(args.objective_option), patience=args.patience, seed=args.seed,
         eval_samples=args.eval_samples, device=args.device, capture=None if args.eager is None else not args.eager,
         fields=args.fields, plate=args.plate, collate=args.collate, logs=args.log, features=args.features,
     )

@@ -70,7 +70,8 @@ class Config:
     schedule: str = "constant"  # the learning rate over epochs (`pyrovae.schedules`): constant, or burda
     particles: int = 1
     warmup: float = 0.0
-    beta: float = 1.0  # the latent sites' final weight: beta-VAE's beta (Higgins et al. 2017); warm-up ramps 0 -> beta
+    warmup_from: float = 0.0  # the latent sites' weight (a fraction of beta) at the first step; Pyro's dmm.py starts at 0.2
+    beta: float = 1.0  # the latent sites' final weight: beta-VAE's beta (Higgins et al. 2017); warm-up ramps warmup_from * beta -> beta
     patience: int | None = None
     seed: int = 0
     eval_samples: int = 1000
@@ -98,6 +99,7 @@ class Config:
             (self.particles >= 1, f"--particles must be at least 1, got {self.particles}"),
             (self.eval_samples >= 0, f"--eval-samples must be >= 0, got {self.eval_samples}"),
             (math.isfinite(self.warmup) and self.warmup >= 0, f"--warmup must be >= 0 epochs, got {self.warmup}"),
+            (math.isfinite(self.warmup_from) and 0 <= self.warmup_from <= 1, f"--warmup-from must be in [0, 1] (a fraction of --beta), got {self.warmup_from}"),
             (math.isfinite(self.beta) and self.beta > 0, f"--beta must be a positive number, got {self.beta}"),
             (self.patience is None or self.patience >= 1, f"--patience must be at least 1 epoch, got {self.patience}"),
             (0 <= self.seed < SEEDS, f"--seed must be in 0 .. {SEEDS - 1}, got {self.seed}"),
@@ -125,7 +127,7 @@ class Config:
 
 SAVED_EXTRAS = ("format", "pyrovae")  # written beside the settings in config.json
 ADDED_LATER: dict[str, Any] = {"fields": "x", "plate": None, "collate": None, "logs": "csv,tensorboard", "labelled_per_batch": 0, "beta": 1.0, "objective_options": {},
-                               "schedule": "constant", "features": None}  # settings runs saved before they existed take as their default
+                               "schedule": "constant", "features": None, "warmup_from": 0.0}  # settings runs saved before they existed take as their default
 
 
 def _kind(hint: Any) -> tuple[Callable[[Any], bool], str]:

@@ -438,7 +438,7 @@ def _fit(experiment: Experiment, run: RunDir | None, resume: bool, checkpoint: d
     epoch_log = EpochLog(run.path, logs, len(checkpoint["history"]) if checkpoint else 0) if run is not None and logs and main else None
     try:
         history = train(
-            experiment.method, experiment.data, config.epochs, seed=config.seed, warmup_epochs=config.warmup, beta=config.beta, schedule=config.schedule,
+            experiment.method, experiment.data, config.epochs, seed=config.seed, warmup_epochs=config.warmup, warmup_from=config.warmup_from, beta=config.beta, schedule=config.schedule,
             patience=config.patience, run=run, resume=checkpoint is not None, checkpoint=checkpoint, validate=validate if has_valid else None,
             device=experiment.device, progress=progress, log=log if progress else None,
             on_epoch=None if epoch_log is None else lambda history: epoch_log.write(*_epoch_metrics(experiment, history, epoch_log.writer is not None)),

@@ -135,7 +135,7 @@ class PyrovaeModule(pl.LightningModule):
     def training_step(self, index: torch.Tensor, batch_idx: int) -> None:
         config = self.experiment.config
         x = self._train_data.batch("train", index, self.generator)
-        beta = config.beta * warmup_beta(self.steps, int(config.warmup * self.steps_per_epoch))
+        beta = config.beta * warmup_beta(self.steps, int(config.warmup * self.steps_per_epoch), config.warmup_from)
         group = distributed.current()
         if group is None:
             loss, share = self.method.step(x, index, beta), 1.0

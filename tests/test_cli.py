@@ -230,7 +230,7 @@ def test_version_and_no_abbreviated_flags(capsys):
     ["compare", "--steps", "2", "--chains", "0"], ["compare", "--steps", "2", "--bdmc", "-1"],
     ["compare", "--steps", "2", "--lr", "5"], ["compare", "--steps", "2", "--methods", ","], ["compare", "--steps", "2", "--seed", "-1"],
     ["fit", "--batch-size", "0"], ["fit", "--lr", "nan"], ["fit", "--lr", "-1"], ["fit", "--lr", "1e6"], ["fit", "--particles", "0"],
-    ["fit", "--hidden", "abc"], ["fit", "--seed", "-1"], ["fit", "--seed", str(2**32)], ["fit", "--warmup", "-1"], ["fit", "--patience", "0"],
+    ["fit", "--hidden", "abc"], ["fit", "--seed", "-1"], ["fit", "--seed", str(2**32)], ["fit", "--warmup", "-1"], ["fit", "--warmup-from", "1.5"], ["fit", "--patience", "0"],
     ["fit", "--latent", "0"], ["fit", "--latent", str(10**10), "--epochs", "1"],
 ])
 def test_bad_budgets_and_sizes_are_refused_in_one_line_before_anything_is_written(argv, tmp_path, capsys):

@@ -16,6 +16,7 @@ from pyrovae.guides import ExactPosterior, build_guide
 from pyrovae.handlers import scale_latents
 from pyrovae.importance import log_weights
 from pyrovae.infer import AmortizedVI, TrainSettings
+from pyrovae.infer.loop import warmup_beta
 from pyrovae.models import LinearGaussian
 from pyrovae.sites import data_plate
 
@@ -198,6 +199,13 @@ def test_warmup_scales_the_kl_term_linearly(setup):
     assert losses[0] < losses[2]  # the KL is positive
 
 
+def test_warmup_ramps_from_its_start_to_one():
+    """Pyro's dmm.py annealing: start + (1 - start) (step + 1) / steps, then 1."""
+    assert warmup_beta(0, 10) == 0.1 and warmup_beta(9, 10) == 1.0 and warmup_beta(50, 10) == 1.0
+    assert math.isclose(warmup_beta(0, 10, 0.2), 0.28) and math.isclose(warmup_beta(4, 10, 0.2), 0.6)
+    assert warmup_beta(9, 10, 0.2) == 1.0 and warmup_beta(0, 0, 0.2) == 1.0
+
+
 def test_scale_latents_leaves_observations_alone(setup):
     model, x, _ = setup
     from pyro import poutine
@@ -236,3 +244,19 @@ def test_log_weights_of_a_subsampled_plate_are_per_example():
     in_a_larger_set = log_weights(model, guide, 5, 1, x, index=torch.arange(6) + 20, size=60).values
     assert alone.shape == in_a_larger_set.shape == (5, 6)
     assert torch.allclose(alone, in_a_larger_set, atol=1e-5)
+
+
+def test_fit_passes_the_warmup_start_to_every_step(tmp_path, monkeypatch):
+    """`--warmup 1 --warmup-from 0.5 --beta 2`: the latent weights of the first epoch's steps."""
+    from pyrovae.config import Config
+    from pyrovae.experiment import fit
+
+    weights = []
+    step = AmortizedVI.step
+    monkeypatch.setattr(AmortizedVI, "step", lambda self, x, index, beta=1.0, **kw: weights.append(beta) or step(self, x, index, beta, **kw))
+    config = Config(dataset="digits", hidden=(8,), latent=2, epochs=2, batch_size=500, warmup=1.0, warmup_from=0.5, beta=2.0, eval_samples=0, logs="none")
+    fit(config, tmp_path / "run", progress=False)
+    steps = len(weights) // 2
+    assert steps >= 2
+    assert weights[:steps] == pytest.approx([2.0 * (0.5 + 0.5 * (s + 1) / steps) for s in range(steps)])
+    assert weights[steps:] == [2.0] * steps

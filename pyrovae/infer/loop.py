@@ -60,9 +60,10 @@ def _read(losses: list[Any]) -> list[float]:
     return [float(loss) for loss in losses]
 
 
-def warmup_beta(step: int, warmup_steps: int) -> float:
-    """KL weight ramping linearly from 1/warmup_steps to 1 (sec. 2.8: KL annealing)."""
-    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+def warmup_beta(step: int, warmup_steps: int, start: float = 0.0) -> float:
+    """KL weight ramping linearly from `start` to 1 over `warmup_steps` (sec. 2.8: KL annealing);
+    step s (from 0) weighs start + (1 - start) (s + 1) / warmup_steps, as Pyro's dmm.py does."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, start + (1.0 - start) * (step + 1) / warmup_steps)
 
 
 def restore(method: InferenceMethod, state: dict[str, Any], run: RunDir) -> None:
@@ -104,6 +105,7 @@ def train(
     *,
     seed: int = 0,
     warmup_epochs: float = 0.0,
+    warmup_from: float = 0.0,
     beta: float = 1.0,
     schedule: str = "constant",
     patience: int | None = None,
@@ -120,7 +122,7 @@ def train(
 
     Args:
         seed: seeds the minibatch order and every random draw; a run is reproducible.
-        warmup_epochs: epochs over which latent sites' weight ramps from 0 to `beta`.
+        warmup_epochs: epochs over which latent sites' weight ramps from `warmup_from * beta` to `beta`.
         beta: the latent sites' weight after warm-up: the beta-VAE objective
             E[log p(x|z)] - beta KL(q || p) (Higgins et al. 2017, eq. 4); 1 is the ELBO.
         schedule: the learning rate over epochs (`pyrovae.schedules`), set at each epoch's start.
@@ -214,7 +216,7 @@ def train(
                        else ((index, None) for index in minibatches(num, ranks * batch_size, generator, device=train_data.device)))
             for index, weights in batches:
                 x = train_data.batch("train", index, generator)
-                weight = beta * warmup_beta(step, int(warmup_epochs * steps_per_epoch))
+                weight = beta * warmup_beta(step, int(warmup_epochs * steps_per_epoch), warmup_from)
                 if group is None:
                     loss = method.step(x, index, weight) if weights is None else method.step(x, index, weight, weights=weights)
                     pending.append((loss, len(index), 1.0))
