@@ -352,6 +352,7 @@ class _ModuleState:
         self.modules = list(program.modules())
         self.attributes = [self._attributes(m) for m in self.modules]
         self.tensors = [(dict(m._parameters), dict(m._buffers)) for m in self.modules]  # which tensor each module holds
+        self.children = [set(m._modules) for m in self.modules]
 
     @staticmethod
     def _attributes(module: nn.Module) -> dict[str, Any]:
@@ -360,13 +361,23 @@ class _ModuleState:
     def buffers_now(self) -> list[torch.Tensor]:
         return [b.detach().clone() for b in self.buffers]
 
+    def built(self, i: int) -> bool:
+        """Whether module i gained parameters or submodules in the run: a module that builds
+        itself on its first call (Pyro's autoguides) keeps what it built, and the attributes
+        that say so (an autoguide's prototype trace)."""
+        module, (parameters, _) = self.modules[i], self.tensors[i]
+        return bool(set(module._parameters) - set(parameters) or set(module._modules) - self.children[i])
+
     def restore(self) -> None:
+        built = [self.built(i) for i in range(len(self.modules))]
         for module, (parameters, buffers) in zip(self.modules, self.tensors):
             module._parameters.update(parameters), module._buffers.update(buffers)
         with torch.no_grad():
             for buffer, saved in zip(self.buffers, self.saved):
                 buffer.copy_(saved)
-        for module, attributes in zip(self.modules, self.attributes):
+        for module, attributes, new in zip(self.modules, self.attributes, built):
+            if new:
+                continue
             for name in [k for k in self._attributes(module) if k not in attributes]:
                 delattr(module, name)
             module.__dict__.update(attributes)

@@ -68,10 +68,20 @@ def gradient_leaves(loss: torch.Tensor) -> list[torch.Tensor]:
     return unique(leaves)
 
 
-def check_complete(loss: torch.Tensor, parameters: Iterable[torch.Tensor]) -> None:
-    """Refuse a loss that depends on a tensor requiring grad that is not among `parameters`."""
+def check_complete(loss: torch.Tensor, parameters: Iterable[torch.Tensor], optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+    """Refuse a loss that depends on a tensor requiring grad that is not among `parameters`, or,
+    where `optimizers` are given, that none of them steps."""
     known = {id(t) for t in parameters}
-    stray = [t for t in gradient_leaves(loss) if id(t) not in known]
+    leaves = gradient_leaves(loss)
+    stray = [t for t in leaves if id(t) not in known]
+    stepped = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
+    unstepped = [t for t in leaves if id(t) in known and id(t) not in stepped] if stepped else []
+    if unstepped:
+        shapes = ", ".join(str(tuple(t.shape)) for t in unstepped[:5])
+        raise PyrovaeError(
+            f"the loss depends on {len(unstepped)} parameter(s) that no optimizer of this method steps (shapes {shapes}), "
+            "so they would stay untrained: a parameter created after the method was built, outside its first call"
+        )
     if stray:
         shapes = ", ".join(str(tuple(t.shape)) for t in stray[:5])
         raise PyrovaeError(
@@ -110,12 +120,14 @@ class ProgramParameters:
         return [p for p in unique(self.modules.parameters()) if p.requires_grad]
 
     def discover(self, batch: Batch, **extra: Any) -> list[torch.Tensor]:
-        """Trace every program once on `batch` and return the parameters they read outside the
-        modules held here: a `pyro.param`'s unconstrained tensor in the store (what Pyro
-        optimizes), and for `pyro.module` the module's own parameter (what its forward uses;
-        a stale store entry of the same name is not it)."""
+        """Trace every program once on `batch` and return the parameters the optimizers were not
+        given at construction: those read outside the modules held here (a `pyro.param`'s
+        unconstrained tensor in the store, what Pyro optimizes; for `pyro.module` the module's
+        own parameter, what its forward uses, not a stale store entry of the same name), and
+        those the held modules created during the trace."""
         found: dict[str, torch.Tensor | None] = {}
         args, kwargs = batch.call_args()
+        before = {id(p) for p in self.modules.parameters()}
         with torch.no_grad(), leaves_no_trace(self.modules, batch.device):  # a run is the same, prepared or resumed
             for program in self.programs:
                 trace = self.trace = poutine.trace(program).get_trace(*args, **kwargs, **extra)
@@ -124,7 +136,10 @@ class ProgramParameters:
                         found[name] = _param_tensor(name, site)
         held = {id(p) for p in self.modules.parameters()}
         self.named = {n: t for n, t in found.items() if t is not None and t.requires_grad and id(t) not in held}
-        return self.store_tensors()
+        # a module that builds its parameters on its first call (Pyro's autoguides) had none when
+        # the optimizers were made: they are module state, but the optimizers must be given them
+        created = [p for p in self.modules.parameters() if id(p) not in before and p.requires_grad]
+        return unique([*created, *self.store_tensors()])
 
     def store_tensors(self) -> list[torch.Tensor]:
         return list(unique(self.named.values()))

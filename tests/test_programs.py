@@ -130,6 +130,18 @@ def test_a_tensor_that_takes_a_gradient_outside_every_module_and_the_store_is_re
         assert "\n" not in str(error.value)
 
 
+def test_a_parameter_that_no_optimizer_steps_is_refused():
+    """Known to the method but in none of its optimizers: it would stay at its initial value."""
+    from pyrovae.programs import check_complete
+
+    stepped, missed = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.Adam([stepped])
+    check_complete(stepped.sum(), [stepped, missed], [optimizer])
+    with pytest.raises(PyrovaeError, match="no optimizer of this method steps") as error:
+        check_complete(stepped.sum() + missed.sum(), [stepped, missed], [optimizer])
+    assert "(2,)" in str(error.value) and "\n" not in str(error.value)
+
+
 # --- bound methods ---------------------------------------------------------------------------------
 
 
@@ -366,6 +378,27 @@ def test_a_global_latent_trains_to_its_exact_posterior_from_minibatches(name):
     assert "\n" not in str(error.value)
     with pytest.raises(PyrovaeError, match="per-example bound"):
         AmortizedVI(global_model, global_guide, TrainSettings(objective="iwae", batch_size=10), len(x)).step(x[:10], torch.arange(10))
+
+
+@pytest.mark.parametrize("autoguide", ["AutoNormal", "AutoDiagonalNormal"])
+def test_pyros_autoguides_build_on_their_first_call_and_train_to_the_exact_posterior(autoguide):
+    """An autoguide is a module that makes its parameters on its first call, after the method
+    has built its optimizer; they must be trained all the same (they stayed at their
+    initial values, silently, when the first call's state was put back)."""
+    from pyro.infer import autoguide as autoguides
+
+    pyro.clear_param_store()
+    x = torch.randn(40) + 2.0
+    guide = getattr(autoguides, autoguide)(global_model)
+    assert not list(guide.parameters())
+    method = AmortizedVI(global_model, guide, TrainSettings(lr=0.02, batch_size=10), len(x))
+    generator = torch.Generator().manual_seed(0)
+    for _step in range(3000):
+        index = torch.randperm(40, generator=generator)[:10]
+        method.step(x[index], index)
+    median = guide.median()["w"].item()
+    below = float(torch.as_tensor(guide.quantiles([0.158655])["w"]).reshape(-1)[0])  # one sd below the mean
+    assert abs(median - x.sum().item() / 41) < 0.03 and abs(median - below - 41**-0.5) < 0.03, (median, below)
 
 
 # --- enumerated discrete latents ------------------------------------------------------------------------

@@ -150,7 +150,7 @@ class InferenceMethod:
 
     def check_complete(self, loss: torch.Tensor) -> None:
         """Refuse a loss that reaches a tensor this method neither optimizes nor checkpoints."""
-        check_complete(loss, self.parameters())
+        check_complete(loss, self.parameters(), self.optimizers())
 
     def minibatch_kwargs(self, x: Data, index: torch.Tensor | None) -> tuple[dict[str, Any], float]:
         """Keyword arguments for model and guide, and the factor that scales their loss to the data set.
