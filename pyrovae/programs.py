@@ -103,6 +103,7 @@ class ProgramParameters:
         self.modules = nn.ModuleList(unique(m for p in programs for m in program_modules(p)))
         self.named: dict[str, torch.Tensor] = {}  # parameters read through Pyro's param store, in first-use order
         self.trace: Any = None  # the last program's trace from `discover`
+        self.initial = {id(p) for p in self.modules.parameters()}  # what the method's optimizers are built with
 
     def _state_module(self) -> nn.Module:
         """The program itself when it is a module (its own state_dict keys), else its modules."""
@@ -124,10 +125,9 @@ class ProgramParameters:
         given at construction: those read outside the modules held here (a `pyro.param`'s
         unconstrained tensor in the store, what Pyro optimizes; for `pyro.module` the module's
         own parameter, what its forward uses, not a stale store entry of the same name), and
-        those the held modules created during the trace."""
+        those the held modules created since (on their first call, in this trace or before)."""
         found: dict[str, torch.Tensor | None] = {}
         args, kwargs = batch.call_args()
-        before = {id(p) for p in self.modules.parameters()}
         with torch.no_grad(), leaves_no_trace(self.modules, batch.device):  # a run is the same, prepared or resumed
             for program in self.programs:
                 trace = self.trace = poutine.trace(program).get_trace(*args, **kwargs, **extra)
@@ -138,7 +138,7 @@ class ProgramParameters:
         self.named = {n: t for n, t in found.items() if t is not None and t.requires_grad and id(t) not in held}
         # a module that builds its parameters on its first call (Pyro's autoguides) had none when
         # the optimizers were made: they are module state, but the optimizers must be given them
-        created = [p for p in self.modules.parameters() if id(p) not in before and p.requires_grad]
+        created = [p for p in self.modules.parameters() if id(p) not in self.initial and p.requires_grad]
         return unique([*created, *self.store_tensors()])
 
     def store_tensors(self) -> list[torch.Tensor]:

@@ -392,13 +392,15 @@ def test_pyros_autoguides_build_on_their_first_call_and_train_to_the_exact_poste
     guide = getattr(autoguides, autoguide)(global_model)
     assert not list(guide.parameters())
     method = AmortizedVI(global_model, guide, TrainSettings(lr=0.02, batch_size=10), len(x))
+    if autoguide == "AutoDiagonalNormal":
+        guide(x[:10])  # built by the user's own call, between the method and its first step
     generator = torch.Generator().manual_seed(0)
     for _step in range(3000):
         index = torch.randperm(40, generator=generator)[:10]
         method.step(x[index], index)
     median = guide.median()["w"].item()
     below = float(torch.as_tensor(guide.quantiles([0.158655])["w"]).reshape(-1)[0])  # one sd below the mean
-    assert abs(median - x.sum().item() / 41) < 0.03 and abs(median - below - 41**-0.5) < 0.03, (median, below)
+    assert abs(median - x.sum().item() / 41) < 0.05 and abs(median - below - 41**-0.5) < 0.03, (median, below)  # posterior sd 0.16
 
 
 # --- enumerated discrete latents ------------------------------------------------------------------------
