@@ -18,7 +18,7 @@ from pyro.poutine.util import site_is_subsample
 
 from pyrovae.batch import Data, as_batch
 from pyrovae.errors import PyrovaeError
-from pyrovae.importance import PARTICLES
+from pyrovae.importance import PARTICLES, VECTORIZE_ERRORS
 from pyrovae.sites import inspect_model
 
 __all__ = ["ActiveUnits", "active_units", "kl_per_site"]
@@ -71,19 +71,30 @@ def active_units(
     nesting = inspect_model(model, batches[0]).max_plate_nesting
     means: dict[str, list[torch.Tensor]] = {}
     for batch in batches:
-        with pyro.plate(PARTICLES, num_samples, dim=-(nesting + 1)):
-            trace = poutine.trace(guide).get_trace(batch)
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
-                continue
-            value = site["value"]
-            event = site["fn"].event_shape
-            value = value.reshape((-1, len(batch)) + event) if value.dim() > len(event) + 1 else value.reshape((1, len(batch)) + event)
-            means.setdefault(name, []).append(value.float().mean(0))
+        for name, mean in _posterior_means(guide, batch, num_samples, nesting).items():
+            means.setdefault(name, []).append(mean)
     activity = {name: torch.cat(parts).var(0, unbiased=False) for name, parts in means.items()}
     per_site = {name: int((a > threshold).sum()) for name, a in activity.items()}
     total = sum(a.numel() for a in activity.values())
     return ActiveUnits(sum(per_site.values()), total, threshold, per_site, activity)
+
+
+def _posterior_means(guide: Callable, batch: torch.Tensor, num_samples: int, nesting: int) -> dict[str, torch.Tensor]:
+    """The mean of `num_samples` guide draws per example, per latent site: in one pass over a
+    particle plate, or one draw at a time for a guide that cannot broadcast over it."""
+    try:
+        with pyro.plate(PARTICLES, num_samples, dim=-(nesting + 1)):
+            traces = [poutine.trace(guide).get_trace(batch)]
+    except VECTORIZE_ERRORS:
+        traces = [poutine.trace(guide).get_trace(batch) for _ in range(num_samples)]
+    draws: dict[str, list[torch.Tensor]] = {}
+    for trace in traces:
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
+                continue
+            value, event = site["value"], site["fn"].event_shape
+            draws.setdefault(name, []).append(value.reshape((-1, len(batch)) + event))
+    return {name: torch.cat(values).float().mean(0) for name, values in draws.items()}
 
 
 @torch.no_grad()

@@ -652,6 +652,25 @@ def test_a_program_that_cannot_vectorize_is_weighed_one_draw_at_a_time(caplog):
     assert "\n" not in str(error.value)
 
 
+def test_active_units_take_a_guide_that_cannot_vectorize():
+    """The per-epoch diagnostic draws one at a time for such a guide (it crashed the epoch log):
+    with a deterministic guide the posterior means, hence the activities, are exact."""
+    from pyrovae.diagnostics import active_units
+
+    x, _ = _linear_gaussian_data(9)
+    scales = torch.tensor([1.0, 0.0])  # unit 0 follows x, unit 1 is constant: one active unit
+
+    def concatenating_guide(x):
+        with pyro.plate("data", len(x)):
+            u = pyro.sample("u", dist.Delta(x[:, 0]))
+            loc = torch.cat([u[:, None], x.new_ones(len(x), 1)], -1) * scales  # fails for a (K, B) draw of u
+            pyro.sample("z", dist.Delta(loc).to_event(1))
+
+    units = active_units(broadcasting_model, concatenating_guide, x, num_samples=4)
+    spread = x[:, 0].var(unbiased=False)
+    assert units.per_site == {"u": 1, "z": 1} and torch.allclose(units.activity["z"], torch.stack([spread, torch.tensor(0.0)]))
+
+
 # --- data sets give their fields ----------------------------------------------------------------------------
 
 
