@@ -72,7 +72,12 @@ class AmortizedGuide(nn.Module):
     @classmethod
     def supports(cls, model: Callable, sites: ModelSites) -> str | None:
         """Why this guide cannot serve `model`, or None if it can: it serves real-valued sites, and
-        constrained continuous ones (positive, unit interval, simplex) through `biject_to`."""
+        constrained continuous ones (positive, unit interval, simplex) through `biject_to`, in the
+        per-example plate: a global latent it would leave unsampled."""
+        if sites.global_latents:
+            names = ", ".join(map(repr, sites.global_latents))
+            return (f"it is amortized over examples, but {names} are global (outside the per-example plate): sample them in a guide "
+                    "of your own (a Pyro autoguide serves them), or train with --method local")
         discrete = sites.unservable()
         if discrete:
             what = ", ".join(f"{k!r} is {v}" for k, v in discrete.items())

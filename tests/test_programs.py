@@ -378,6 +378,9 @@ def test_a_global_latent_trains_to_its_exact_posterior_from_minibatches(name):
     assert "\n" not in str(error.value)
     with pytest.raises(PyrovaeError, match="per-example bound"):
         AmortizedVI(global_model, global_guide, TrainSettings(objective="iwae", batch_size=10), len(x)).step(x[:10], torch.arange(10))
+    for name in ("diagonal", "iaf", "delta"):  # amortized over examples: they would leave w unsampled
+        with pytest.raises(PyrovaeError, match="'w' are global"):
+            build_guide(name, global_model, x)
 
 
 @pytest.mark.parametrize("autoguide", ["AutoNormal", "AutoDiagonalNormal"])
