@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fields", help=f"the data's fields the model takes, in order (x, y, lengths, mask), e.g. x,y for model(xs, ys) (default: {d('fields')})")
     p.add_argument("--plate", help="the model's per-example plate (default: 'data', else the plate sized like the data)")
     p.add_argument("--collate", metavar="FILE.py:NAME", help="collate(args, kwargs) -> (args, kwargs): derived arguments built from each sliced batch (a packed sequence)")
+    p.add_argument("--unlabelled", choices=("label", "omit"), help="how an example without a label reaches the program: label passes its label -1; "
+                   "omit calls the program on the unlabelled examples apart, without the label, so it takes its default (model(xs, ys=None), "
+                   f"as in Pyro's ss_vae_M2) (default: {d('unlabelled')})")
     p.add_argument("--particles", type=int, help=f"samples per example in the objective (K of iwae) (default: {d('particles')})")
     p.add_argument("--dataset", help=f"a registered data set ({names('datasets')}) or a .npy/.npz/.pt file of your own (default: {d('dataset')})")
     p.add_argument("--data-option", type=_option, action="append", metavar="KEY=VALUE", help="data set option, e.g. binarize=false (digits), binarize=dynamic (mnist)")
@@ -261,7 +264,7 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
         schedule=args.schedule,
         particles=args.particles, warmup=args.warmup, warmup_from=args.warmup_from, beta=args.beta, objective_options=_pairs(args.objective_option), patience=args.patience, seed=args.seed,
         eval_samples=args.eval_samples, device=args.device, capture=None if args.eager is None else not args.eager,
-        fields=args.fields, plate=args.plate, collate=args.collate, logs=args.log, features=args.features,
+        fields=args.fields, plate=args.plate, collate=args.collate, unlabelled=args.unlabelled, logs=args.log, features=args.features,
     )
     return {name: value for name, value in fields.items() if value is not None}
 

@@ -80,6 +80,7 @@ class Config:
     features: str | None = None  # a trained run whose encoder's posterior replaces x (M1+M2: M2 on M1's latents)
     fields: str = "x"  # the data's fields a model takes, in order: x, y, lengths, mask
     collate: str | None = None  # FILE.py:NAME of collate(args, kwargs) -> (args, kwargs), run on every batch
+    unlabelled: str = "label"  # how an unlabelled example reaches the program: "label" (-1, pyrovae's m2), "omit" (called without y: Pyro's model(xs, ys=None))
     plate: str | None = None  # the model's per-example plate (None: "data", else found by size)
     logs: str = "csv,tensorboard"  # live metrics written per epoch (`pyrovae.logs`); tensorboard where its package is installed
 
@@ -95,6 +96,8 @@ class Config:
             (self.batch_size >= 1, f"--batch-size must be positive, got {self.batch_size}"),
             (is_integer(self.labelled_per_batch) and 0 <= self.labelled_per_batch < max(self.batch_size, 1),
              f"--labelled-per-batch must be in 0..{self.batch_size - 1} (less than --batch-size), got {self.labelled_per_batch}"),
+            (self.unlabelled in UNLABELLED_CALLS, f"unknown --unlabelled {self.unlabelled!r}: choose from {', '.join(UNLABELLED_CALLS)}"),
+            (self.unlabelled == "label" or "y" in self.fields.split(","), "--unlabelled omit leaves the labels out of unlabelled examples: it needs --fields x,y"),
             (self.schedule in SCHEDULES, f"unknown --schedule {self.schedule!r}: choose from {', '.join(SCHEDULES)}"),
             (self.particles >= 1, f"--particles must be at least 1, got {self.particles}"),
             (self.eval_samples >= 0, f"--eval-samples must be >= 0, got {self.eval_samples}"),
@@ -125,9 +128,11 @@ class Config:
         return cls(**{**settings, "hidden": tuple(settings["hidden"])})
 
 
+UNLABELLED_CALLS = ("label", "omit")
 SAVED_EXTRAS = ("format", "pyrovae")  # written beside the settings in config.json
 ADDED_LATER: dict[str, Any] = {"fields": "x", "plate": None, "collate": None, "logs": "csv,tensorboard", "labelled_per_batch": 0, "beta": 1.0, "objective_options": {},
-                               "schedule": "constant", "features": None, "warmup_from": 0.0}  # settings runs saved before they existed take as their default
+                               "schedule": "constant", "features": None, "warmup_from": 0.0,
+                               "unlabelled": "label"}  # settings runs saved before they existed take as their default
 
 
 def _kind(hint: Any) -> tuple[Callable[[Any], bool], str]:

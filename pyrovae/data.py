@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from pyrovae import dsprites
-from pyrovae.batch import Batch
+from pyrovae.batch import UNLABELLED, Batch
 from pyrovae.errors import PyrovaeError
 from pyrovae.multi_mnist import compose
 from pyrovae.registry import DATASETS
@@ -90,6 +90,7 @@ class Dataset:
     dynamic_binarization: bool = False
     fields: tuple[str, ...] = ("x",)  # what `batch` gives a model, in order (see `with_fields`)
     collate: Callable[[tuple, dict], tuple[tuple, dict]] | None = None  # derived arguments (`pyrovae.batch.Batch`)
+    omit_unlabelled: bool = False  # unlabelled examples are called without their label y (`pyrovae.batch.Batch.omit`)
     ground_truth: Any = None  # observations rendered from known factors (`pyrovae.disentanglement.FactorData`): dSprites
 
     def split(self, name: str) -> Split:
@@ -113,6 +114,24 @@ class Dataset:
             _require(self.kind == "sequence", f"data set {self.name!r} holds no sequences: it has no lengths or mask")
         return replace(self, fields=names)
 
+    def omitting_unlabelled(self) -> Dataset:
+        """The same data set calling a program on its unlabelled examples without the label
+        field, as ``model(xs, ys=None)`` expects (`pyrovae.batch.Batch.groups`)."""
+        _require("y" in self.fields and self.fields[-1] == "y", f"leaving labels out of unlabelled examples needs y as the last data field (--fields x,y), not {','.join(self.fields)}")
+        return replace(self, omit_unlabelled=True)
+
+    def first_rows(self, split: str, count: int) -> torch.Tensor:
+        """The indices of up to `count` examples of `split` to trace a program on: the first ones,
+        or where unlabelled examples are called apart, the first of each group in turn (so that
+        a trace sees both calls)."""
+        size = len(self.split(split))
+        if not self.omit_unlabelled:
+            return torch.arange(min(size, count))
+        unlabelled = self.split(split).y == UNLABELLED
+        have, lack = (~unlabelled).nonzero().squeeze(-1), unlabelled.nonzero().squeeze(-1)
+        half = min(len(have), max(count // 2, count - len(lack)))
+        return torch.cat([have[:half], lack[: count - half]]).sort().values
+
     def batch(self, split: str, index: torch.Tensor, generator: torch.Generator | None = None,
               device: torch.device | str | None = None) -> torch.Tensor | Batch:
         """Returns the model input for rows ``index`` of ``split``: the ``float32`` rows, or with
@@ -132,7 +151,7 @@ class Dataset:
             "lengths": lambda: part.lengths[rows.cpu()].long().to(x.device),
             "mask": lambda: self.mask(split, rows, x.device),
         }
-        return Batch(tuple(values[f]() for f in self.fields), {}, self.collate)
+        return Batch(tuple(values[f]() for f in self.fields), {}, self.collate, len(self.fields) - 1 if self.omit_unlabelled else None)
 
     def _rows(self, split: str, index: torch.Tensor, generator: torch.Generator | None, device: torch.device | str | None) -> torch.Tensor:
         rows = self.split(split).x
@@ -423,8 +442,6 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 
 
 # Semi-supervised protocols
-
-UNLABELLED = -1  # the label of an example without one
 
 
 def semi_supervised(data: Dataset, labels: int, seed: int = 0) -> Dataset:

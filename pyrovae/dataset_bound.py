@@ -98,7 +98,7 @@ def dataset_elbo(
     step = _default_chunk(model, batch) if max_examples is None else max_examples
     if step < 1:
         raise PyrovaeError(f"max_examples must be at least 1, got {step}")
-    chunks = batch.chunks(step)
+    chunks = [chunk for _, group in batch.groups() for chunk in group.chunks(step)]  # each chunk one call
     totals = torch.tensor([_one_draw(model, guide, chunks, sites) for _ in range(num_samples)], dtype=torch.float64)
     if not torch.isfinite(totals).all():
         raise PyrovaeError("a non-finite ELBO: the guide puts mass where the model has none, or the parameters diverged")
@@ -122,8 +122,7 @@ def _one_draw(model: Callable, guide: Callable, chunks: list[Batch], sites: Mode
         program = guide if shared is None else poutine.replay(guide, trace=shared)
         guide_trace = chunk.call(poutine.trace(program).get_trace)
         model_trace = chunk.call(poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace)
-        if shared is None:
-            _check_guide(guide_trace, sites, several=len(chunks) > 1)
+        _check_guide(guide_trace, model_trace, sites, several=len(chunks) > 1)
         apply_model_masks(model_trace, guide_trace)
         terms = {}
         for role, trace, sign in (("model", model_trace, 1.0), ("guide", guide_trace, -1.0)):
@@ -143,14 +142,15 @@ def _one_draw(model: Callable, guide: Callable, chunks: list[Batch], sites: Mode
     return total
 
 
-def _check_guide(guide_trace: Trace, sites: ModelSites, several: bool) -> None:
-    """Every latent served, and (for chunks) no per-example site drawn outside the plate, where replaying it would copy it across chunks."""
+def _check_guide(guide_trace: Trace, model_trace: Trace, sites: ModelSites, several: bool) -> None:
+    """Every latent of the call served, and (for chunks) no per-example site drawn outside the plate, where replaying it would copy it across chunks."""
     sampled = {s["name"]: s for s in _sample_sites(guide_trace)}
-    missing = [n for n in (*sites.latents, *sites.global_latents) if n not in sampled]
+    latent = {s["name"] for s in _sample_sites(model_trace) if not s["is_observed"]}  # a label is observed where it is given
+    missing = [n for n in (*sites.latents, *sites.global_latents) if n in latent and n not in sampled]
     if missing:
         missing_sites = ", ".join(map(repr, missing))
         raise PyrovaeError(f"the guide does not sample the model's latent site(s) {missing_sites}: the ELBO needs q for every latent")
-    outside = [n for n in sites.latents if not _in_plate(sampled[n], sites.plate)]
+    outside = [n for n in sites.latents if n in sampled and not _in_plate(sampled[n], sites.plate)]
     if several and outside:
         raise PyrovaeError(
             f"the guide samples the per-example site(s) {', '.join(map(repr, outside))} outside the plate {sites.plate!r}: "

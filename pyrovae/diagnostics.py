@@ -106,11 +106,12 @@ def kl_per_site(model: Callable, guide: Callable, x: Data) -> dict[str, float]:
     (posterior collapse, sec. 2.8). Enumerated sites, which the guide does not sample, are left out.
     """
     batch = as_batch(x)
-    guide_trace = batch.call(poutine.trace(guide).get_trace)
-    model_trace = batch.call(poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace)
-    guide_trace.compute_log_prob(), model_trace.compute_log_prob()
-    kl = {}
-    for name, site in guide_trace.nodes.items():
-        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site) and name in model_trace.nodes:
-            kl[name] = (site["log_prob"].sum() - model_trace.nodes[name]["log_prob"].sum()).item() / len(batch)
+    kl: dict[str, float] = {}
+    for _, part in batch.groups():
+        guide_trace = part.call(poutine.trace(guide).get_trace)
+        model_trace = part.call(poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace)
+        guide_trace.compute_log_prob(), model_trace.compute_log_prob()
+        for name, site in guide_trace.nodes.items():
+            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site) and name in model_trace.nodes:
+                kl[name] = kl.get(name, 0.0) + (site["log_prob"].sum() - model_trace.nodes[name]["log_prob"].sum()).item() / len(batch)
     return kl

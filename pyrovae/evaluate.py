@@ -15,7 +15,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from pyrovae.batch import Batch, Data, as_batch
+from pyrovae.batch import Batch, Data, as_batch, per_example
 from pyrovae.capture import CapturedLoss
 from pyrovae.enumeration import weights_for
 from pyrovae.errors import PyrovaeError
@@ -173,8 +173,11 @@ def _eager_log_weights(model: Callable, guide: Callable, nesting: int, sites: Mo
     weights = weights_for(sites)
 
     def weigh(batch: Batch, k: int) -> torch.Tensor:
-        args, kwargs = batch.call_args()
-        return weights(model, guide, k, nesting, *args, plate_name=sites.plate, **kwargs).values
+        def one_call(part: Batch) -> torch.Tensor:
+            args, kwargs = part.call_args()
+            return weights(model, guide, k, nesting, *args, plate_name=sites.plate, **kwargs).values
+
+        return per_example(batch, one_call)
 
     return weigh
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pyro import poutine
 from tqdm.auto import tqdm
 
 import pyrovae.models  # noqa: F401  (registers the built-in models)
@@ -152,14 +153,28 @@ class Experiment:
     @torch.no_grad()
     def predictions(self, split: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(labels, the classifier's most probable classes) on the labelled examples of a split,
-        on the CPU; None for a model without a ``classify(x)`` or a split without labels."""
-        classify, labels = getattr(self.model, "classify", None), self.data.split(split).y
-        if not callable(classify) or labels is None or not bool((labels >= 0).any()):
+        on the CPU; None for a model without a classifier or a split without labels. The
+        classifier is the model's ``classify(x)`` (q(y|x) of M2), else for a program called
+        without labels on unlabelled examples (``--unlabelled omit``) its guide's q(y|x) there
+        (Pyro's ss_vae_M2 classifies so)."""
+        labels, own = self.data.split(split).y, getattr(self.model, "classify", None)
+        if labels is None or not bool((labels >= 0).any()):
+            return None
+        classify = (lambda chunk: own(chunk.primary)) if callable(own) else self._guide_classifier()
+        if classify is None:
             return None
         self.train_mode(False)
-        labelled = labels >= 0
-        x = as_batch(self.split(split)).primary[labelled.to(self.device)]
-        return labels[labelled].cpu(), torch.cat([classify(chunk).probs.argmax(-1).cpu() for chunk in x.split(1000)])
+        labelled = (labels >= 0).nonzero().squeeze(-1)
+        batch = as_batch(self.split(split))[labelled.to(self.device)]
+        return labels[labelled].cpu(), torch.cat([classify(chunk).probs.argmax(-1).cpu() for chunk in batch.chunks(1000)])
+
+    def _guide_classifier(self) -> Callable[[Batch], Any] | None:
+        """q(y|x) of the guide at the label site, called as on an unlabelled example."""
+        label = self.method.sites.label if self.method.sites is not None else None
+        if label is None or not self.data.omit_unlabelled or self.amortized_guide is None:
+            return None
+        guide = self.amortized_guide
+        return lambda chunk: chunk.without_label().call(poutine.trace(guide).get_trace).nodes[label]["fn"]
 
 
 PROPOSALS = ("auto", "guide", "fitted")
@@ -204,6 +219,10 @@ def build(config: Config) -> Experiment:
         if not callable(collate):
             raise PyrovaeError(f"--collate {config.collate} is a {type(collate).__name__}, not a function collate(args, kwargs)")
         data = dataclasses.replace(data, collate=collate)
+    if config.unlabelled == "omit":
+        data = data.omitting_unlabelled()
+        if not method_cls.scores_groups:
+            raise PyrovaeError(f"--unlabelled omit calls the program on labelled and unlabelled examples apart, which the {config.method} method does not: use --method amortized")
     with capped(device):  # an allocation beyond the memory available fails here, in one line, rather than being killed
         instances: dict[str, object] = {}  # FILE:Class.model and FILE:Class.guide share one Class
         if user_model:
@@ -220,7 +239,7 @@ def build(config: Config) -> Experiment:
         if hasattr(model, "init_from_data"):
             model.init_from_data(data.batch("train", torch.arange(min(len(data.split("train")), 10000)), torch.Generator().manual_seed(0)))
         num_train = len(data.split("train"))
-        example = as_batch(data.batch("train", torch.arange(min(num_train, 100)), torch.Generator().manual_seed(0))).to(device)
+        example = as_batch(data.batch("train", data.first_rows("train", 100), torch.Generator().manual_seed(0))).to(device)
         if usercode.is_spec(config.guide):
             guide = usercode.build_program(config.guide, data.event_shape, instances, model=model, num_examples=num_train, **config.guide_options)
             _to(guide, device)
@@ -236,7 +255,7 @@ def build(config: Config) -> Experiment:
         method = _construct(method_cls, f"method {config.method!r}", common, {}, config.method_options, flag="--method-option")
         parameters = method.parameters()
         check_fits(sum(p.numel() for p in parameters), device, held=sum(p.nbytes for p in parameters))
-    first = as_batch(data.batch("train", torch.arange(min(num_train, config.batch_size)), torch.Generator().manual_seed(0))).to(device)
+    first = as_batch(data.batch("train", data.first_rows("train", config.batch_size), torch.Generator().manual_seed(0))).to(device)
     method.prepare(first)  # param-store parameters exist, and the program is checked, before any checkpoint is read
     return Experiment(config, data, model, guide, method, device)
 

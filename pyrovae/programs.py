@@ -127,13 +127,13 @@ class ProgramParameters:
         own parameter, what its forward uses, not a stale store entry of the same name), and
         those the held modules created since (on their first call, in this trace or before)."""
         found: dict[str, torch.Tensor | None] = {}
-        args, kwargs = batch.call_args()
         with torch.no_grad(), leaves_no_trace(self.modules, batch.device):  # a run is the same, prepared or resumed
             for program in self.programs:
-                trace = self.trace = poutine.trace(program).get_trace(*args, **kwargs, **extra)
-                for name, site in trace.nodes.items():
-                    if site["type"] == "param" and name not in found:
-                        found[name] = _param_tensor(name, site)
+                for _, part in batch.groups():  # the last trace kept: the unlabelled call's, where there is one
+                    trace = self.trace = part.call(poutine.trace(program).get_trace, **extra)
+                    for name, site in trace.nodes.items():
+                        if site["type"] == "param" and name not in found:
+                            found[name] = _param_tensor(name, site)
         held = {id(p) for p in self.modules.parameters()}
         self.named = {n: t for n, t in found.items() if t is not None and t.requires_grad and id(t) not in held}
         # a module that builds its parameters on its first call (Pyro's autoguides) had none when

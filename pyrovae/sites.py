@@ -73,6 +73,7 @@ class ModelSites:
     global_latents: dict[str, torch.Size] = field(default_factory=dict)
     discrete: tuple[str, ...] = ()
     subsampled: str | None = None  # why, when the model subsamples its plate itself (AIR's subsample_size)
+    label: str | None = None  # the site observed where a label is given and latent where it is left out (`Batch.omit`)
 
     def refuse_subsampled(self, what: str) -> None:
         """One line for the uses a self-subsampling program cannot have: per-example scores, tables, built-in guides."""
@@ -168,28 +169,38 @@ INSPECT_EXAMPLES = 67
 
 
 def inspect_model(model: Callable, data: Data, plate: str | None = None, **kwargs: Any) -> ModelSites:
-    """Trace `model` once on a few examples of `data` and read off its sites.
+    """Trace `model` once on a few examples of `data` (once per call of `Batch.groups`) and read off its sites.
 
     The per-example plate is `plate` if given, else ``"data"`` if the model has one, else the
     one plate whose size is the number of examples traced.
     """
     batch = as_batch(data)
-    n = min(len(batch), INSPECT_EXAMPLES)
-    part = batch[:n]
     modules = torch.nn.ModuleList(program_modules(model))
     store = pyro.get_param_store()
-    # inspecting changes nothing a run sees: modules, random state, and no param-store entries made
-    with poutine.block(), torch.no_grad(), leaves_no_trace(modules, part.device), store.scope(store.get_state()):
-        try:
-            trace = part.call(poutine.trace(model).get_trace, **kwargs)
-        except PyrovaeError:
-            raise
-        except Exception as error:  # a user's program failing on our batch
-            raise PyrovaeError(f"running the model on {n} examples (first argument of shape {tuple(part.primary.shape)}) failed: {type(error).__name__}: {first_line(error)}") from error
-    sites = [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
-    frames = {f.name: f for s in sites for f in s["cond_indep_stack"] if f.vectorized}
-    name = _find_plate(frames, plate, n)
-    frame = frames[name]
+    sites: list[dict[str, Any]] = []
+    names: set[str] = set()
+    for _, group in batch.groups():  # a program called on labelled and unlabelled examples apart: the sites of both calls
+        part = group[: min(len(group), INSPECT_EXAMPLES)]
+        # inspecting changes nothing a run sees: modules, random state, and no param-store entries made
+        with poutine.block(), torch.no_grad(), leaves_no_trace(modules, part.device), store.scope(store.get_state()):
+            try:
+                trace = part.call(poutine.trace(model).get_trace, **kwargs)
+            except PyrovaeError:
+                raise
+            except Exception as error:  # a user's program failing on our batch
+                raise PyrovaeError(f"running the model on {len(part)} examples (first argument of shape {tuple(part.primary.shape)}) failed: {type(error).__name__}: {first_line(error)}") from error
+        found = [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
+        frames = {f.name: f for s in found for f in s["cond_indep_stack"] if f.vectorized}
+        name = _find_plate(frames, plate, len(part))
+        if names and name not in names:
+            raise PyrovaeError(f"the model's per-example plate is {name!r} on unlabelled examples but {names.pop()!r} on labelled ones: name it with plate= (--plate NAME)")
+        names.add(name)
+        frame = frames[name]
+        sites += found
+    # a label observed in one call and latent in the other (model(xs, ys=None)) is a latent; each site once
+    latent_names = {s["name"] for s in sites if not s["is_observed"]}
+    labels = sorted({s["name"] for s in sites if s["is_observed"] and s["name"] in latent_names})
+    sites = list({s["name"]: s for s in sites if not (s["is_observed"] and s["name"] in latent_names)}.values())
     # Pyro scales a plate that subsamples itself exactly, so amortized VI with a guide that
     # subsamples it too trains as under SVI; what needs every example refuses (`refuse_subsampled`)
     subsampled = f"the model subsamples its plate {name!r} itself ({frame.size} of {frame.full_size} examples)" if frame.size != frame.full_size else None
@@ -218,7 +229,8 @@ def inspect_model(model: Callable, data: Data, plate: str | None = None, **kwarg
             global_latents[site["name"]] = fn.event_shape
     if not observed:
         raise PyrovaeError("the model observes nothing: pass the data as obs= of a sample site")
-    return ModelSites(latents, tuple(observed), nesting, name, frame.dim, supports, tuple(enumerated), global_latents, tuple(discrete), subsampled)
+    return ModelSites(latents, tuple(observed), nesting, name, frame.dim, supports, tuple(enumerated), global_latents, tuple(discrete), subsampled,
+                      labels[0] if len(labels) == 1 else None)
 
 
 def _find_plate(frames: dict[str, Any], plate: str | None, n: int) -> str:

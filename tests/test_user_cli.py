@@ -81,6 +81,36 @@ def test_a_semi_supervised_script_trains_evaluates_and_samples_from_the_command_
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
 
 
+def test_a_script_taking_no_label_for_unlabelled_examples_trains_semi_supervised(tmp_path):
+    """``model(xs, ys=None)`` on digits with 50 labels: ``--unlabelled omit`` calls it on the
+    unlabelled examples without ys (y enumerated by its guide), on the labelled ones with them."""
+    out = tmp_path / "semi"
+    flags = ["--model", f"{M2}:SSVAE", "--guide", f"{M2}:make_guide", "--objective", "elbo-enum", "--dataset", "digits",
+             "--data-option", "labels=50", "--fields", "x,y", "--quiet"]
+    done = run_cli("fit", *flags, "--epochs", "1", "--eval-samples", "0", "--out", str(tmp_path / "no"))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1  # without it the script gets -1 as a label
+    done = run_cli("fit", *flags, "--unlabelled", "omit", "--labelled-per-batch", "10", "--epochs", "2", "--eval-samples", "20", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["history"][1]["train_loss"] < metrics["history"][0]["train_loss"] and metrics["log_likelihood"] >= metrics["elbo"] - 0.5
+    assert json.loads((out / "config.json").read_text())["unlabelled"] == "omit"
+    done = run_cli("evaluate", str(out), "--split", "train", "--samples", "10", "--json")  # 50 labelled examples and the rest, one score each
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["examples"] == len(load_dataset("digits", labels=50).split("train"))
+    done = run_cli("evaluate", str(out), "--split", "test", "--samples", "10", "--json")
+    assert done.returncode == 0, done.stderr
+    run = load(str(out))  # the classifier is the guide's q(y|x) on the call without ys: the script's encoder_y
+    test = run.data.split("test")
+    expected = (run.model.encoder_y(test.x.float()).argmax(-1) != test.y).float().mean().item()
+    assert math.isclose(json.loads(done.stdout)["classification_error"], expected, abs_tol=1e-6)
+    done = run_cli("fit", *flags, "--unlabelled", "omit", "--labelled-per-batch", "10", "--epochs", "3", "--eval-samples", "0", "--out", str(out), "--resume")
+    assert done.returncode == 0, done.stderr
+    for bad, why in ((["--method", "local"], "--method amortized"), (["--fields", "x"], "--fields x,y"), (["--fields", "y,x"], "last data field")):
+        done = run_cli("fit", *flags, "--unlabelled", "omit", *bad, "--epochs", "1", "--out", str(tmp_path / "bad"))
+        assert done.returncode == 2 and why in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert not (tmp_path / "bad").exists()
+
+
 def test_compare_trains_the_users_guide_and_scores_discrete_latents_by_it(tmp_path):
     done = run_cli("compare", "--model", f"{M2}:SSVAE", "--guide", f"{M2}:make_guide", "--objective", "elbo-enum", "--dataset", "digits",
                    "--methods", "amortized,wake-sleep:variant=rws,local", "--steps", "3", "--eval-examples", "10", "--samples", "10",

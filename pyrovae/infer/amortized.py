@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,7 @@ class AmortizedVI(InferenceMethod):
 
     name = "amortized"
     trains_baselines = True
+    scores_groups = True
 
     def __init__(self, model: Callable, guide: Callable, settings: TrainSettings, num_examples: int, *, sites: ModelSites | None = None,
                  clip_norm: float | None = None, baseline_lr: float | None = None) -> None:
@@ -84,6 +86,10 @@ class AmortizedVI(InferenceMethod):
         (one per example, from `stratified_minibatches`) scale each example's terms; `guide`
         stands in for the method's (the same guide under a handler that records its draw)."""
         batch = as_batch(x)
+        if batch.omit is not None:  # each call scored as a minibatch of its own, weighted by its share: the minibatch's loss
+            with warnings.catch_warnings():  # the labelled call has nothing to enumerate, as TraceEnum_ELBO would say
+                warnings.filterwarnings("ignore", message="TraceEnum_ELBO found no sample sites configured for enumeration")
+                return sum(len(part) / len(batch) * self.loss(part, _rows(index, rows), beta, _rows(weights, rows), guide) for rows, part in batch.groups())
         kwargs, factor = self.minibatch_kwargs(batch, index)
         model, guide = scale_latents(self.model, beta), scale_latents(guide or self.guide, beta)
         if weights is not None:
@@ -126,3 +132,7 @@ class AmortizedVI(InferenceMethod):
         self.optimizer.load_state_dict(state["optimizer"])
 
 
+
+
+def _rows(values: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+    return values if values is None or rows is None else values[rows.to(values.device)]

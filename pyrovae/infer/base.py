@@ -56,6 +56,7 @@ class InferenceMethod:
     objective: Any = None  # the bound it ascends, where it has one (`pyrovae.objectives`)
     checks_guide: ClassVar[bool] = True  # the guide given is the one trained and scored: it must serve the model
     own_objectives: ClassVar[bool] = False  # trains on objectives of its own (MAP, wake-sleep, MCMC-EM), not the settings' bound
+    scores_groups: ClassVar[bool] = False  # scores a batch's labelled and unlabelled examples as calls apart (`pyrovae.batch.Batch.groups`)
     # objectives that reshape the bound (not a bound on log p(x)): a method of its own objectives would drop that silently
     SHAPED_OBJECTIVES: ClassVar[tuple[str, ...]] = ("tcvae", "dip-vae")
 
@@ -92,6 +93,8 @@ class InferenceMethod:
         if self.prepared:
             return
         batch = as_batch(data)
+        if batch.omit is not None and not self.scores_groups:
+            raise PyrovaeError(f"the {self.name} method calls the program once per minibatch, so it cannot leave the labels out of the unlabelled examples: use amortized VI")
         extra, _ = self.minibatch_kwargs(batch, None)
         if self.settings.plate is not None or self.sites is None:
             self.sites = inspect_model(self.model, batch, plate=self.settings.plate, **extra)

@@ -161,7 +161,7 @@ def train(
     history, best_state, step = History(), None, 0
     train_data = data.to(device)  # the rows travel once; a step gathers its batch where it runs
     # the programs' param-store parameters exist before a checkpoint is written or read
-    first = torch.arange(min(num, batch_size), device=train_data.device)
+    first = data.first_rows("train", batch_size).to(train_data.device)
     method.prepare(train_data.batch("train", first, torch.Generator().manual_seed(seed)))
     writes = run is not None and (group is None or group.main)
     if resume:
